@@ -1,0 +1,28 @@
+# make demo: set up (once) and run the default experiment.   make test: set up (once) and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build, pinned (an unpinned torch pulls gigabytes of CUDA packages). GPU users: see README.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test smoke clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/chainforget demo
+
+smoke: setup
+	$(BIN)/chainforget chain --config sweeps/configs/smoke.yaml
+
+test: setup
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

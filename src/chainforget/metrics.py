@@ -1,0 +1,139 @@
+"""Metrics over the eval matrix R[stage][task][group]: small pure functions (numpy/pandas, no torch).
+
+Accuracies are fractions; every derived metric is in percentage points (pp). Definitions: DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+ALL = "all"
+
+
+def eval_rows(predictions: pd.DataFrame, group_kinds: dict[str, tuple[str, ...]]) -> list[dict]:
+    """Rows ``(stage, task, group_kind, group, n, correct, acc)`` from per-example predictions.
+
+    ``predictions`` has columns ``stage, task, correct`` and one column per group kind.
+    """
+    rows = []
+    for (stage, task), frame in predictions.groupby(["stage", "task"], sort=True):
+        splits = [(ALL, pd.Series(ALL, index=frame.index))]
+        splits += [(kind, frame[kind]) for kind in group_kinds.get(task, ())]
+        for kind, labels in splits:
+            for group, part in frame.groupby(labels, sort=True)["correct"]:
+                rows.append({
+                    "stage": int(stage), "task": task, "group_kind": kind, "group": str(group),
+                    "n": int(part.size), "correct": int(part.sum()), "acc": float(part.mean()),
+                })  # fmt: skip
+    return rows
+
+
+def accuracy_matrix(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    """R[stage, task] (fractions) over whole eval splits."""
+    frame = pd.DataFrame(rows)
+    frame = frame[frame["group_kind"] == ALL]
+    return frame.pivot(index="stage", columns="task", values="acc").sort_index()
+
+
+def forgetting(acc_trained: float, acc_later: float) -> float:
+    """``F = Acc(s) - Acc(l)`` in pp; positive means forgotten."""
+    return 100.0 * (acc_trained - acc_later)
+
+
+def group_forgetting(rows: list[dict] | pd.DataFrame, task: str, trained: int, later: int) -> pd.DataFrame:
+    """Per-group forgetting ``F^g`` and biased forgetting ``BF^g = F^g - F`` (pp) of ``task``.
+
+    One row per ``(group_kind, group)`` including ``(all, all)``; ``n`` is the group's eval size.
+    """
+    frame = pd.DataFrame(rows)
+    frame = frame[frame["task"] == task]
+    at = frame[frame["stage"] == trained].set_index(["group_kind", "group"])
+    after = frame[frame["stage"] == later].set_index(["group_kind", "group"])
+    out = pd.DataFrame({"n": at["n"], "F": 100.0 * (at["acc"] - after["acc"])}).reset_index()
+    overall = float(out.loc[out["group_kind"] == ALL, "F"].iloc[0])
+    out["BF"] = np.where(out["group_kind"] == ALL, np.nan, out["F"] - overall)
+    return out
+
+
+def biased_forgetting(per_group: pd.DataFrame, min_group_size: int = 20) -> list[dict]:
+    """Headline biased forgetting per group kind from :func:`group_forgetting` output.
+
+    ``BF = max_g BF^g`` (with the group), ``spread = max_g F^g - min_g F^g`` and the standard deviation of
+    ``F^g``; groups with fewer than ``min_group_size`` eval examples are listed in ``excluded`` and left out.
+    """
+    summary = []
+    for kind, frame in per_group[per_group["group_kind"] != ALL].groupby("group_kind", sort=True):
+        kept = frame[frame["n"] >= min_group_size]
+        excluded = sorted(frame.loc[frame["n"] < min_group_size, "group"])
+        if kept.empty:
+            summary.append({"group_kind": kind, "worst_group": None, "BF": None, "spread": None, "std": None,
+                            "n_groups": 0, "excluded": excluded})  # fmt: skip
+            continue
+        worst = kept.loc[kept["BF"].idxmax()]
+        summary.append({
+            "group_kind": kind, "worst_group": worst["group"], "BF": float(worst["BF"]),
+            "spread": float(kept["F"].max() - kept["F"].min()),
+            "std": float(kept["F"].std(ddof=0)), "n_groups": int(len(kept)), "excluded": excluded,
+        })  # fmt: skip
+    return summary
+
+
+def paired_bootstrap(
+    correct_trained: np.ndarray,
+    correct_later: np.ndarray,
+    groups: dict[str, np.ndarray],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:
+    """Percentile intervals for F, F^g and BF^g (pp), resampling the same examples at both stages.
+
+    ``correct_*`` are 0/1 arrays over the same eval examples; ``groups`` maps a group kind to each example's
+    group. Returns ``{(group_kind, group): {"F": (lo, hi), "BF": (lo, hi)}}`` with key ``("all", "all")``
+    for the whole split.
+    """
+    diff = np.asarray(correct_trained, dtype=float) - np.asarray(correct_later, dtype=float)
+    rng = np.random.default_rng(seed)
+    sample = rng.integers(0, diff.size, size=(resamples, diff.size))
+    resampled = diff[sample]
+    overall = 100.0 * resampled.mean(axis=1)
+    tail = 100 * (1 - level) / 2
+
+    def interval(values: np.ndarray) -> tuple[float, float]:
+        lo, hi = np.nanpercentile(values, [tail, 100 - tail])
+        return float(lo), float(hi)
+
+    out = {(ALL, ALL): {"F": interval(overall)}}
+    for kind, labels in groups.items():
+        labels = np.asarray(labels)
+        for group in np.unique(labels):
+            member = (labels == group)[sample]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_group = 100.0 * (resampled * member).sum(axis=1) / member.sum(axis=1)
+            out[(kind, str(group))] = {"F": interval(per_group), "BF": interval(per_group - overall)}
+    return out
+
+
+def cl_metrics(matrix: pd.DataFrame, trained_at: dict[str, int]) -> dict[str, float | None]:
+    """Continual-learning metrics over R (rows = stages 0..T; ``trained_at`` maps a task to its stage).
+
+    Average accuracy ``mean_j R[T][j]``; ``BWT = mean_{j<T} (R[T][j] - R[j][j])``;
+    ``FWT = mean_{j>1} (R[j-1][j] - R[0][j])``; forgetting ``mean_{j<T} (max_{i<T} R[i][j] - R[T][j])``.
+    All in pp; ``None`` where the chain is too short for the metric.
+    """
+    last = int(matrix.index.max())
+    tasks = sorted(trained_at, key=trained_at.get)
+    earlier = [t for t in tasks if trained_at[t] < last]
+    later = [t for t in tasks if trained_at[t] > 1]
+
+    def mean(values: list[float]) -> float | None:
+        return 100.0 * float(np.mean(values)) if values else None
+
+    return {
+        "average_accuracy": mean([matrix.loc[last, t] for t in tasks]),
+        "bwt": mean([matrix.loc[last, t] - matrix.loc[trained_at[t], t] for t in earlier]),
+        "fwt": mean([matrix.loc[trained_at[t] - 1, t] - matrix.loc[0, t] for t in later]),
+        "forgetting": mean([matrix.loc[:last - 1, t].max() - matrix.loc[last, t] for t in earlier]),
+    }

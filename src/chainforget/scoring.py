@@ -1,0 +1,102 @@
+"""Multiple-choice scoring in ``letter`` mode: one forward pass per question.
+
+The prompt lists lettered options and ends with ``Answer:``; the prediction is the argmax of the next-token
+log-probability over the option letters (`` A``, `` B``, ...). Questions are sorted by length and left-padded
+in batches (:func:`left_pad`, shared with training); explicit position ids make a padded row score like the
+same row alone.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from chainforget.errors import ConfigError
+from chainforget.tasks import LETTERS, Example
+
+
+@dataclass
+class Scores:
+    """Per-example predictions, in the order the examples were given."""
+
+    pred: np.ndarray  # int, index of the chosen option
+    option_logprobs: list[list[float]]  # next-token log-probability of each option letter
+
+
+def letter_token_ids(tokenizer, count: int) -> list[int]:
+    """Token ids of `` A``, `` B``, ...; each must be a single token for letter-mode scoring."""
+    ids = []
+    for letter in LETTERS[:count]:
+        encoded = tokenizer.encode(f" {letter}", add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ConfigError(f"tokenizer splits ' {letter}' into {len(encoded)} tokens; letter mode needs one token")
+        ids.append(encoded[0])
+    return ids
+
+
+def encode_prompt(tokenizer, prompt: str, max_seq_len: int) -> list[int]:
+    """Token ids of ``prompt``, keeping the last ``max_seq_len`` (the options and ``Answer:`` matter most)."""
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    return ids[-max_seq_len:]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids``/``attention_mask`` with ``position_ids`` counting real tokens only, so the
+    last position of every row is its last real token and padding does not shift positions."""
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def autocast_for(device: torch.device, precision: str):
+    if "bf16" in precision:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if "16" in precision and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def score_letters(
+    model,
+    tokenizer,
+    examples: list[Example],
+    *,
+    batch_size: int = 32,
+    max_seq_len: int = 384,
+    precision: str = "32-true",
+    desc: str = "eval",
+    progress: bool = True,
+) -> Scores:
+    """Score ``examples`` with ``model``; returns predictions and option log-probabilities."""
+    device = next(model.parameters()).device
+    letters = letter_token_ids(tokenizer, max(len(e.choices) for e in examples))
+    encoded = [encode_prompt(tokenizer, e.prompt, max_seq_len) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: -len(encoded[i]))
+    pad = tokenizer.pad_token_id
+    preds = np.zeros(len(examples), dtype=np.int64)
+    logprobs: list[list[float]] = [[] for _ in examples]
+    was_training = model.training
+    model.eval()
+    with tqdm(total=len(examples), desc=desc, unit="q", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            inputs = {k: v.to(device) for k, v in left_pad([encoded[i] for i in batch], pad).items()}
+            with autocast_for(device, precision):
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+            option_lp = logits.float().log_softmax(-1)[:, letters].cpu()
+            for row, i in enumerate(batch):
+                values = option_lp[row, : len(examples[i].choices)]
+                preds[i] = int(values.argmax())
+                logprobs[i] = values.tolist()
+            bar.update(len(batch))
+    model.train(was_training)
+    return Scores(preds, logprobs)

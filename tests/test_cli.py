@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from chainforget.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = "sweeps/configs/smoke.yaml"
+
+
+@pytest.fixture(autouse=True)
+def from_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["chain", "--config", "missing.yaml"], "--config missing.yaml: no such file"),
+        (["chain", "--config", SMOKE, "--train.lr=-1"], "train.lr: -1.0 is not allowed"),
+        (["chain", "--config", SMOKE, "--order=[bbq,arc]"], "names task 'arc', which is not under tasks"),
+        (["chain", "--config", SMOKE, "--ordr=[bbq]"], "unrecognized arguments: --ordr"),
+        (["chain", "--config", SMOKE, "--train.steps=many"], 'Parser key "train.steps"'),
+        (["chain", "--config", SMOKE, "--tasks.bbq.max_eval=0"], "tasks.*.max_eval: 0 is not allowed"),
+        (["chain", "--config", SMOKE, "--tasks.bbq.path=/nonexistent"], "/nonexistent: no BBQ category file"),
+        (["chain", "--config", SMOKE, "--model.name=./no-model-here"], "model.name './no-model-here': no such directory"),
+        (["chain"], "--config: missing"),
+        (["train"], "unknown command 'train'"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(args, message, capsys, tmp_path):
+    code = main([*args, f"--out={tmp_path}"] if args[0] == "chain" and len(args) > 1 else args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1, err
+    assert message in err[0]
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_chain_command_runs_overrides_and_prints_the_summary(capsys, tmp_path):
+    code = main(["chain", "--config", SMOKE, f"--out={tmp_path}", "--order=[csqa,bbq]", "--run_name=swapped",
+                 f"--cache_dir={tmp_path / 'cache'}", "--train.steps=5"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "csqa → bbq" in out and "Forgetting F" in out
+    record = (tmp_path / "swapped" / "run.json").read_text()
+    assert '"order": [\n      "csqa",\n      "bbq"\n    ]' in record
+    assert '"steps": 5' in record
+
+
+def test_fit_runs_one_stage_through_lightning_cli(tmp_path):
+    code = main(["fit", "--config", "sweeps/configs/stage_smoke.yaml", f"--trainer.default_root_dir={tmp_path}",
+                 "--data.steps=6", "--trainer.log_every_n_steps=2"])  # fmt: skip
+    assert code == 0
+    (metrics_csv,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
+    logged = pd.read_csv(metrics_csv)
+    assert logged["step"].max() == 5  # data.steps is linked to trainer.max_steps
+    assert logged["train/loss"].notna().sum() == 3
+    assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").exists()
+
+
+def test_fit_print_config_shows_the_linked_stage(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", "sweeps/configs/stage_smoke.yaml", "--print_config"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "class_path" not in out or "StageModule" in out
+    assert "stage: bbq" in out and "lr: 0.003" in out and "name: tiny" in out

@@ -1,0 +1,90 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from chainforget import metrics
+
+# Task "s", three groups: g1 and g2 with 4 eval examples each, g3 with 2 (below a minimum size of 3).
+GROUPS = ["g1"] * 4 + ["g2"] * 4 + ["g3"] * 2
+AFTER_TRAINING = [1, 1, 1, 1, 1, 1, 1, 0, 1, 1]  # acc 0.9; g1 1.0, g2 0.75, g3 1.0
+AFTER_LATER = [1, 1, 1, 0, 0, 0, 1, 0, 0, 0]  # acc 0.4; g1 0.75, g2 0.25, g3 0.0
+
+
+def predictions():
+    frames = [
+        pd.DataFrame({"stage": stage, "task": "s", "correct": correct, "category": GROUPS})
+        for stage, correct in ((1, AFTER_TRAINING), (2, AFTER_LATER))
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_eval_rows_count_and_accuracy_per_group():
+    rows = pd.DataFrame(metrics.eval_rows(predictions(), {"s": ("category",)}))
+    whole = rows[(rows.stage == 1) & (rows.group_kind == "all")].iloc[0]
+    assert (whole.n, whole.correct, whole.acc) == (10, 9, pytest.approx(0.9))
+    g2 = rows[(rows.stage == 2) & (rows.group == "g2")].iloc[0]
+    assert (g2.group_kind, g2.n, g2.correct, g2.acc) == ("category", 4, 1, pytest.approx(0.25))
+    assert len(rows) == 2 * (1 + 3)
+
+
+def test_forgetting_and_biased_forgetting_by_hand():
+    rows = metrics.eval_rows(predictions(), {"s": ("category",)})
+    per_group = metrics.group_forgetting(rows, "s", trained=1, later=2).set_index("group")
+    assert per_group.loc["all", "F"] == pytest.approx(50.0)
+    assert per_group.loc["g1", "F"] == pytest.approx(25.0)
+    assert per_group.loc["g2", "F"] == pytest.approx(50.0)
+    assert per_group.loc["g3", "F"] == pytest.approx(100.0)
+    assert per_group.loc["g1", "BF"] == pytest.approx(-25.0)
+    assert per_group.loc["g3", "BF"] == pytest.approx(50.0)
+    assert np.isnan(per_group.loc["all", "BF"])
+
+    (summary,) = metrics.biased_forgetting(per_group.reset_index(), min_group_size=3)
+    assert summary["worst_group"] == "g2" and summary["BF"] == pytest.approx(0.0)
+    assert summary["spread"] == pytest.approx(25.0)
+    assert summary["std"] == pytest.approx(12.5)
+    assert summary["excluded"] == ["g3"] and summary["n_groups"] == 2
+
+    (everyone,) = metrics.biased_forgetting(per_group.reset_index(), min_group_size=1)
+    assert everyone["worst_group"] == "g3" and everyone["BF"] == pytest.approx(50.0)
+    assert everyone["spread"] == pytest.approx(75.0)
+
+
+def test_forgetting_is_positive_when_accuracy_drops():
+    assert metrics.forgetting(0.8, 0.5) == pytest.approx(30.0)
+    assert metrics.forgetting(0.5, 0.8) == pytest.approx(-30.0)
+
+
+def test_cl_matrix_metrics_by_hand():
+    matrix = pd.DataFrame({"a": [0.2, 0.8, 0.5], "b": [0.3, 0.4, 0.9]}, index=[0, 1, 2])
+    cl = metrics.cl_metrics(matrix, {"a": 1, "b": 2})
+    assert cl["average_accuracy"] == pytest.approx(70.0)
+    assert cl["bwt"] == pytest.approx(-30.0)
+    assert cl["fwt"] == pytest.approx(10.0)
+    assert cl["forgetting"] == pytest.approx(30.0)
+    single = metrics.cl_metrics(matrix.loc[[0, 1], ["a"]], {"a": 1})
+    assert single["bwt"] is None and single["fwt"] is None and single["average_accuracy"] == pytest.approx(80.0)
+
+
+def test_paired_bootstrap_contains_estimate_and_narrows_with_more_examples():
+    trained, later = np.array(AFTER_TRAINING), np.array(AFTER_LATER)
+    groups = {"category": np.array(GROUPS)}
+    small = metrics.paired_bootstrap(trained, later, groups, resamples=2000, seed=0)
+    lo, hi = small[("all", "all")]["F"]
+    assert lo <= 50.0 <= hi
+    g1_lo, g1_hi = small[("category", "g1")]["F"]
+    assert g1_lo <= 25.0 <= g1_hi
+    bf_lo, bf_hi = small[("category", "g1")]["BF"]
+    assert bf_lo <= -25.0 <= bf_hi
+
+    big = metrics.paired_bootstrap(np.tile(trained, 16), np.tile(later, 16), {"category": np.tile(GROUPS, 16)},
+                                   resamples=2000, seed=0)  # fmt: skip
+    big_lo, big_hi = big[("all", "all")]["F"]
+    assert big_lo <= 50.0 <= big_hi
+    assert (big_hi - big_lo) < 0.5 * (hi - lo)  # 16x the examples: about a quarter of the width
+
+
+def test_paired_bootstrap_of_identical_stages_is_zero():
+    same = np.array(AFTER_TRAINING)
+    result = metrics.paired_bootstrap(same, same, {"category": np.array(GROUPS)}, resamples=200, seed=1)
+    assert result[("all", "all")]["F"] == (0.0, 0.0)
+    assert result[("category", "g2")]["BF"] == (0.0, 0.0)
