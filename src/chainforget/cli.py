@@ -101,7 +101,8 @@ def demo(argv: list[str]) -> int:
     base = parse_chain(argv, "chainforget demo", defaults=DEMO_CONFIG)
     records = []
     for order in DEMO_ORDERS:
-        config = replace(base, order=order, run_name="-".join(order))
+        wandb = replace(base.wandb, group=base.wandb.group or base.run_name)  # both orders in one W&B group
+        config = replace(base, order=order, run_name="-".join(order), wandb=wandb)
         print(f"== chain {' -> '.join(order)} ==", flush=True)
         records.append(run_chain(config))
     print(summary_text(records))
