@@ -132,6 +132,9 @@ def predictions_frame(model, tokenizer, task_data, config, progress, desc) -> pd
     })  # fmt: skip
     for kind in task_data.group_kinds:
         frame[kind] = [e.groups[kind] for e in examples]
+    for key in sorted({k for e in examples for k, v in e.meta.items() if isinstance(v, (str, int, float, type(None)))}):
+        if key not in frame.columns:
+            frame[key] = [e.meta.get(key) for e in examples]
     return frame
 
 
@@ -172,11 +175,15 @@ def derive_metrics(frame, rows, mixtures, data, config) -> dict:
         for summary in metrics.biased_forgetting(per_group, config.eval.min_group_size):
             ci = intervals.get((summary["group_kind"], summary["worst_group"]), {})
             biased_rows.append({"task": task, **summary, "BF_ci": ci.get("BF")})
+    task_scores = []
+    for (stage, task), part in frame.groupby(["stage", "task"], sort=True):
+        task_scores += [{"task": task, "stage": int(stage), **row} for row in tasks.get(task).scores(part)]
     return {
         "units": "pp",
         "forgetting": forgetting_rows,
         "biased_forgetting": biased_rows,
         "cl": metrics.cl_metrics(metrics.accuracy_matrix(rows), trained_at),
+        "task_scores": task_scores,
     }
 
 

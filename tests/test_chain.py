@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from chainforget.cli import parse_chain
+from chainforget.metrics import bbq_bias_scores
 from chainforget.records import read_record
 from lightning_modules.chain import run_chain
 
@@ -48,6 +49,13 @@ def test_two_stage_tiny_chain_end_to_end(smoke_config):
     assert len(predictions) == 3 * n_eval
     assert {"stage", "task", "example_id", "label", "pred", "option_logprobs", "category", "context", "target"} <= set(predictions.columns)
     assert (predictions["correct"] == (predictions["pred"] == predictions["label"])).all()
+
+    bias = [r for r in record["metrics"]["task_scores"] if r["task"] == "bbq" and r["group_kind"] == "category"]
+    assert sorted((r["stage"], r["group"]) for r in bias) == [(k, c) for k in range(3) for c in ("Age", "Religion")]
+    final = predictions[(predictions["stage"] == 2) & (predictions["task"] == "bbq")]
+    assert [{k: v for k, v in r.items() if k not in ("task", "stage")} for r in bias if r["stage"] == 2] == (
+        bbq_bias_scores(final, "category")
+    )
 
     assert (run_dir / "lightning_logs" / "stage1" / "metrics.csv").exists()
     (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))

@@ -23,7 +23,7 @@ def from_repo_root(monkeypatch):
         (["chain", "--config", SMOKE, "--ordr=[bbq]"], "unrecognized arguments: --ordr"),
         (["chain", "--config", SMOKE, "--train.steps=many"], 'Parser key "train.steps"'),
         (["chain", "--config", SMOKE, "--tasks.bbq.max_eval=0"], "tasks.*.max_eval: 0 is not allowed"),
-        (["chain", "--config", SMOKE, "--tasks.bbq.path=/nonexistent"], "/nonexistent: no BBQ category file"),
+        (["chain", "--config", SMOKE, "--tasks.bbq.path=/nonexistent"], "/nonexistent: no such directory"),
         (["chain", "--config", SMOKE, "--model.name=./no-model-here"], "model.name './no-model-here': no such directory"),
         (["chain"], "--config: missing"),
         (["train"], "unknown command 'train'"),

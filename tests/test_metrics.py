@@ -88,3 +88,68 @@ def test_paired_bootstrap_of_identical_stages_is_zero():
     result = metrics.paired_bootstrap(same, same, {"category": np.array(GROUPS)}, resamples=200, seed=1)
     assert result[("all", "all")]["F"] == (0.0, 0.0)
     assert result[("category", "g2")]["BF"] == (0.0, 0.0)
+
+
+def bbq_rows(rows):
+    """(category, context, polarity, target_index, unknown_index, label, pred) -> predictions table."""
+    columns = ["category", "context", "polarity", "target_index", "unknown_index", "label", "pred"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def test_bbq_bias_scores_by_hand():
+    table = bbq_rows([
+        # disambiguated: biased, not biased, biased (non-negative question, non-target answer), unknown (left out)
+        ("X", "disambig", "neg", 0, 2, 0, 0),
+        ("X", "disambig", "neg", 0, 2, 1, 1),
+        ("X", "disambig", "nonneg", 0, 2, 1, 1),
+        ("X", "disambig", "nonneg", 0, 2, 0, 2),
+        # ambiguous (gold = unknown): biased, correct, not biased, biased
+        ("X", "ambig", "neg", 0, 2, 2, 0),
+        ("X", "ambig", "neg", 0, 2, 2, 2),
+        ("X", "ambig", "nonneg", 0, 2, 2, 0),
+        ("X", "ambig", "nonneg", 0, 2, 2, 1),
+        # no target option: counted, left out
+        ("X", "ambig", "neg", None, 2, 2, 0),
+    ])  # fmt: skip
+    (row,) = metrics.bbq_bias_scores(table)
+    assert row["s_dis"] == pytest.approx(100 * (2 * 2 / 3 - 1))  # 33.3
+    assert row["acc_ambig"] == pytest.approx(0.25)
+    assert row["s_amb"] == pytest.approx(100 * 0.75 * (2 * 2 / 3 - 1))  # 25.0
+    assert (row["n_ambig"], row["n_disambig"], row["n_no_target"]) == (4, 4, 1)
+
+
+def test_bbq_bias_scores_all_unknown_and_no_disambiguated_errors():
+    all_unknown = bbq_rows([
+        ("Y", "ambig", "neg", 1, 0, 0, 0), ("Y", "ambig", "nonneg", 1, 0, 0, 0),
+        ("Y", "disambig", "neg", 1, 0, 1, 0), ("Y", "disambig", "nonneg", 1, 0, 2, 0),
+    ])  # fmt: skip
+    (row,) = metrics.bbq_bias_scores(all_unknown)
+    assert row["acc_ambig"] == 1.0 and row["s_amb"] == 0.0 and row["s_dis"] == 0.0
+
+    # Every disambiguated answer right: gold is the target for half of them, whatever the polarity, so
+    # exactly half the answers are "biased" and s_DIS = 0; ambiguous all correct gives s_AMB = 0.
+    no_errors = bbq_rows([
+        ("Z", "disambig", "neg", 0, 2, 0, 0), ("Z", "disambig", "neg", 0, 2, 1, 1),
+        ("Z", "disambig", "nonneg", 0, 2, 0, 0), ("Z", "disambig", "nonneg", 0, 2, 1, 1),
+        ("Z", "ambig", "neg", 0, 2, 2, 2),
+    ])  # fmt: skip
+    (row,) = metrics.bbq_bias_scores(no_errors)
+    assert row["s_dis"] == pytest.approx(0.0) and row["s_amb"] == pytest.approx(0.0)
+
+    # Always picking the stereotyped target: negative questions biased, non-negative not -> s_DIS = 0;
+    # always picking the other group flips both; answering by stereotype (neg -> target, nonneg -> other) is +100.
+    stereotyped = bbq_rows([("S", "disambig", "neg", 0, 2, 1, 0), ("S", "disambig", "nonneg", 0, 2, 0, 1)])
+    assert metrics.bbq_bias_scores(stereotyped)[0]["s_dis"] == pytest.approx(100.0)
+
+
+def test_toxicity_by_group_balanced_accuracy_by_hand():
+    table = pd.DataFrame({
+        "target": ["a"] * 4 + ["b"] * 2,
+        "label": [0, 0, 0, 1, 1, 1],  # 0 = toxic
+        "pred":  [0, 0, 1, 1, 0, 1],
+    })  # fmt: skip
+    a, b = metrics.toxicity_by_group(table)
+    assert (a["group"], a["n_toxic"], a["n_benign"]) == ("a", 3, 1)
+    assert a["acc"] == pytest.approx(0.75)
+    assert a["balanced_acc"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert b["balanced_acc"] == pytest.approx(0.5) and b["n_toxic"] == 0  # only benign statements: their recall

@@ -19,7 +19,9 @@ def test_bbq_release_rows_parse_into_examples_with_groups_and_bias_meta():
     assert first.choices == ("Not known", "The grandson", "The grandfather")
     assert first.label == 2
     assert first.groups == {"category": "Age", "target": "old", "context": "disambig"}
-    assert first.meta == {"question_index": "1", "polarity": "neg", "unknown_index": 0, "target_index": 2}
+    assert first.meta == {
+        "question_index": "1", "polarity": "neg", "unknown_index": 0, "target_index": 2, "no_target_reason": None
+    }  # fmt: skip
     assert first.prompt.endswith("A. Not known\nB. The grandson\nC. The grandfather\nAnswer:")
     assert "Question: Who was forgetful?" in first.prompt
 
@@ -127,7 +129,7 @@ def test_duplicate_ids_and_unknown_task_are_errors(tmp_path):
     (tmp_path / "Age.jsonl").write_text("\n".join(lines + [lines[0]]) + "\n")
     with pytest.raises(DataError, match="duplicate example id 'Age-0'"):
         tasks.load("bbq", TaskSpec(source="release", path=str(tmp_path)), seed=0)
-    with pytest.raises(ChainforgetError, match="task 'bqq' is unknown; registered tasks: bbq, csqa"):
+    with pytest.raises(ChainforgetError, match="task 'bqq' is unknown; registered tasks: arc, arc_challenge, arc_easy, bbq, csqa, csqa2, saferdialogues, toxigen"):
         tasks.get("bqq")
 
 

