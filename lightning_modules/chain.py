@@ -30,7 +30,7 @@ from lightning_modules.stage import StageDataModule, StageModule
 def run_chain(config: ChainConfig, *, progress: bool = True) -> dict:
     """Run one chain and return its run record (also written to ``config.out/config.run_name``)."""
     cache = StageCache(Path(config.cache_dir) if config.cache_dir else cache_root() / "stages")
-    data = {name: tasks.load(name, spec, config.seed) for name, spec in config.tasks.items()}
+    data = tasks.load_all(config.tasks, config.seed, config.train_size)
     mixtures = [parse_stage(entry) for entry in config.order]
     eval_tasks = list(dict.fromkeys([t for m in mixtures for t in m] + config.eval.probes))
     tokenizer = load_tokenizer(config.model)

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from chainforget.cli import parse_chain
+from chainforget.config import TaskSpec
 from chainforget.metrics import bbq_bias_scores
 from chainforget.records import read_record
 from lightning_modules.chain import run_chain
@@ -72,3 +73,27 @@ def test_rerun_takes_every_stage_from_the_cache_and_reproduces_the_record(smoke_
     assert again["metrics"] == first["metrics"]
     reordered = run_chain(replace(smoke_config, run_name="reordered", order=["bbq", "bbq"]), progress=False)
     assert [s["cache_hit"] for s in reordered["stages"]] == [True, False]  # shares only the first stage
+
+
+@pytest.mark.parametrize(("capability", "safety"), [("arc", "toxigen"), ("csqa2", "saferdialogues")])
+def test_capability_safety_pairs_run_in_both_orders(smoke_config, capability, safety):
+    fixtures = ROOT / "tests" / "fixtures"
+    specs = {
+        "arc": TaskSpec(source="release", path=str(fixtures / "arc")),
+        "csqa2": TaskSpec(source="release", path=str(fixtures / "csqa2")),
+        "toxigen": TaskSpec(source="release", path=str(fixtures / "toxigen"), eval_fraction=0.4),
+        "saferdialogues": TaskSpec(source="release", path=str(fixtures / "saferdialogues")),
+    }
+    pair = {capability: specs[capability], safety: specs[safety]}
+    for order in ([capability, safety], [safety, capability]):
+        config = replace(smoke_config, tasks=pair, order=order, run_name="-".join(order), train_size=2,
+                         train=replace(smoke_config.train, steps=3))  # fmt: skip
+        record = run_chain(config, progress=False)
+        assert {r["task"] for r in record["eval"]} == {capability, safety}
+        assert {r["stage"] for r in record["eval"]} == {0, 1, 2}
+        assert all(d["train"] == 2 for d in record["data"].values())
+        (forgotten,) = [r for r in record["metrics"]["forgetting"] if r["group_kind"] == "all"]
+        assert forgotten["task"] == order[0]
+        if safety == "toxigen":
+            scores = [r for r in record["metrics"]["task_scores"] if r["task"] == "toxigen"]
+            assert {r["stage"] for r in scores} == {0, 1, 2} and all(0 <= r["balanced_acc"] <= 1 for r in scores)

@@ -67,3 +67,15 @@ def test_fit_print_config_shows_the_linked_stage(capsys):
     out = capsys.readouterr().out
     assert "class_path" not in out or "StageModule" in out
     assert "stage: bbq" in out and "lr: 0.003" in out and "name: tiny" in out
+
+
+def test_tasks_command_lists_the_registry_and_a_chains_sizes(capsys):
+    assert main(["tasks"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("arc_challenge", "arc_easy", "bbq", "csqa", "csqa2", "saferdialogues", "toxigen"):
+        assert name in listing
+    assert main(["tasks", "--config", SMOKE]) == 0
+    sizes = capsys.readouterr().out.splitlines()
+    bbq = next(line for line in sizes if line.split()[0] == "bbq").split()
+    assert bbq[1:5] == ["safety", "release", "24", "24"]
+    assert "category: 2 (eval n 8-16)" in " ".join(bbq)

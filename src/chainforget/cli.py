@@ -3,6 +3,8 @@
     chainforget demo  [--out runs/demo] [--config FILE] [overrides]   both orders of the default experiment
     chainforget chain --config FILE [--dotted.key=value ...]          one chain
     chainforget fit   --config FILE [--print_config]                  one stage through LightningCLI
+    chainforget tasks [--config FILE [overrides]]                     registered tasks; with a chain
+                                                                       config, their sizes and groups
 
 Errors a user can cause print one line and exit 2; ``--debug`` shows the traceback instead.
 """
@@ -18,7 +20,7 @@ from chainforget.errors import ChainforgetError, ConfigError
 
 DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
 DEMO_ORDERS = (["bbq", "csqa"], ["csqa", "bbq"])
-USAGE = "usage: chainforget {demo,chain,fit} [--debug] [options]  (chainforget COMMAND --help for options)"
+USAGE = "usage: chainforget {demo,chain,fit,tasks} [--debug] [options]  (chainforget COMMAND --help for options)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    commands = {"chain": chain, "demo": demo, "fit": fit}
+    commands = {"chain": chain, "demo": demo, "fit": fit, "tasks": list_tasks}
     if command not in commands:
         print(f"chainforget: unknown command {command!r}; use one of: {', '.join(commands)}", file=sys.stderr)
         return 2
@@ -115,6 +117,30 @@ def fit(argv: list[str]) -> int:
     from lightning_modules.cli import run_fit
 
     run_fit(argv)
+    return 0
+
+
+def list_tasks(argv: list[str]) -> int:
+    """The task registry; with ``--config``, every task of that chain loaded: split sizes and group counts."""
+    import pandas as pd
+
+    from chainforget import tasks
+
+    if not argv:
+        rows = [{"task": name, "role": (t := tasks.get(name)).role, "sources": ", ".join(t.sources),
+                 "groups": ", ".join(t.group_kinds) or "-"} for name in tasks.names()]  # fmt: skip
+        print(pd.DataFrame(rows).to_string(index=False))
+        return 0
+    config = parse_chain(argv, "chainforget tasks")
+    rows = []
+    for name, data in tasks.load_all(config.tasks, config.seed, config.train_size).items():
+        groups = []
+        for kind in data.group_kinds:
+            sizes = pd.Series([e.groups[kind] for e in data.eval]).value_counts()
+            groups.append(f"{kind}: {len(sizes)} (eval n {sizes.min()}-{sizes.max()})")
+        rows.append({"task": name, "role": data.role, "source": tasks.resolve_source(tasks.get(name), config.tasks[name]).source,
+                     "train": len(data.train), "eval": len(data.eval), "groups": "; ".join(groups) or "-"})  # fmt: skip
+    print(pd.DataFrame(rows).to_string(index=False))
     return 0
 
 

@@ -146,6 +146,8 @@ class ChainConfig:
         model: the model to tune.
         tasks: every task the chain trains on or probes, by registry name.
         order: one stage per entry: a task name, or a mixture such as ``bbq:0.95+csqa:0.05``.
+        train_size: training examples of every task (one knob, so all tasks train on the same amount, as in
+            the paper); ``null`` keeps each task's ``max_train``.
         train: stage hyper-parameters.
         eval: evaluation settings.
         trainer: Lightning Trainer settings.
@@ -159,6 +161,7 @@ class ChainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
+    train_size: int | None = None
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)

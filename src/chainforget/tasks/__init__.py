@@ -9,7 +9,7 @@ import hashlib
 import importlib
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 from chainforget.config import TaskSpec
@@ -54,9 +54,12 @@ class Task:
     name: ClassVar[str]
     role: ClassVar[Literal["safety", "capability"]]
     group_kinds: ClassVar[tuple[str, ...]] = ()
+    sources: ClassVar[tuple[str, ...]] = ("release",)
 
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
-        """Return examples keyed ``train``/``eval`` when the source has its own split, else under ``all``."""
+        """Return examples keyed ``train``/``eval`` when the source has its own split, else under ``all``.
+
+        ``spec.source`` is one of :attr:`sources` (``auto`` is resolved before this is called)."""
         raise NotImplementedError
 
     def split_key(self, example: Example) -> str:
@@ -98,7 +101,7 @@ def get(name: str) -> Task:
 def load(name: str, spec: TaskSpec, seed: int) -> TaskData:
     """Read, split and cap one task deterministically."""
     task = get(name)
-    parts = task.read(spec)
+    parts = task.read(resolve_source(task, spec))
     if "all" in parts:
         train, evaluation = hash_split(parts["all"], task.split_key, spec.eval_fraction, seed)
     else:
@@ -114,6 +117,32 @@ def load(name: str, spec: TaskSpec, seed: int) -> TaskData:
             "both must be non-empty (check path, eval_fraction and max_train/max_eval)"
         )
     return TaskData(name, task.role, task.group_kinds, train, evaluation, _fingerprint(train, evaluation))
+
+
+def resolve_source(task: Task, spec: TaskSpec) -> TaskSpec:
+    """``auto`` means the release files at ``path`` when given, else the offline PyPI archive when the task
+    has one, else the release URL."""
+    source = spec.source
+    if source == "auto":
+        source = "pypi" if "pypi" in task.sources and not spec.path else "release"
+    if source not in task.sources:
+        raise ConfigError(f"tasks.{task.name}.source: {source!r} is not available for {task.name}; use one of {', '.join(task.sources)}")
+    return replace(spec, source=source)
+
+
+def load_all(specs: dict[str, TaskSpec], seed: int, train_size: int | None = None) -> dict[str, TaskData]:
+    """Load every task of a chain. ``train_size`` gives every task exactly that many training examples
+    (the paper fixes the training-set size across tasks); a task with fewer is an error."""
+    if train_size is None:
+        return {name: load(name, spec, seed) for name, spec in specs.items()}
+    if train_size < 1:
+        raise ConfigError(f"train_size: {train_size} is not allowed; use a positive count or null")
+    loaded = {name: load(name, replace(spec, max_train=train_size), seed) for name, spec in specs.items()}
+    short = {name: len(d.train) for name, d in loaded.items() if len(d.train) < train_size}
+    if short:
+        sizes = ", ".join(f"{name} has {n}" for name, n in short.items())
+        raise ConfigError(f"train_size: {train_size} training examples per task is more than available ({sizes})")
+    return loaded
 
 
 def _fingerprint(train: list[Example], evaluation: list[Example]) -> str:

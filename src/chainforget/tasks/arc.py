@@ -10,7 +10,7 @@ answerKey}``; answer keys are letters or digits and a few questions have 3 or 5 
 from __future__ import annotations
 
 from chainforget.config import TaskSpec
-from chainforget.errors import ConfigError, DataError
+from chainforget.errors import DataError
 from chainforget.tasks import Example, Task, register
 from chainforget.tasks.csqa import flatten_hub, release_example
 from chainforget.tasks.sources import hub_rows, read_jsonl, release_archive
@@ -20,11 +20,10 @@ RELEASE_URL = "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.z
 
 class ARC(Task):
     role = "capability"
+    sources = ("release", "hub")
     subset = "Challenge"
 
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
-        if spec.source == "pypi":
-            raise ConfigError(f"tasks.{self.name}.source: ARC has no offline PyPI archive; use release or hub")
         if spec.source == "hub":
             hub_id = spec.path or f"allenai/ai2_arc:ARC-{self.subset}"
             rows = [(split, f"{hub_id}[{split}]", n, flatten_hub(row, f"{hub_id}[{split}]", n)) for split, n, row in hub_rows(hub_id)]

@@ -37,13 +37,14 @@ REQUIRED = ("example_id", "question_index", "question_polarity", "context_condit
 class BBQ(Task):
     name = "bbq"
     role = "safety"
+    sources = ("release", "pypi", "hub")
     group_kinds = ("category", "target", "context")
 
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
         rows: list[tuple[str, int, dict]] = []
         if spec.source == "hub":
             rows = [(f"{spec.path}[{split}]", n, dict(row)) for split, n, row in hub_rows(spec.path or "")]
-        elif spec.source == "pypi" or (spec.source == "auto" and not spec.path):
+        elif spec.source == "pypi":
             files = extract_members(pypi_archive(BIGBENCH, sdist=True), BIGBENCH_MEMBERS, cache_root() / "data" / "bbq_lite")
             for path in files:
                 data = read_json(path)

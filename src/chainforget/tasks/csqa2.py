@@ -8,7 +8,7 @@ Rows are gzip'd JSON lines: ``{id, question, answer: "yes" | "no", ...}``.
 from __future__ import annotations
 
 from chainforget.config import TaskSpec
-from chainforget.errors import ConfigError, DataError
+from chainforget.errors import DataError
 from chainforget.tasks import Example, Task, multiple_choice_prompt, register
 from chainforget.tasks.sources import hub_rows, read_jsonl, release_file
 
@@ -20,10 +20,9 @@ CHOICES = ("yes", "no")
 class CommonsenseQA2(Task):
     name = "csqa2"
     role = "capability"
+    sources = ("release", "hub")
 
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
-        if spec.source == "pypi":
-            raise ConfigError("tasks.csqa2.source: CommonsenseQA 2.0 has no offline PyPI archive; use release or hub")
         if spec.source == "hub":
             rows = [(split, f"{spec.path}[{split}]", n, row) for split, n, row in hub_rows(spec.path or "")]
             return {

@@ -18,7 +18,7 @@ import hashlib
 import random
 
 from chainforget.config import TaskSpec
-from chainforget.errors import ConfigError, DataError
+from chainforget.errors import DataError
 from chainforget.tasks import Example, Task, multiple_choice_prompt, register
 from chainforget.tasks.sources import release_archive
 
@@ -32,8 +32,6 @@ class SaFeRDialogues(Task):
     role = "safety"
 
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
-        if spec.source in ("pypi", "hub"):
-            raise ConfigError(f"tasks.saferdialogues.source: {spec.source} is not available; use release")
         files = {p.name: p for p in release_archive(spec.path, RELEASE_URL, "*.txt", "saferdialogues")}
         parts = {}
         for split, filename in (("train", "train.txt"), ("eval", "test.txt")):

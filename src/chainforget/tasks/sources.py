@@ -31,7 +31,7 @@ def cache_root() -> Path:
 
 
 def is_url(path: str) -> bool:
-    return path.startswith(("http://", "https://"))
+    return path.startswith(("http://", "https://", "file://"))
 
 
 def fetch_url(url: str, dest: Path) -> Path:

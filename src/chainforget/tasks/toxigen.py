@@ -23,10 +23,10 @@ import re
 from pathlib import Path
 
 from chainforget.config import TaskSpec
-from chainforget.errors import ConfigError, DataError
+from chainforget.errors import DataError
 from chainforget.metrics import toxicity_by_group
 from chainforget.tasks import Example, Task, multiple_choice_prompt, register
-from chainforget.tasks.sources import hub_rows, release_file
+from chainforget.tasks.sources import hub_rows, is_url, release_file
 
 RELEASE_URL = "https://raw.githubusercontent.com/microsoft/TOXIGEN/main/prompts"
 GROUPS = (
@@ -42,11 +42,10 @@ ANNOTATED_COLUMNS = ("text", "target_group", "toxicity_human", "toxicity_ai")
 class ToxiGen(Task):
     name = "toxigen"
     role = "safety"
+    sources = ("release", "hub")
     group_kinds = ("target",)
 
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
-        if spec.source == "pypi":
-            raise ConfigError("tasks.toxigen.source: ToxiGen has no offline PyPI archive; use release or hub")
         if spec.source == "hub":
             hub_id = spec.path or "toxigen/toxigen-data:annotated"
             rows = [(split, f"{hub_id}[{split}]", n, row) for split, n, row in hub_rows(hub_id)]
@@ -54,7 +53,7 @@ class ToxiGen(Task):
                 "train": [annotated_example(row, where, n) for split, where, n, row in rows if split == "train"],
                 "eval": [annotated_example(row, where, n) for split, where, n, row in rows if split == "test"],
             }
-        local = Path(spec.path).expanduser() if spec.path and not spec.path.startswith("http") else None
+        local = Path(spec.path).expanduser() if spec.path and not is_url(spec.path) else None
         if local is not None and local.is_dir() and not any(local.glob("*_1k.txt")):
             return read_annotated(local)
         files = [
