@@ -8,7 +8,7 @@ import pandas as pd
 
 from analysis.plots import accuracy_figure, group_forgetting_figure, save
 from analysis.runs import evals_frame, forgetting_frame, load_records
-from analysis.tables import accuracy_table, forgetting_summary
+from analysis.tables import accuracy_table, forgetting_summary, score_changes
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -49,6 +49,19 @@ def write_report(runs_root: Path, out_dir: Path) -> Path:
         "![per-group forgetting](group_forgetting.png)",
         "",
     ]
+    changes = score_changes(records)
+    if not changes.empty:
+        lines += [
+            "## Safety scores across the chain (pp)",
+            "",
+            "BBQ bias scores (Parrish et al. 2022; s_DIS on disambiguated, s_AMB on ambiguous contexts; positive = "
+            "answers follow the stereotype) and ToxiGen balanced detection accuracy, from the stage that trained the "
+            "task (0 = base model for tasks never trained) to the last stage. Safety can be lost as a rising bias "
+            "score even where accuracy holds.",
+            "",
+            markdown_table(changes.round(1)),
+            "",
+        ]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.runs import evals_frame, order_label
+from chainforget.config import parse_stage
+from chainforget.metrics import trained_stages
 
 
 def accuracy_table(records: list[dict]) -> pd.DataFrame:
@@ -32,6 +34,36 @@ def forgetting_summary(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna("")
 
 
+SCORE_CHANGES = {"s_amb": "s_AMB", "s_dis": "s_DIS", "balanced_acc": "balanced acc"}
+
+
+def score_changes(records: list[dict]) -> pd.DataFrame:
+    """How each task-specific safety score moved from the stage that trained the task (the base model for
+    probes never trained) to the last stage; tasks trained in the last stage have nothing to forget yet.
+    Safety can be lost as a rising bias score at constant accuracy."""
+    rows = []
+    for record in records:
+        trained = trained_stages([parse_stage(entry) for entry in record["config"]["order"]])
+        last = max(row["stage"] for row in record["eval"])
+        scores = pd.DataFrame(record["metrics"].get("task_scores", []))
+        if scores.empty:
+            continue
+        for (task, kind, group), frame in scores.groupby(["task", "group_kind", "group"], sort=True):
+            by_stage = frame.set_index("stage")
+            start = trained.get(task, 0)
+            if start == last:
+                continue
+            for column, label in SCORE_CHANGES.items():
+                if column not in by_stage or pd.isna(by_stage.loc[start, column]) or pd.isna(by_stage.loc[last, column]):
+                    continue
+                before, after = by_stage.loc[start, column], by_stage.loc[last, column]
+                scale = 100.0 if column == "balanced_acc" else 1.0
+                rows.append({"order": order_label(record), "task": task, "group_kind": kind, "group": group,
+                             "score": label, "from_stage": start, "before": scale * before, "after": scale * after,
+                             "change": scale * (after - before)})  # fmt: skip
+    return pd.DataFrame(rows, columns=["order", "task", "group_kind", "group", "score", "from_stage", "before", "after", "change"])
+
+
 def _with_ci(value: float | None, ci) -> str:
     if value is None:
         return "n/a"
@@ -46,4 +78,9 @@ def summary_text(records: list[dict]) -> str:
         parts += ["", "Forgetting F = Acc(trained stage) - Acc(last stage), biased forgetting BF = max_g (F_g - F);",
                   "95% paired-bootstrap intervals in parentheses, worst-hit group in brackets:",
                   forgetting.to_string(index=False)]  # fmt: skip
+    changes = score_changes(records)
+    headline = changes[((changes["score"] == "s_AMB") & (changes["group_kind"] == "category")) | (changes["score"] == "balanced acc")]
+    if not headline.empty:
+        parts += ["", "Safety scores from the trained stage to the last (pp; BBQ s_AMB per category, ToxiGen balanced "
+                  "accuracy per group):", headline.drop(columns="group_kind").round(1).to_string(index=False)]  # fmt: skip
     return "\n".join(parts)

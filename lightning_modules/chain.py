@@ -138,18 +138,9 @@ def predictions_frame(model, tokenizer, task_data, config, progress, desc) -> pd
     return frame
 
 
-def trained_stages(mixtures: list[dict[str, float]]) -> dict[str, int]:
-    """Each task's training stage: the last stage in which it has the largest mixture weight."""
-    trained = {}
-    for index, mixture in enumerate(mixtures, start=1):
-        top = max(mixture.values())
-        trained.update({name: index for name, weight in mixture.items() if weight == top})
-    return trained
-
-
 def derive_metrics(frame, rows, mixtures, data, config) -> dict:
     last = len(mixtures)
-    trained_at = trained_stages(mixtures)
+    trained_at = metrics.trained_stages(mixtures)
     forgetting_rows, biased_rows = [], []
     for task, stage in sorted(trained_at.items(), key=lambda item: item[1]):
         if stage >= last:
@@ -175,15 +166,12 @@ def derive_metrics(frame, rows, mixtures, data, config) -> dict:
         for summary in metrics.biased_forgetting(per_group, config.eval.min_group_size):
             ci = intervals.get((summary["group_kind"], summary["worst_group"]), {})
             biased_rows.append({"task": task, **summary, "BF_ci": ci.get("BF")})
-    task_scores = []
-    for (stage, task), part in frame.groupby(["stage", "task"], sort=True):
-        task_scores += [{"task": task, "stage": int(stage), **row} for row in tasks.get(task).scores(part)]
     return {
         "units": "pp",
         "forgetting": forgetting_rows,
         "biased_forgetting": biased_rows,
         "cl": metrics.cl_metrics(metrics.accuracy_matrix(rows), trained_at),
-        "task_scores": task_scores,
+        "task_scores": stage_scores(frame),
     }
 
 
@@ -204,7 +192,16 @@ def start_wandb(config: ChainConfig, run_dir: Path):
     return run
 
 
+def stage_scores(predictions: pd.DataFrame) -> list[dict]:
+    """Task-specific safety scores (BBQ bias scores, ToxiGen per-group detection) of one stage."""
+    rows = []
+    for (stage, task), part in predictions.groupby(["stage", "task"], sort=True):
+        rows += [{"task": task, "stage": int(stage), **row} for row in tasks.get(task).scores(part)]
+    return rows
+
+
 def log_stage_eval(run, predictions: pd.DataFrame, data) -> None:
+    """History row of one stage: accuracy per task and group, and the task-specific scores."""
     if run is None:
         return
     stage = int(predictions["stage"].iloc[0])
@@ -213,6 +210,10 @@ def log_stage_eval(run, predictions: pd.DataFrame, data) -> None:
     for row in rows:
         suffix = "acc" if row["group_kind"] == metrics.ALL else f"{row['group_kind']}/{row['group']}/acc"
         history[f"eval/{row['task']}/{suffix}"] = row["acc"]
+    for row in stage_scores(predictions):
+        for name, value in row.items():
+            if isinstance(value, float) and not name.startswith("n_"):
+                history[f"eval/{row['task']}/{row['group_kind']}/{row['group']}/{name}"] = value
     run.log(history)
 
 
@@ -229,6 +230,12 @@ def finish_wandb(run, record: dict, run_dir: Path) -> None:
         run.summary[f"biased_forgetting/{row['task']}/{row['group_kind']}/worst_group"] = row["worst_group"]
     for name, value in record["metrics"]["cl"].items():
         run.summary[f"cl/{name}"] = value
+    last = max(row["stage"] for row in record["eval"])
+    for row in record["metrics"]["task_scores"]:
+        if row["stage"] == last:
+            for name, value in row.items():
+                if isinstance(value, float) and not name.startswith("n_"):
+                    run.summary[f"scores/{row['task']}/{row['group_kind']}/{row['group']}/{name}"] = value
     run.log({"eval_matrix": wandb.Table(dataframe=pd.DataFrame(record["eval"]))})
     for name in ("run.json", "predictions.parquet"):
         run.save(str(run_dir / name), base_path=str(run_dir), policy="now")

@@ -7,7 +7,7 @@ import pytest
 
 from analysis.report import write_report
 from analysis.runs import evals_frame, forgetting_frame, load_records
-from analysis.tables import accuracy_table, summary_text
+from analysis.tables import accuracy_table, score_changes, summary_text
 from chainforget.cli import parse_chain
 from chainforget.errors import DataError
 from lightning_modules.chain import run_chain
@@ -66,3 +66,26 @@ def test_analysis_imports_without_torch_or_lightning():
     code = "import sys, analysis, analysis.report; print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_score_changes_compare_the_trained_stage_with_the_last():
+    def score(task, stage, group, **values):
+        return {"task": task, "stage": stage, "group_kind": "category" if task == "bbq" else "target", "group": group, **values}
+
+    record = {
+        "run_name": "r", "config": {"order": ["bbq", "csqa"]},
+        "eval": [{"stage": k} for k in (0, 1, 2)],
+        "metrics": {
+            "task_scores": [
+                score("bbq", 1, "Age", s_amb=2.0, s_dis=10.0), score("bbq", 2, "Age", s_amb=9.5, s_dis=None),
+                score("toxigen", 0, "asian", balanced_acc=0.5), score("toxigen", 2, "asian", balanced_acc=0.75),
+            ],
+        },
+    }  # fmt: skip
+    changes = score_changes([record]).set_index(["task", "score"])
+    assert changes.loc[("bbq", "s_AMB"), ["from_stage", "before", "after", "change"]].tolist() == [1, 2.0, 9.5, 7.5]
+    assert ("bbq", "s_DIS") not in changes.index  # no value at the last stage: no change reported
+    # toxigen is a probe, never trained: its change is measured from the base model
+    assert changes.loc[("toxigen", "balanced acc"), ["from_stage", "change"]].tolist() == [0, 25.0]
+    record["config"]["order"] = ["csqa", "bbq"]  # bbq trained last: nothing forgotten yet
+    assert "bbq" not in set(score_changes([record])["task"])

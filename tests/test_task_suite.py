@@ -162,3 +162,26 @@ def test_every_capability_and_safety_pair_loads_with_an_equal_training_size():
     assert all(d.eval for d in loaded.values())
     with pytest.raises(ChainforgetError, match=r"train_size: 4 training examples per task is more than available \(arc has 3"):
         tasks.load_all(specs, seed=0, train_size=4)
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_hub_layouts_of_arc_and_annotated_toxigen(tmp_path):
+    def arc_row(i):
+        return {"id": f"a{i}", "question": f"q{i}?", "choices": {"text": ["x", "y", "z"], "label": ["1", "2", "3"]}, "answerKey": "3"}
+
+    write_jsonl(tmp_path / "arc" / "train.jsonl", [arc_row(i) for i in range(3)])
+    write_jsonl(tmp_path / "arc" / "test.jsonl", [arc_row(i) for i in range(3, 5)])
+    parts = read("arc", tmp_path / "arc", source="hub")
+    assert (len(parts["train"]), len(parts["eval"])) == (3, 2) and parts["eval"][0].label == 2
+
+    def toxigen_row(i, score):
+        return {"text": f"statement {i}", "target_group": "women", "toxicity_ai": score, "toxicity_human": score}
+
+    write_jsonl(tmp_path / "toxigen" / "train.jsonl", [toxigen_row(0, 4.0), toxigen_row(1, 2.0)])
+    write_jsonl(tmp_path / "toxigen" / "test.jsonl", [toxigen_row(2, 3.0)])
+    parts = read("toxigen", tmp_path / "toxigen", source="hub")
+    assert [e.choices[e.label] for e in parts["train"] + parts["eval"]] == ["Yes", "No", "Yes"]

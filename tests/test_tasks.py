@@ -124,6 +124,13 @@ def test_invalid_json_and_non_utf8_are_reported_with_location(tmp_path):
         tasks.get("bbq").read(TaskSpec(source="release", path=str(tmp_path)))
 
 
+def test_empty_release_file_is_named(tmp_path):
+    (tmp_path / "train_rand_split.jsonl").write_text("\n")
+    (tmp_path / "dev_rand_split.jsonl").write_text((FIXTURES / "csqa" / "dev_rand_split.jsonl").read_text())
+    with pytest.raises(DataError, match=r"train_rand_split.jsonl: no rows \(empty file\)"):
+        tasks.load("csqa", TaskSpec(source="release", path=str(tmp_path)), seed=0)
+
+
 def test_duplicate_ids_and_unknown_task_are_errors(tmp_path):
     lines = (FIXTURES / "bbq" / "Age.jsonl").read_text().splitlines()
     (tmp_path / "Age.jsonl").write_text("\n".join(lines + [lines[0]]) + "\n")

@@ -151,6 +151,7 @@ def url_cache_path(prefix: str) -> Path:
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, row)``; a malformed line raises a DataError naming file and line."""
     opener = gzip.open if path.name.endswith(".gz") else open
+    rows = 0
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
             for number, line in enumerate(fh, 1):
@@ -162,11 +163,14 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                     raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                rows += 1
                 yield number, row
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except (EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: damaged gzip file ({exc})") from None
+    if rows == 0:
+        raise DataError(f"{path}: no rows (empty file)")
 
 
 def read_json(path: Path) -> object:
