@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.runs import evals_frame, order_label
-from chainforget.config import parse_stage
+from chainforget.config import parse_stage, primary_order
 from chainforget.metrics import trained_stages
 
 
@@ -43,7 +43,8 @@ def score_changes(records: list[dict]) -> pd.DataFrame:
     Safety can be lost as a rising bias score at constant accuracy."""
     rows = []
     for record in records:
-        trained = trained_stages([parse_stage(entry) for entry in record["config"]["order"]])
+        order = primary_order(record["config"]["order"], record["config"].get("mitigation", {}).get("name", "none"))
+        trained = trained_stages([parse_stage(entry) for entry in order])
         last = max(row["stage"] for row in record["eval"])
         scores = pd.DataFrame(record["metrics"].get("task_scores", []))
         if scores.empty:

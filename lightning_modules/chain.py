@@ -18,23 +18,25 @@ import pandas as pd
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from chainforget import metrics, tasks
-from chainforget.config import ChainConfig, parse_stage
+from chainforget import metrics, mitigations, tasks
+from chainforget.config import ChainConfig, parse_stage, primary_order
+from chainforget.mitigations import apply_replay
 from chainforget.models import load_model, load_tokenizer, load_trainable, save_trainable
 from chainforget.records import SCHEMA_VERSION, StageCache, content_key, environment, write_record
 from chainforget.scoring import score_letters
 from chainforget.tasks.sources import cache_root
-from lightning_modules.stage import StageDataModule, StageModule
+from lightning_modules.stage import CurvatureCallback, StageDataModule, StageModule, answer_loss
 
 
 def run_chain(config: ChainConfig, *, progress: bool = True) -> dict:
     """Run one chain and return its run record (also written to ``config.out/config.run_name``)."""
     cache = StageCache(Path(config.cache_dir) if config.cache_dir else cache_root() / "stages")
     data = tasks.load_all(config.tasks, config.seed, config.train_size)
-    mixtures = [parse_stage(entry) for entry in config.order]
+    order = apply_replay(config.order, config.mitigation)
+    mixtures = [parse_stage(entry) for entry in order]
     eval_tasks = list(dict.fromkeys([t for m in mixtures for t in m] + config.eval.probes))
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, config.seed)
+    model = load_model(config.model, config.seed).to(eval_device(config))
     run_dir = Path(config.out) / config.run_name  # created only once data and model have loaded
     run_dir.mkdir(parents=True, exist_ok=True)
     run = start_wandb(config, run_dir)
@@ -43,23 +45,28 @@ def run_chain(config: ChainConfig, *, progress: bool = True) -> dict:
     predictions = [evaluate(model, tokenizer, data, eval_tasks, 0, key, cache, config, progress)]
     log_stage_eval(run, predictions[-1], data)
     stages = []
-    for index, (entry, mixture) in enumerate(zip(config.order, mixtures), start=1):
+    for index, (entry, mixture) in enumerate(zip(order, mixtures), start=1):
+        mitigation = config.mitigation if config.mitigation.applies_to(index) else None
         fingerprints = {name: data[name].fingerprint for name in mixture}
-        key = content_key("stage", key, entry, asdict(config.train), fingerprints, config.seed + index, config.trainer.precision)
+        key = content_key(
+            "stage", key, entry, asdict(config.train), fingerprints, config.seed + index, config.trainer.precision,
+            asdict(mitigation) if mitigation else None, asdict(config.curvature) if config.curvature.enabled else None,
+        )  # fmt: skip
         cached = cache.get(key)
         if cached is not None:
             load_trainable(model, cached / "weights.safetensors")
-            summary = json.loads((cached / "train.json").read_text())
+            outcome = json.loads((cached / "stage.json").read_text())
         else:
-            summary = train_stage(model, tokenizer, data, entry, index, config, run, run_dir, progress)
+            fisher = estimate_fisher(model, tokenizer, data, order[index - 2], config) if mitigation and mitigation.name == "ewc" else None
+            outcome = train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, progress)
+            model.to(eval_device(config))  # Lightning hands the module back on the CPU
 
             def store(entry_dir: Path) -> None:
                 save_trainable(model, entry_dir / "weights.safetensors")
-                (entry_dir / "train.json").write_text(json.dumps(summary))
+                (entry_dir / "stage.json").write_text(json.dumps(outcome))
 
             cache.put(key, store)
-        stages.append({"index": index, "name": entry, "tasks": mixture, "train": summary, "mitigation": None,
-                       "curvature": None, "cache_hit": cached is not None})  # fmt: skip
+        stages.append({"index": index, "name": entry, "tasks": mixture, **outcome, "cache_hit": cached is not None})
         predictions.append(evaluate(model, tokenizer, data, eval_tasks, index, key, cache, config, progress))
         log_stage_eval(run, predictions[-1], data)
 
@@ -80,15 +87,42 @@ def run_chain(config: ChainConfig, *, progress: bool = True) -> dict:
     return record
 
 
-def train_stage(model, tokenizer, data, entry, index, config, run, run_dir, progress) -> dict:
+def eval_device(config: ChainConfig) -> torch.device:
+    """Where evaluation (and the EWC Fisher) runs between fits: the accelerator the Trainer uses."""
+    accelerator = config.trainer.accelerator
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def stage_data(data, tokenizer, entry: str, steps: int, seed: int, config: ChainConfig) -> StageDataModule:
+    datamodule = StageDataModule.prepared(
+        data, tokenizer, stage=entry, batch_size=config.train.batch_size, steps=steps,
+        max_seq_len=config.train.max_seq_len, seed=seed,
+    )  # fmt: skip
+    datamodule.setup()
+    return datamodule
+
+
+def estimate_fisher(model, tokenizer, data, previous_entry: str, config: ChainConfig) -> dict[str, torch.Tensor]:
+    """EWC's diagonal Fisher at the end of the previous stage, on that stage's training data."""
+    datamodule = stage_data(data, tokenizer, previous_entry, config.mitigation.fisher_batches, config.seed, config)
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in datamodule.train_dataloader()]
+    losses = [lambda batch=batch: answer_loss(model, batch) for batch in batches]
+    return mitigations.diagonal_fisher(parameters, losses)
+
+
+def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, progress) -> dict:
+    """Fit one stage; returns its ``train``, ``mitigation`` and ``curvature`` summaries."""
     L.seed_everything(config.seed + index, workers=True, verbose=False)
     module = StageModule.wrapping(
-        model, lr=config.train.lr, warmup_ratio=config.train.warmup_ratio, weight_decay=config.train.weight_decay
-    )
-    datamodule = StageDataModule.prepared(
-        data, tokenizer, stage=entry, batch_size=config.train.batch_size, steps=config.train.steps,
-        max_seq_len=config.train.max_seq_len, seed=config.seed + index,
+        model, lr=config.train.lr, warmup_ratio=config.train.warmup_ratio, weight_decay=config.train.weight_decay,
+        mitigation=mitigation,
     )  # fmt: skip
+    module.fisher = fisher
+    datamodule = stage_data(data, tokenizer, entry, config.train.steps, config.seed + index, config)
     loggers = [CSVLogger(run_dir, name="lightning_logs", version=f"stage{index}")]
     if run is not None:
         loggers.append(WandbLogger(experiment=run, prefix=f"stage{index}"))
@@ -97,13 +131,32 @@ def train_stage(model, tokenizer, data, entry, index, config, run, run_dir, prog
         strategy=config.trainer.strategy, precision=config.trainer.precision, logger=loggers,
         log_every_n_steps=config.trainer.log_every_n_steps, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=progress, default_root_dir=run_dir,
+        callbacks=[CurvatureCallback(config.curvature)] if config.curvature.enabled else None,
     )  # fmt: skip
     started = time.perf_counter()
     trainer.fit(module, datamodule)
-    return {
+    train = {
         "steps": int(trainer.global_step), "tokens": int(module.tokens_seen),
         "wall_s": round(time.perf_counter() - started, 3), "final_loss": module.final_loss,
+        "weight_drift": module.weight_drift(),
     }  # fmt: skip
+    return {"train": train, "mitigation": mitigation_summary(config, index, entry, module, datamodule), "curvature": module.curvature}
+
+
+def mitigation_summary(config: ChainConfig, index: int, entry: str, module: StageModule, datamodule) -> dict | None:
+    """What the mitigation did in this stage: its mean penalty (or SAM perturbation), or the replayed ids."""
+    spec = config.mitigation
+    if spec.name.startswith("replay"):
+        replayed = mitigations.earlier_tasks(config.order, index) if entry not in config.order[index - 1 : index] else []
+        if not replayed:
+            return None
+        ids = {name: datamodule.drawn_ids.get(name, []) for name in replayed}
+        return {"name": spec.name, "strength": spec.strength, "replay_ids": ids}
+    if module.mitigation.name == "none":
+        return None
+    mean = module.mitigation_total / max(1, config.train.steps)
+    field = "mean_perturbation" if spec.name == "sam" else "mean_penalty"
+    return {"name": spec.name, "strength": spec.strength, field: mean, **({"temperature": spec.temperature} if spec.name == "lwf" else {})}
 
 
 def evaluate(model, tokenizer, data, names, stage, stage_key, cache, config, progress) -> pd.DataFrame:
@@ -140,7 +193,7 @@ def predictions_frame(model, tokenizer, task_data, config, progress, desc) -> pd
 
 def derive_metrics(frame, rows, mixtures, data, config) -> dict:
     last = len(mixtures)
-    trained_at = metrics.trained_stages(mixtures)
+    trained_at = metrics.trained_stages([parse_stage(e) for e in primary_order(config.order, config.mitigation.name)])
     forgetting_rows, biased_rows = [], []
     for task, stage in sorted(trained_at.items(), key=lambda item: item[1]):
         if stage >= last:
@@ -230,6 +283,9 @@ def finish_wandb(run, record: dict, run_dir: Path) -> None:
         run.summary[f"biased_forgetting/{row['task']}/{row['group_kind']}/worst_group"] = row["worst_group"]
     for name, value in record["metrics"]["cl"].items():
         run.summary[f"cl/{name}"] = value
+    for stage in record["stages"]:
+        if stage["curvature"]:
+            run.summary[f"curvature/stage{stage['index']}/top_eigenvalue"] = stage["curvature"]["top_eigenvalue"]
     last = max(row["stage"] for row in record["eval"])
     for row in record["metrics"]["task_scores"]:
         if row["stage"] == last:

@@ -1,22 +1,40 @@
-"""One fine-tuning stage: ``StageModule`` (answer-only causal-LM loss, AdamW + linear warm-up/decay) and
-``StageDataModule`` (a seeded mixture of task training examples). Both run under LightningCLI ``fit`` or
-inside the chain runner, which hands them an already loaded model, tokenizer and data.
+"""One fine-tuning stage: ``StageModule`` (answer-only causal-LM loss, AdamW + linear warm-up/decay, one
+optional mitigation) and ``StageDataModule`` (a seeded mixture of task training examples), plus the
+``CurvatureCallback`` that measures the Hessian at the end of the stage. All run under LightningCLI ``fit``
+or inside the chain runner, which hands them an already loaded model, tokenizer and data.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
-from chainforget.config import ModelSpec, TaskSpec, parse_stage
+from chainforget import curvature, mitigations
+from chainforget.config import CurvatureSpec, MitigationSpec, ModelSpec, TaskSpec, parse_stage
+from chainforget.errors import ConfigError
 from chainforget.models import load_model, load_tokenizer
+from chainforget.scoring import autocast_for, encode_prompt, left_pad, letter_token_ids
 from chainforget.tasks import TaskData, load as load_task
-from chainforget.scoring import encode_prompt, left_pad, letter_token_ids
+
+
+def answer_logits(network, batch) -> torch.Tensor:
+    """Logits of the token after each (left-padded) prompt: only the last position reaches the LM head."""
+    out = network(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        logits_to_keep=1,
+    )  # fmt: skip
+    return out.logits[:, -1]
+
+
+def answer_loss(network, batch) -> torch.Tensor:
+    return F.cross_entropy(answer_logits(network, batch).float(), batch["answer"])
 
 
 class StageModule(L.LightningModule):
@@ -29,23 +47,33 @@ class StageModule(L.LightningModule):
         warmup_ratio: share of ``trainer.max_steps`` spent warming up linearly before the linear decay.
         weight_decay: AdamW weight decay.
         seed: seed for model initialisation (LoRA adapters, the tiny model).
+        mitigation: ``l2sp``, ``lwf`` and ``sam`` anchor to the weights at the start of the fit; ``ewc``
+            also needs the previous stage's Fisher, which the chain runner provides. Replay is data, not
+            a loss: it lives in the stage's mixture.
     """
 
     def __init__(
         self, model: ModelSpec | None = None, lr: float = 2e-4, warmup_ratio: float = 0.1, weight_decay: float = 0.0,
-        seed: int = 0,
+        seed: int = 0, mitigation: MitigationSpec | None = None,
     ):  # fmt: skip
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.spec = model or ModelSpec()
+        self.mitigation = mitigation or MitigationSpec()
+        self.automatic_optimization = self.mitigation.name != "sam"
         self.network = None
+        self.fisher: dict[str, torch.Tensor] | None = None
+        self.anchor: dict[str, torch.Tensor] | None = None
+        self.teacher: torch.Tensor | None = None
         self.final_loss: float | None = None
         self.tokens_seen = 0
+        self.mitigation_total = 0.0
+        self.curvature: dict | None = None
         self._step_started = 0.0
 
     @classmethod
-    def wrapping(cls, network, *, lr: float, warmup_ratio: float, weight_decay: float) -> StageModule:
-        module = cls(lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay)
+    def wrapping(cls, network, *, lr: float, warmup_ratio: float, weight_decay: float, mitigation: MitigationSpec | None = None):
+        module = cls(lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay, mitigation=mitigation)
         module.network = network
         return module
 
@@ -53,36 +81,138 @@ class StageModule(L.LightningModule):
         if self.network is None:
             self.network = load_model(self.spec, self.hparams.seed)
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        """Logits of the token after each (left-padded) prompt: only the last position reaches the LM head."""
-        out = self.network(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
-        return out.logits[:, -1]
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.network.named_parameters() if p.requires_grad}
+
+    def on_train_start(self) -> None:
+        name = self.mitigation.name
+        if name == "ewc" and self.fisher is None:
+            raise ConfigError("mitigation ewc needs the previous stage's data for its Fisher; run it inside `chainforget chain`")
+        if name in ("l2sp", "ewc"):
+            self.anchor = mitigations.snapshot(self.trainable())
+        if name == "lwf":
+            self.teacher = self._teacher_logits()
+
+    @torch.no_grad()
+    def _teacher_logits(self) -> torch.Tensor:
+        """The stage-start model's answer-letter logits on every training sample (the frozen LwF teacher)."""
+        datamodule = self.trainer.datamodule
+        teacher = torch.zeros(len(datamodule.samples), len(datamodule.letters))
+        was_training = self.network.training
+        self.network.eval()
+        for batch in datamodule.train_dataloader():
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with autocast_for(self.device, str(self.trainer.precision)):
+                teacher[batch["index"].cpu()] = answer_logits(self.network, batch)[:, datamodule.letters].float().cpu()
+        self.network.train(was_training)
+        return teacher
+
+    def penalty(self, batch, logits: torch.Tensor) -> torch.Tensor | None:
+        spec = self.mitigation
+        if spec.name == "l2sp":
+            return mitigations.l2sp_penalty(self.trainable(), self.anchor, spec.strength)
+        if spec.name == "ewc":
+            return mitigations.ewc_penalty(self.trainable(), self.anchor, self.fisher, spec.strength)
+        if spec.name == "lwf":
+            letters = self.trainer.datamodule.letters
+            teacher = self.teacher[batch["index"].cpu()].to(logits.device)
+            return mitigations.lwf_penalty(logits[:, letters], teacher, spec.temperature, spec.strength)
+        return None
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()
 
     def training_step(self, batch, batch_idx):
-        logits = self(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-        loss = torch.nn.functional.cross_entropy(logits.float(), batch["answer"])
-        tokens = int(batch["attention_mask"].sum())
-        self.tokens_seen += tokens
+        logits = answer_logits(self.network, batch)
+        loss = F.cross_entropy(logits.float(), batch["answer"])
+        penalty = self.penalty(batch, logits)
+        if penalty is not None:
+            self.mitigation_total += float(penalty.detach())
+            self.log("train/penalty", penalty)
+        objective = loss if penalty is None else loss + penalty
+        if not self.automatic_optimization:
+            self.sam_step(batch, objective)
+        self.tokens_seen += int(batch["attention_mask"].sum())
         self.final_loss = float(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self.log("train/tokens", float(self.tokens_seen))
-        return loss
+        return objective if self.automatic_optimization else None
+
+    def sam_step(self, batch, loss: torch.Tensor) -> None:
+        """SAM: gradient at the current point, step of radius rho uphill, gradient there, step back, update."""
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        parameters = list(self.trainable().values())
+        self.manual_backward(loss)
+        steps = mitigations.sam_ascent(parameters, self.mitigation.strength)
+        optimizer.zero_grad()
+        self.manual_backward(F.cross_entropy(answer_logits(self.network, batch).float(), batch["answer"]))
+        mitigations.sam_descent(parameters, steps)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        perturbation = float(torch.sqrt(sum((s.float() ** 2).sum() for s in steps)))
+        self.mitigation_total += perturbation
+        self.log("train/sam_perturbation", perturbation)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         elapsed = time.perf_counter() - self._step_started
         if elapsed > 0:
             self.log("train/tokens_per_s", float(batch["attention_mask"].sum()) / elapsed)
 
+    def weight_drift(self) -> float | None:
+        """L2 distance the trainable weights moved from the stage-start anchor (when one was kept)."""
+        if self.anchor is None:
+            return None
+        return float(torch.sqrt(sum(((p.detach() - self.anchor[n]) ** 2).sum() for n, p in self.trainable().items())))
+
     def configure_optimizers(self):
-        parameters = [p for p in self.network.parameters() if p.requires_grad]
+        parameters = list(self.trainable().values())
         optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches))
         schedule = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class CurvatureCallback(L.Callback):
+    """At the end of the stage: top Hessian eigenvalue (and optional trace) of the mean training loss over
+    the first ``spec.batches`` batches, w.r.t. the trainable parameters, in fp32 with eager attention (the
+    fused CPU attention kernel has no double backward). Stored on the module and logged."""
+
+    def __init__(self, spec: CurvatureSpec):
+        self.spec = spec
+
+    def on_train_end(self, trainer, pl_module: StageModule) -> None:
+        spec = self.spec
+        loader = iter(trainer.datamodule.train_dataloader())
+        batches = [{k: v.to(pl_module.device) for k, v in next(loader).items()} for _ in range(spec.batches)]
+        parameters = list(pl_module.trainable().values())
+        was_training = pl_module.network.training
+        pl_module.network.eval()
+        with eager_attention(pl_module.network), torch.autocast(pl_module.device.type, enabled=False):
+            result = curvature.measure(
+                lambda: sum(answer_loss(pl_module.network, b) for b in batches) / len(batches), parameters,
+                max_iter=spec.max_iter, tol=spec.tol, trace_samples=spec.trace_samples, seed=spec.seed,
+            )  # fmt: skip
+        pl_module.network.train(was_training)
+        pl_module.curvature = {
+            "top_eigenvalue": result.top_eigenvalue, "trace": result.trace, "iterations": result.iterations,
+            "converged": result.converged, "parameters": f"trainable ({result.num_parameters})",
+            "batches": spec.batches, "batch_size": int(batches[0]["answer"].shape[0]), "max_iter": spec.max_iter,
+            "tol": spec.tol, "trace_samples": spec.trace_samples, "seed": spec.seed, "dtype": "float32",
+        }  # fmt: skip
+        for logger in trainer.loggers:
+            logger.log_metrics({"curvature/top_eigenvalue": result.top_eigenvalue}, step=trainer.global_step)
+
+
+@contextmanager
+def eager_attention(network):
+    previous = network.config._attn_implementation
+    network.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        network.set_attn_implementation(previous)
 
 
 class StageDataModule(L.LightningDataModule):
@@ -110,6 +240,8 @@ class StageDataModule(L.LightningDataModule):
         self.data: dict[str, TaskData] | None = None
         self.tokenizer = None
         self.samples: list[dict] = []
+        self.letters: list[int] = []
+        self.drawn_ids: dict[str, list[str]] = {}
 
     @classmethod
     def prepared(cls, data, tokenizer, *, stage: str, batch_size: int, steps: int, max_seq_len: int, seed: int):
@@ -122,11 +254,12 @@ class StageDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(self.model_spec)
         if self.data is None:
             self.data = {name: load_task(name, self.specs[name], self.seed) for name in self.mixture}
-        examples = draw_mixture({n: self.data[n].train for n in self.mixture}, self.mixture, self.steps * self.batch_size, self.seed)
-        letters = letter_token_ids(self.tokenizer, max(len(e.choices) for e in examples))
+        drawn = draw_mixture({n: self.data[n].train for n in self.mixture}, self.mixture, self.steps * self.batch_size, self.seed)
+        self.drawn_ids = {name: sorted({e.id for task, e in drawn if task == name}) for name in self.mixture}
+        self.letters = letter_token_ids(self.tokenizer, max(len(e.choices) for _, e in drawn))
         self.samples = [
-            {"ids": encode_prompt(self.tokenizer, e.prompt, self.max_seq_len), "answer": letters[e.label]}
-            for e in examples
+            {"index": i, "ids": encode_prompt(self.tokenizer, e.prompt, self.max_seq_len), "answer": self.letters[e.label]}
+            for i, (_, e) in enumerate(drawn)
         ]
 
     def train_dataloader(self) -> DataLoader:
@@ -135,13 +268,15 @@ class StageDataModule(L.LightningDataModule):
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch = left_pad([s["ids"] for s in samples], self.tokenizer.pad_token_id)
         batch["answer"] = torch.tensor([s["answer"] for s in samples], dtype=torch.long)
+        batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         return batch
 
 
-def draw_mixture(pools: dict[str, list], weights: dict[str, float], total: int, seed: int) -> list:
-    """``total`` items, ``weights[t]`` of them from ``pools[t]`` (cycling through seeded permutations), shuffled."""
+def draw_mixture(pools: dict[str, list], weights: dict[str, float], total: int, seed: int) -> list[tuple[str, object]]:
+    """``total`` ``(task, item)`` pairs, ``weights[t]`` of them from ``pools[t]`` (cycling through seeded
+    permutations), shuffled."""
     counts = {name: int(round(weight * total)) for name, weight in weights.items()}
-    first = next(iter(counts))
+    first = max(counts, key=counts.get)
     counts[first] += total - sum(counts.values())
     rng = random.Random(seed)
     drawn = []
@@ -149,7 +284,7 @@ def draw_mixture(pools: dict[str, list], weights: dict[str, float], total: int, 
         pool = list(pools[name])
         while count > 0:
             rng.shuffle(pool)
-            drawn += pool[:count]
+            drawn += [(name, item) for item in pool[:count]]
             count -= len(pool[:count])
     rng.shuffle(drawn)
     return drawn

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -22,3 +23,15 @@ def isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own cache directory, so nothing leaks between tests or into the user's cache."""
     monkeypatch.setenv("CHAINFORGET_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture()
+def smoke_config(tmp_path, monkeypatch):
+    """sweeps/configs/smoke.yaml (tiny model, fixtures) writing into this test's temporary directory."""
+    from chainforget.cli import parse_chain
+
+    monkeypatch.chdir(ROOT)  # the smoke config names fixture paths relative to the repository root
+    return parse_chain(
+        ["--config", "sweeps/configs/smoke.yaml", f"--out={tmp_path / 'runs'}", f"--cache_dir={tmp_path / 'stages'}"],
+        prog="test",
+    )

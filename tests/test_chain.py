@@ -5,22 +5,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chainforget.cli import parse_chain
 from chainforget.config import TaskSpec
 from chainforget.metrics import bbq_bias_scores
 from chainforget.records import read_record
 from lightning_modules.chain import run_chain
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture()
-def smoke_config(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the smoke config names fixture paths relative to the repository root
-    return parse_chain(
-        ["--config", "sweeps/configs/smoke.yaml", f"--out={tmp_path / 'runs'}", f"--cache_dir={tmp_path / 'stages'}"],
-        prog="test",
-    )
 
 
 def accuracy(record, stage, task):

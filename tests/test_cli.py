@@ -3,7 +3,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chainforget.cli import main
+from chainforget.cli import main, parse_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "sweeps/configs/smoke.yaml"
@@ -25,6 +25,10 @@ def from_repo_root(monkeypatch):
         (["chain", "--config", SMOKE, "--tasks.bbq.max_eval=0"], "tasks.*.max_eval: 0 is not allowed"),
         (["chain", "--config", SMOKE, "--tasks.bbq.path=/nonexistent"], "/nonexistent: no such directory"),
         (["chain", "--config", SMOKE, "--model.name=./no-model-here"], "model.name './no-model-here': no such directory"),
+        (["chain", "--config", SMOKE, "--mitigation.name=l2sp", "--mitigation.strength=-1"], "mitigation.strength: -1.0 is not allowed"),
+        (["chain", "--config", SMOKE, "--mitigation.name=replay_stage", "--mitigation.strength=1.5"], "replay ratio 1.5 is not allowed"),
+        (["chain", "--config", SMOKE, "--mitigation.name=ewc", "--mitigation.strength=nan"], 'Parser key "mitigation.strength"'),
+        (["chain", "--config", SMOKE, "--mitigation.name=dropout"], "mitigation.name"),
         (["chain"], "--config: missing"),
         (["train"], "unknown command 'train'"),
     ],
@@ -47,6 +51,13 @@ def test_chain_command_runs_overrides_and_prints_the_summary(capsys, tmp_path):
     record = (tmp_path / "swapped" / "run.json").read_text()
     assert '"order": [\n      "csqa",\n      "bbq"\n    ]' in record
     assert '"steps": 5' in record
+
+
+def test_mitigation_configs_combine_with_any_chain(tmp_path):
+    for path in sorted((ROOT / "sweeps" / "configs" / "mitigations").glob("*.yaml")):
+        config = parse_chain(["--config", SMOKE, "--config", str(path)], prog="test")
+        assert config.order == ["bbq", "csqa"]
+        assert config.mitigation.name == path.stem or (path.stem == "curvature" and config.curvature.enabled)
 
 
 def test_fit_runs_one_stage_through_lightning_cli(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -115,6 +116,73 @@ class EvalSpec:
     probes: list[str] = field(default_factory=list)
 
 
+MITIGATIONS = ("none", "replay_stage", "replay_mix", "l2sp", "ewc", "lwf", "sam")
+
+
+@dataclass
+class MitigationSpec:
+    """One mitigation of forgetting, behind one strength knob a sweep can vary.
+
+    Args:
+        name: ``replay_stage`` (extra last stage: last task + share r of earlier tasks), ``replay_mix``
+            (that mixture inside every later stage), ``l2sp`` (pull toward the previous stage's weights),
+            ``ewc`` (the same, weighted by a diagonal Fisher of the previous stage's data), ``lwf``
+            (KL to the previous-stage model's answer distribution), ``sam`` (sharpness-aware minimisation).
+        strength: r in [0, 1] for replay, lambda >= 0 for l2sp/ewc/lwf, radius rho >= 0 for sam.
+        temperature: LwF softmax temperature.
+        fisher_batches: batches of the previous stage's data used to estimate the EWC Fisher.
+        stages: the stages (1-based) it applies to; ``null``: every stage after the first (every stage for sam).
+    """
+
+    name: Literal["none", "replay_stage", "replay_mix", "l2sp", "ewc", "lwf", "sam"] = "none"
+    strength: float = 0.0
+    temperature: float = 2.0
+    fisher_batches: int = 8
+    stages: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in MITIGATIONS:
+            raise ConfigError(f"mitigation.name: {self.name!r} is unknown; use one of {', '.join(MITIGATIONS)}")
+        if not math.isfinite(self.strength) or self.strength < 0:
+            raise ConfigError(f"mitigation.strength: {self.strength} is not allowed; use a finite value >= 0")
+        if self.name.startswith("replay") and self.strength > 1:
+            raise ConfigError(f"mitigation.strength: replay ratio {self.strength} is not allowed; use 0 <= r <= 1")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"mitigation.temperature: {self.temperature} is not allowed; use a value > 0")
+        if self.fisher_batches < 1:
+            raise ConfigError(f"mitigation.fisher_batches: {self.fisher_batches} is not allowed; use >= 1")
+        if self.stages is not None and any(stage < 1 for stage in self.stages):
+            raise ConfigError(f"mitigation.stages: {self.stages} is not allowed; stages count from 1")
+
+    def applies_to(self, stage: int) -> bool:
+        if self.name in ("none", "replay_stage"):
+            return False
+        if self.stages is not None:
+            return stage in self.stages
+        return self.name == "sam" or stage > 1
+
+
+@dataclass
+class CurvatureSpec:
+    """Top Hessian eigenvalue (and optionally its trace) of the training loss at the end of every stage.
+
+    Args:
+        enabled: compute it (a few extra forward/backward passes per stage).
+        batches: training batches whose mean loss defines the Hessian.
+        max_iter: power-iteration cap.
+        tol: stop when the eigenvalue changes by less than ``tol`` (relative).
+        trace_samples: Hutchinson samples for the trace (0 skips it).
+        seed: seeds the start vector and the Hutchinson probes.
+    """
+
+    enabled: bool = False
+    batches: int = 2
+    max_iter: int = 30
+    tol: float = 1e-3
+    trace_samples: int = 0
+    seed: int = 0
+
+
 @dataclass
 class TrainerSpec:
     """Passed straight to ``lightning.Trainer``."""
@@ -150,6 +218,8 @@ class ChainConfig:
             the paper); ``null`` keeps each task's ``max_train``.
         train: stage hyper-parameters.
         eval: evaluation settings.
+        mitigation: one mitigation of forgetting and its strength.
+        curvature: curvature measurement at the end of each stage.
         trainer: Lightning Trainer settings.
         wandb: W&B run settings.
         seed: drives data order, splits, sampling and initialisation.
@@ -164,6 +234,8 @@ class ChainConfig:
     train_size: int | None = None
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    mitigation: MitigationSpec = field(default_factory=MitigationSpec)
+    curvature: CurvatureSpec = field(default_factory=CurvatureSpec)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     wandb: WandbSpec = field(default_factory=WandbSpec)
     seed: int = 0
@@ -202,3 +274,9 @@ def parse_stage(entry: str) -> dict[str, float]:
         weights[name] = weights.get(name, 0.0) + value
     total = sum(weights.values())
     return {name: value / total for name, value in weights.items()}
+
+
+def primary_order(order: list[str], mitigation: str) -> list[str]:
+    """The stages as the user wrote them, with the ``replay_stage`` stage as a repeat of the last one:
+    which task a stage trains is decided on this order, so replayed data never counts as training."""
+    return [*order, order[-1]] if mitigation == "replay_stage" else list(order)

@@ -1,0 +1,87 @@
+"""Mitigations and curvature inside real (tiny-model) chains: the controlled effects, not just that they run.
+
+The smoke fixtures make forgetting stark: BBQ's gold answer is mostly C, CSQA's mostly A, so a model tuned on
+CSQA after BBQ answers A everywhere unless something holds the BBQ behaviour in place. Given 100 steps the
+tiny model can learn to tell the two formats apart, which is what replay needs to pay off.
+"""
+
+from dataclasses import replace
+
+import pytest
+
+from chainforget.config import CurvatureSpec, MitigationSpec
+from chainforget.errors import ConfigError
+from lightning_modules.chain import run_chain
+
+
+def chain(config, name, mitigation=None, steps=20, lr=None, **changes):
+    train = replace(config.train, steps=steps, lr=lr or config.train.lr)
+    return run_chain(replace(config, run_name=name, train=train, mitigation=mitigation or MitigationSpec(), **changes), progress=False)
+
+
+def bbq_forgetting(record):
+    (row,) = [r for r in record["metrics"]["forgetting"] if r["task"] == "bbq" and r["group_kind"] == "all"]
+    return row["F"]
+
+
+def test_replay_stage_recovers_what_plain_continued_training_forgets(smoke_config):
+    control = chain(smoke_config, "r0", MitigationSpec("replay_stage", 0.0), steps=100, lr=5e-3)
+    replayed = chain(smoke_config, "r50", MitigationSpec("replay_stage", 0.5), steps=100, lr=5e-3)
+    assert [s["name"] for s in replayed["stages"]] == ["bbq", "csqa", "csqa:0.5+bbq:0.5"]
+    assert [s["name"] for s in control["stages"]] == ["bbq", "csqa", "csqa:1"]
+    assert bbq_forgetting(replayed) < bbq_forgetting(control) - 20
+    third = replayed["stages"][2]["mitigation"]
+    assert third["name"] == "replay_stage" and third["strength"] == 0.5
+    assert third["replay_ids"]["bbq"] and all(i.startswith(("Age-", "Religion-")) for i in third["replay_ids"]["bbq"])
+    assert control["stages"][2]["mitigation"]["replay_ids"] == {"bbq": []}
+
+
+def test_replay_mix_reduces_forgetting_inside_the_second_stage(smoke_config):
+    plain = chain(smoke_config, "plain", steps=100, lr=5e-3)
+    mixed = chain(smoke_config, "mixed", MitigationSpec("replay_mix", 0.5), steps=100, lr=5e-3)
+    assert mixed["stages"][1]["name"] == "csqa:0.5+bbq:0.5"
+    assert bbq_forgetting(mixed) < bbq_forgetting(plain) - 20
+
+
+# EWC holds only the weights the previous stage's Fisher marks as important (embeddings of tokens BBQ never
+# uses drift freely), so halving the plain drift takes a larger lambda than L2-SP needs.
+@pytest.mark.parametrize(("name", "strength"), [("l2sp", 1e4), ("ewc", 1e8)])
+def test_strong_penalties_hold_the_weights_near_the_previous_stage(smoke_config, name, strength):
+    free = chain(smoke_config, f"{name}0", MitigationSpec(name, 0.0))
+    held = chain(smoke_config, f"{name}big", MitigationSpec(name, strength))
+    free_stage, held_stage = free["stages"][1], held["stages"][1]
+    assert free_stage["mitigation"]["mean_penalty"] == 0.0
+    assert held_stage["mitigation"]["mean_penalty"] > 0.0
+    assert held_stage["train"]["weight_drift"] < 0.5 * free_stage["train"]["weight_drift"]
+    assert free["stages"][0]["mitigation"] is None  # stage 1 has no previous stage to hold on to
+
+
+def test_lwf_and_sam_log_nothing_at_strength_zero_and_something_otherwise(smoke_config):
+    off = chain(smoke_config, "lwf0", MitigationSpec("lwf", 0.0), steps=6)
+    on = chain(smoke_config, "lwf1", MitigationSpec("lwf", 1.0), steps=6)
+    assert off["stages"][1]["mitigation"]["mean_penalty"] == 0.0
+    assert on["stages"][1]["mitigation"]["mean_penalty"] > 0.0
+    sam = chain(smoke_config, "sam", MitigationSpec("sam", 0.05), steps=6)
+    assert [s["mitigation"]["mean_perturbation"] for s in sam["stages"]] == [pytest.approx(0.05)] * 2
+    assert all(s["train"]["steps"] == 6 for s in sam["stages"])
+    flat = chain(smoke_config, "sam0", MitigationSpec("sam", 0.0), steps=6)
+    assert flat["stages"][0]["mitigation"]["mean_perturbation"] == 0.0
+
+
+def test_curvature_is_recorded_per_stage_and_cached(smoke_config):
+    spec = CurvatureSpec(enabled=True, batches=1, max_iter=50, tol=1e-2, trace_samples=2)
+    first = chain(smoke_config, "curv", steps=6, curvature=spec)
+    for stage in first["stages"]:
+        assert stage["curvature"]["converged"] and stage["curvature"]["top_eigenvalue"] != 0.0
+        assert stage["curvature"]["trace"] is not None and stage["curvature"]["dtype"] == "float32"
+    again = chain(smoke_config, "curv-again", steps=6, curvature=spec)
+    assert [s["cache_hit"] for s in again["stages"]] == [True, True]
+    assert [s["curvature"] for s in again["stages"]] == [s["curvature"] for s in first["stages"]]
+
+
+def test_ewc_outside_a_chain_is_a_clear_error(smoke_config):
+    from lightning_modules.stage import StageModule
+
+    module = StageModule(mitigation=MitigationSpec("ewc", 1.0))
+    with pytest.raises(ConfigError, match="ewc needs the previous stage's data"):
+        module.on_train_start()
