@@ -12,8 +12,8 @@ from __future__ import annotations
 from chainforget.config import TaskSpec
 from chainforget.errors import DataError
 from chainforget.tasks import Example, Task, register
-from chainforget.tasks.csqa import flatten_hub, release_example
-from chainforget.tasks.sources import hub_rows, read_jsonl, release_archive
+from chainforget.tasks.csqa import hub_example, release_example
+from chainforget.tasks.sources import hub_splits, read_jsonl, release_archive
 
 RELEASE_URL = "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip"
 
@@ -25,12 +25,7 @@ class ARC(Task):
 
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
         if spec.source == "hub":
-            hub_id = spec.path or f"allenai/ai2_arc:ARC-{self.subset}"
-            rows = [(split, f"{hub_id}[{split}]", n, flatten_hub(row, f"{hub_id}[{split}]", n)) for split, n, row in hub_rows(hub_id)]
-            return {
-                "train": [release_example(row, where, n) for split, where, n, row in rows if split == "train"],
-                "eval": [release_example(row, where, n) for split, where, n, row in rows if split == "test"],
-            }
+            return hub_splits(spec.path or f"allenai/ai2_arc:ARC-{self.subset}", hub_example, ("test",))
         files = release_archive(spec.path, RELEASE_URL, f"ARC-{self.subset}-*.jsonl", f"arc_{self.subset.lower()}")
         parts = {}
         for split, suffix in (("train", "Train"), ("eval", "Test")):

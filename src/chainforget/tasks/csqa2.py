@@ -10,7 +10,7 @@ from __future__ import annotations
 from chainforget.config import TaskSpec
 from chainforget.errors import DataError
 from chainforget.tasks import Example, Task, multiple_choice_prompt, register
-from chainforget.tasks.sources import hub_rows, read_jsonl, release_file
+from chainforget.tasks.sources import hub_splits, release_splits
 
 RELEASE_URL = "https://github.com/allenai/csqa2/raw/master/dataset"
 CHOICES = ("yes", "no")
@@ -24,18 +24,9 @@ class CommonsenseQA2(Task):
 
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
         if spec.source == "hub":
-            rows = [(split, f"{spec.path}[{split}]", n, row) for split, n, row in hub_rows(spec.path or "")]
-            return {
-                "train": [to_example(row, where, n) for split, where, n, row in rows if split == "train"],
-                "eval": [to_example(row, where, n) for split, where, n, row in rows if split in ("validation", "dev")],
-            }
-        parts = {}
-        for split, filename in (("train", "CSQA2_train.json.gz"), ("eval", "CSQA2_dev.json.gz")):
-            path = release_file(spec.path, RELEASE_URL, filename)
-            if path is None:
-                raise DataError(f"{spec.path}: CommonsenseQA 2.0 release file {filename} not found")
-            parts[split] = [to_example(row, str(path), n) for n, row in read_jsonl(path)]
-        return parts
+            return hub_splits(spec.path or "", to_example, ("validation", "dev"))
+        files = {"train": "CSQA2_train.json.gz", "eval": "CSQA2_dev.json.gz"}
+        return release_splits(spec.path, RELEASE_URL, files, to_example, "CommonsenseQA 2.0")
 
 
 def to_example(row: dict, where: str, line: int) -> Example:

@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from platformdirs import user_cache_dir
@@ -182,8 +182,9 @@ def read_json(path: Path) -> object:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
 
 
-def hub_rows(hub_id: str) -> Iterator[tuple[str, int, dict]]:
-    """Yield ``(split, row_number, row)`` for every split of a hub dataset (or a local dataset folder).
+def hub_rows(hub_id: str) -> Iterator[tuple[str, str, int, dict]]:
+    """Yield ``(split, where, row_number, row)`` for every split of a hub dataset (or a local dataset folder);
+    ``where`` names the dataset and split for error messages.
 
     ``owner/name:config`` selects a dataset config (e.g. ``allenai/ai2_arc:ARC-Challenge``).
     """
@@ -196,4 +197,27 @@ def hub_rows(hub_id: str) -> Iterator[tuple[str, int, dict]]:
         raise DataError(f"hub dataset {hub_id!r}: could not load ({type(exc).__name__}: {exc})") from exc
     for split, rows in loaded.items():
         for number, row in enumerate(rows, 1):
-            yield split, number, row
+            yield split, f"{hub_id}[{split}]", number, dict(row)
+
+
+def hub_splits(hub_id: str, convert: Callable[[dict, str, int], object], eval_splits: tuple[str, ...]) -> dict[str, list]:
+    """A hub dataset's ``train`` split and its eval split (the first of ``eval_splits`` it has), converted
+    row by row; without both, every row under ``all`` for a hash split."""
+    converted: dict[str, list] = {}
+    for split, where, number, row in hub_rows(hub_id):
+        converted.setdefault(split, []).append(convert(row, where, number))
+    evaluation = next((split for split in eval_splits if split in converted), None)
+    if "train" in converted and evaluation is not None:
+        return {"train": converted["train"], "eval": converted[evaluation]}
+    return {"all": [example for rows in converted.values() for example in rows]}
+
+
+def release_splits(path: str | None, default_url: str, files: dict[str, str], convert, dataset: str) -> dict[str, list]:
+    """Release JSON-lines files by split (``{"train": name, "eval": name}``), converted row by row."""
+    parts = {}
+    for split, filename in files.items():
+        found = release_file(path, default_url, filename)
+        if found is None:
+            raise DataError(f"{path}: {dataset} release file {filename} not found")
+        parts[split] = [convert(row, str(found), number) for number, row in read_jsonl(found)]
+    return parts

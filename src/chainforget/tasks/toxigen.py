@@ -26,7 +26,7 @@ from chainforget.config import TaskSpec
 from chainforget.errors import DataError
 from chainforget.metrics import toxicity_by_group
 from chainforget.tasks import Example, Task, multiple_choice_prompt, register
-from chainforget.tasks.sources import hub_rows, is_url, release_file
+from chainforget.tasks.sources import hub_splits, is_url, release_file
 
 RELEASE_URL = "https://raw.githubusercontent.com/microsoft/TOXIGEN/main/prompts"
 GROUPS = (
@@ -47,12 +47,7 @@ class ToxiGen(Task):
 
     def read(self, spec: TaskSpec) -> dict[str, list[Example]]:
         if spec.source == "hub":
-            hub_id = spec.path or "toxigen/toxigen-data:annotated"
-            rows = [(split, f"{hub_id}[{split}]", n, row) for split, n, row in hub_rows(hub_id)]
-            return {
-                "train": [annotated_example(row, where, n) for split, where, n, row in rows if split == "train"],
-                "eval": [annotated_example(row, where, n) for split, where, n, row in rows if split == "test"],
-            }
+            return hub_splits(spec.path or "toxigen/toxigen-data:annotated", annotated_example, ("test",))
         local = Path(spec.path).expanduser() if spec.path and not is_url(spec.path) else None
         if local is not None and local.is_dir() and not any(local.glob("*_1k.txt")):
             return read_annotated(local)
