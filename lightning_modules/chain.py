@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
@@ -22,14 +23,25 @@ from chainforget import metrics, mitigations, tasks
 from chainforget.config import ChainConfig, parse_stage, primary_order
 from chainforget.mitigations import apply_replay
 from chainforget.models import load_model, load_tokenizer, load_trainable, save_trainable
-from chainforget.records import SCHEMA_VERSION, StageCache, content_key, environment, write_record
+from chainforget.records import SCHEMA_VERSION, StageCache, content_key, environment, summary_metrics, write_record
 from chainforget.scoring import score_letters
 from chainforget.tasks.sources import cache_root
 from lightning_modules.stage import CurvatureCallback, StageDataModule, StageModule, answer_loss
 
 
+def run_name(config: ChainConfig) -> str:
+    """The configured name, else the sweep agent's run id, else stages + seed + a hash of the config."""
+    if config.run_name:
+        return config.run_name
+    if os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
+    stages = "-".join(re.sub(r"[^A-Za-z0-9.]+", "_", entry) for entry in config.order)
+    return f"{stages}-seed{config.seed}-{content_key(config.to_dict())[:8]}"
+
+
 def run_chain(config: ChainConfig, *, progress: bool = True) -> dict:
-    """Run one chain and return its run record (also written to ``config.out/config.run_name``)."""
+    """Run one chain and return its run record (also written to ``config.out/<run name>``)."""
+    config = replace(config, run_name=run_name(config))
     cache = StageCache(Path(config.cache_dir) if config.cache_dir else cache_root() / "stages")
     data = tasks.load_all(config.tasks, config.seed, config.train_size)
     order = apply_replay(config.order, config.mitigation)
@@ -236,7 +248,8 @@ def start_wandb(config: ChainConfig, run_dir: Path):
     if mode == "disabled":
         return None
     run = wandb.init(
-        project=config.wandb.project, entity=config.wandb.entity, group=config.wandb.group or config.run_name,
+        project=config.wandb.project, entity=config.wandb.entity,
+        group=config.wandb.group or os.environ.get("WANDB_RUN_GROUP") or config.run_name,
         job_type="chain", name=config.run_name, dir=str(run_dir), config=config.to_dict(), tags=config.wandb.tags,
         mode=mode, settings=wandb.Settings(silent=True, console="off"),
     )  # fmt: skip
@@ -275,23 +288,7 @@ def finish_wandb(run, record: dict, run_dir: Path) -> None:
         return
     import wandb
 
-    for row in record["metrics"]["forgetting"]:
-        name = row["task"] if row["group_kind"] == metrics.ALL else f"{row['task']}/{row['group_kind']}/{row['group']}"
-        run.summary[f"forgetting/{name}"] = row["F"]
-    for row in record["metrics"]["biased_forgetting"]:
-        run.summary[f"biased_forgetting/{row['task']}/{row['group_kind']}"] = row["BF"]
-        run.summary[f"biased_forgetting/{row['task']}/{row['group_kind']}/worst_group"] = row["worst_group"]
-    for name, value in record["metrics"]["cl"].items():
-        run.summary[f"cl/{name}"] = value
-    for stage in record["stages"]:
-        if stage["curvature"]:
-            run.summary[f"curvature/stage{stage['index']}/top_eigenvalue"] = stage["curvature"]["top_eigenvalue"]
-    last = max(row["stage"] for row in record["eval"])
-    for row in record["metrics"]["task_scores"]:
-        if row["stage"] == last:
-            for name, value in row.items():
-                if isinstance(value, float) and not name.startswith("n_"):
-                    run.summary[f"scores/{row['task']}/{row['group_kind']}/{row['group']}/{name}"] = value
+    run.summary.update(summary_metrics(record))
     run.log({"eval_matrix": wandb.Table(dataframe=pd.DataFrame(record["eval"]))})
     for name in ("run.json", "predictions.parquet"):
         run.save(str(run_dir / name), base_path=str(run_dir), policy="now")

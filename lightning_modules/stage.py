@@ -84,11 +84,13 @@ class StageModule(L.LightningModule):
     def trainable(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.network.named_parameters() if p.requires_grad}
 
+    def on_fit_start(self) -> None:
+        self.network.train()  # from_pretrained and evaluation leave the network in eval mode
+
     def on_train_start(self) -> None:
         name = self.mitigation.name
         if name == "ewc" and self.fisher is None:
             raise ConfigError("mitigation ewc needs the previous stage's data for its Fisher; run it inside `chainforget chain`")
-        self.network.train()  # from_pretrained and evaluation leave the network in eval mode
         if name in ("l2sp", "ewc"):
             self.anchor = mitigations.snapshot(self.trainable())
         if name == "lwf":

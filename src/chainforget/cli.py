@@ -5,6 +5,7 @@
     chainforget fit   --config FILE [--print_config]                  one stage through LightningCLI
     chainforget tasks [--config FILE [overrides]]                     registered tasks; with a chain
                                                                        config, their sizes and groups
+    chainforget sweep wandb-local FILE [--count N]                    a W&B sweep YAML without a server
 
 Errors a user can cause print one line and exit 2; ``--debug`` shows the traceback instead.
 """
@@ -20,7 +21,7 @@ from chainforget.errors import ChainforgetError, ConfigError
 
 DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
 DEMO_ORDERS = (["bbq", "csqa"], ["csqa", "bbq"])
-USAGE = "usage: chainforget {demo,chain,fit,tasks} [--debug] [options]  (chainforget COMMAND --help for options)"
+USAGE = "usage: chainforget {demo,chain,fit,tasks,sweep} [--debug] [options]  (chainforget COMMAND --help for options)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    commands = {"chain": chain, "demo": demo, "fit": fit, "tasks": list_tasks}
+    commands = {"chain": chain, "demo": demo, "fit": fit, "tasks": list_tasks, "sweep": sweep}
     if command not in commands:
         print(f"chainforget: unknown command {command!r}; use one of: {', '.join(commands)}", file=sys.stderr)
         return 2
@@ -87,7 +88,7 @@ def chain(argv: list[str]) -> int:
     config = parse_chain(argv, "chainforget chain")
     record = run_chain(config)
     print(summary_text([record]))
-    print(f"run written to {Path(config.out) / config.run_name}")
+    print(f"run written to {Path(config.out) / record['run_name']}")
     return 0
 
 
@@ -142,6 +143,25 @@ def list_tasks(argv: list[str]) -> int:
                      "train": len(data.train), "eval": len(data.eval), "groups": "; ".join(groups) or "-"})  # fmt: skip
     print(pd.DataFrame(rows).to_string(index=False))
     return 0
+
+
+def sweep(argv: list[str]) -> int:
+    """``sweep wandb-local FILE``: drive a W&B sweep YAML with W&B's own engine, without a server."""
+    parser = argparse.ArgumentParser(prog="chainforget sweep", exit_on_error=False)
+    engines = parser.add_subparsers(dest="engine", required=True)
+    local = engines.add_parser("wandb-local", help="run a W&B sweep YAML without a W&B server (offline runs)")
+    local.add_argument("file", type=Path)
+    local.add_argument("--count", type=int, default=None, help="runs to start (required for random and bayes)")
+    local.add_argument("--sweep-id", default=None, help="names the runs and their W&B group")
+    args = parser.parse_args(argv)
+    from lightning_modules.sweeps import wandb_local
+
+    results = wandb_local(args.file, count=args.count, sweep_id=args.sweep_id)
+    failed = [r for r in results if r["returncode"] != 0]
+    for result in results:
+        status = "failed" if result["returncode"] else f"objective {result['objective']}"
+        print(f"{result['run_id']}: {status}  {result['run_dir']}")
+    return 1 if failed else 0
 
 
 def _single_thread_if_asked() -> None:

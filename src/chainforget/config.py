@@ -210,7 +210,8 @@ class ChainConfig:
     """One chained fine-tuning experiment: base model, then one stage per entry of ``order``.
 
     Args:
-        run_name: directory name under ``out``.
+        run_name: directory name under ``out``; ``null``: ``$WANDB_RUN_ID`` when a sweep agent set it, else
+            the stages, seed and a hash of the config (the same config always lands in the same directory).
         model: the model to tune.
         tasks: every task the chain trains on or probes, by registry name.
         order: one stage per entry: a task name, or a mixture such as ``bbq:0.95+csqa:0.05``.
@@ -227,7 +228,7 @@ class ChainConfig:
         cache_dir: stage cache root; ``null`` uses the user cache directory.
     """
 
-    run_name: str = "chain"
+    run_name: str | None = None
     model: ModelSpec = field(default_factory=ModelSpec)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)

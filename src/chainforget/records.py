@@ -59,6 +59,37 @@ def write_record(run_dir: Path, record: dict, predictions: pd.DataFrame) -> None
     atomic_write_text(run_dir / "run.json", json.dumps(record, indent=2, sort_keys=False, default=str))
 
 
+def summary_metrics(record: dict) -> dict[str, float | str | None]:
+    """The run's headline numbers under stable names: what W&B summaries hold and sweep objectives name.
+
+    ``forgetting/<task>[/<group_kind>/<group>]``, ``biased_forgetting/<task>/<group_kind>`` (and ``.../worst_group``),
+    ``final/<task>/acc`` (fraction, last stage), ``cl/<metric>``, ``curvature/stage<k>/top_eigenvalue`` and
+    ``scores/<task>/<group_kind>/<group>/<score>`` (last stage). Forgetting and scores are in pp.
+    """
+    metrics = record["metrics"]
+    last = max(row["stage"] for row in record["eval"])
+    summary: dict[str, float | str | None] = {}
+    for row in metrics["forgetting"]:
+        name = row["task"] if row["group_kind"] == "all" else f"{row['task']}/{row['group_kind']}/{row['group']}"
+        summary[f"forgetting/{name}"] = row["F"]
+    for row in metrics["biased_forgetting"]:
+        summary[f"biased_forgetting/{row['task']}/{row['group_kind']}"] = row["BF"]
+        summary[f"biased_forgetting/{row['task']}/{row['group_kind']}/worst_group"] = row["worst_group"]
+    for row in record["eval"]:
+        if row["stage"] == last and row["group_kind"] == "all":
+            summary[f"final/{row['task']}/acc"] = row["acc"]
+    summary.update({f"cl/{name}": value for name, value in metrics["cl"].items()})
+    for stage in record["stages"]:
+        if stage["curvature"]:
+            summary[f"curvature/stage{stage['index']}/top_eigenvalue"] = stage["curvature"]["top_eigenvalue"]
+    for row in metrics.get("task_scores", []):
+        if row["stage"] == last:
+            for name, value in row.items():
+                if isinstance(value, float) and not name.startswith("n_"):
+                    summary[f"scores/{row['task']}/{row['group_kind']}/{row['group']}/{name}"] = value
+    return summary
+
+
 def environment(device: str, threads: int) -> dict:
     versions = {}
     for package in PACKAGES:
