@@ -10,6 +10,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -39,8 +40,16 @@ def run_name(config: ChainConfig) -> str:
     return f"{stages}-seed{config.seed}-{content_key(config.to_dict())[:8]}"
 
 
-def run_chain(config: ChainConfig, *, progress: bool = True) -> dict:
-    """Run one chain and return its run record (also written to ``config.out/<run name>``)."""
+def run_chain(
+    config: ChainConfig, *, progress: bool = True, on_stage: Callable[[int, dict], None] | None = None,
+    wandb_config: dict | None = None,
+) -> dict:  # fmt: skip
+    """Run one chain and return its run record (also written to ``config.out/<run name>``).
+
+    ``on_stage(k, summary)`` is called after stage k's evaluation with the summary metrics of the chain so
+    far (stage k taken as the last), e.g. for pruning; an exception it raises ends the run (W&B run marked
+    failed). ``wandb_config`` is merged into the W&B run's config (e.g. an Optuna trial's parameters).
+    """
     config = replace(config, run_name=run_name(config))
     cache = StageCache(Path(config.cache_dir) if config.cache_dir else cache_root() / "stages")
     data = tasks.load_all(config.tasks, config.seed, config.train_size)
@@ -51,8 +60,21 @@ def run_chain(config: ChainConfig, *, progress: bool = True) -> dict:
     model = load_model(config.model, config.seed).to(eval_device(config))
     run_dir = Path(config.out) / config.run_name  # created only once data and model have loaded
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = start_wandb(config, run_dir)
+    run = start_wandb(config, run_dir, wandb_config)
+    try:
+        record, frame = run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cache, run, run_dir, progress, on_stage)
+    except BaseException:
+        if run is not None:
+            run.finish(exit_code=1)
+        raise
+    write_record(run_dir, record, frame)
+    finish_wandb(run, record, run_dir)
+    return record
 
+
+def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cache, run, run_dir, progress, on_stage):
+    """Evaluate the base model, then train (or take from the cache) and evaluate every stage."""
+    kinds = {name: data[name].group_kinds for name in eval_tasks}
     key = content_key("base", asdict(config.model), config.seed)
     predictions = [evaluate(model, tokenizer, data, eval_tasks, 0, key, cache, config, progress)]
     log_stage_eval(run, predictions[-1], data)
@@ -81,9 +103,14 @@ def run_chain(config: ChainConfig, *, progress: bool = True) -> dict:
         stages.append({"index": index, "name": entry, "tasks": mixture, **outcome, "cache_hit": cached is not None})
         predictions.append(evaluate(model, tokenizer, data, eval_tasks, index, key, cache, config, progress))
         log_stage_eval(run, predictions[-1], data)
+        if on_stage is not None:
+            frame = pd.concat(predictions, ignore_index=True)
+            rows = metrics.eval_rows(frame, kinds)
+            so_far = {"eval": rows, "stages": stages, "metrics": derive_metrics(frame, rows, mixtures[:index], data, config)}
+            on_stage(index, summary_metrics(so_far))
 
     frame = pd.concat(predictions, ignore_index=True)
-    rows = metrics.eval_rows(frame, {name: data[name].group_kinds for name in eval_tasks})
+    rows = metrics.eval_rows(frame, kinds)
     record = {
         "schema_version": SCHEMA_VERSION,
         "run_name": config.run_name,
@@ -94,9 +121,7 @@ def run_chain(config: ChainConfig, *, progress: bool = True) -> dict:
         "metrics": derive_metrics(frame, rows, mixtures, data, config),
         "data": {name: {"fingerprint": d.fingerprint, "train": len(d.train), "eval": len(d.eval)} for name, d in data.items()},
     }
-    write_record(run_dir, record, frame)
-    finish_wandb(run, record, run_dir)
-    return record
+    return record, frame
 
 
 def eval_device(config: ChainConfig) -> torch.device:
@@ -205,7 +230,8 @@ def predictions_frame(model, tokenizer, task_data, config, progress, desc) -> pd
 
 def derive_metrics(frame, rows, mixtures, data, config) -> dict:
     last = len(mixtures)
-    trained_at = metrics.trained_stages([parse_stage(e) for e in primary_order(config.order, config.mitigation.name)])
+    trained = metrics.trained_stages([parse_stage(e) for e in primary_order(config.order, config.mitigation.name)])
+    trained_at = {task: stage for task, stage in trained.items() if stage <= last}
     forgetting_rows, biased_rows = [], []
     for task, stage in sorted(trained_at.items(), key=lambda item: item[1]):
         if stage >= last:
@@ -240,7 +266,7 @@ def derive_metrics(frame, rows, mixtures, data, config) -> dict:
     }
 
 
-def start_wandb(config: ChainConfig, run_dir: Path):
+def start_wandb(config: ChainConfig, run_dir: Path, extra_config: dict | None = None):
     """One W&B run per chain; ``stage`` is the step metric of every ``eval/*`` series."""
     import wandb
 
@@ -250,7 +276,8 @@ def start_wandb(config: ChainConfig, run_dir: Path):
     run = wandb.init(
         project=config.wandb.project, entity=config.wandb.entity,
         group=config.wandb.group or os.environ.get("WANDB_RUN_GROUP") or config.run_name,
-        job_type="chain", name=config.run_name, dir=str(run_dir), config=config.to_dict(), tags=config.wandb.tags,
+        job_type="chain", name=config.run_name, dir=str(run_dir), config={**config.to_dict(), **(extra_config or {})},
+        tags=config.wandb.tags,
         mode=mode, settings=wandb.Settings(silent=True, console="off"),
     )  # fmt: skip
     run.define_metric("stage")

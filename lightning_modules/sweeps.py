@@ -1,5 +1,9 @@
 """Sweeps without a scheduler of our own: W&B sweep YAMLs driven locally by W&B's own engine, and Optuna.
 
+``optuna_study`` runs one chain per trial in this process against any Optuna RDB storage (SQLite by default,
+PostgreSQL for many workers on many machines), with heartbeats so a killed worker's trial is retried, the
+per-stage objective reported for pruning, and grid points never run twice across workers.
+
 ``wandb_local`` is for clusters with no W&B server: it asks W&B's sweep engine (``sweeps.next_run``) for the
 next parameters, builds the command exactly as ``wandb agent`` does (``create_sweep_command`` and
 ``create_sweep_command_args``), runs it as a subprocess with ``WANDB_MODE=offline`` and feeds the finished
@@ -12,7 +16,9 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -99,3 +105,164 @@ def wandb_local(path: Path, *, count: int | None = None, sweep_id: str | None = 
         results.append({"run_id": run_id, "run_dir": str(run_dir), "returncode": done.returncode, "parameters": parameters,
                         "objective": summary.get(metric) if metric else None})  # fmt: skip
     return results
+
+
+STUDY_KEYS = {"study_name", "base", "overrides", "objectives", "directions", "params", "sampler", "pruner", "n_trials"}
+SAMPLERS = ("tpe", "random", "grid", "nsga2")
+
+
+def load_study_spec(path: Path) -> dict:
+    """An Optuna study spec (``sweeps/optuna/*.yaml``), checked field by field."""
+    if not path.exists():
+        raise ConfigError(f"{path}: no such study file")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".split("\n")[0]) from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a study file is a mapping ({', '.join(sorted(STUDY_KEYS))})")
+    unknown = sorted(set(spec) - STUDY_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: field {unknown[0]!r} is unknown; allowed: {', '.join(sorted(STUDY_KEYS))}")
+    for field in ("study_name", "base", "objectives", "params"):
+        if not spec.get(field):
+            raise ConfigError(f"{path}: field {field!r} is missing")
+    spec.setdefault("directions", ["minimize"] * len(spec["objectives"]))
+    if len(spec["directions"]) != len(spec["objectives"]) or not set(spec["directions"]) <= {"minimize", "maximize"}:
+        raise ConfigError(f"{path}: directions {spec['directions']} must be minimize/maximize, one per objective")
+    for name, param in spec["params"].items():
+        kind = (param or {}).get("type")
+        if kind == "categorical" and param.get("choices"):
+            continue
+        if kind in ("float", "int") and "low" in param and "high" in param and param["low"] <= param["high"]:
+            continue
+        raise ConfigError(f"{path}: params.{name}: {param!r}; use {{type: categorical, choices: [...]}} or {{type: float|int, low, high[, log]}}")
+    sampler = (spec.get("sampler") or {}).get("name", "tpe")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"{path}: sampler.name {sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+    if sampler == "grid" and any(p["type"] != "categorical" for p in spec["params"].values()):
+        raise ConfigError(f"{path}: sampler grid needs every param to be categorical")
+    return spec
+
+
+def as_override(name: str, value) -> str:
+    """A command-line override; task orders are categorical strings such as ``"bbq,csqa"``."""
+    if name == "order" and isinstance(value, str):
+        value = "[" + value + "]"
+    return f"--{name}={value}"
+
+
+def make_sampler(spec: dict):
+    import optuna
+
+    settings = dict(spec.get("sampler") or {})
+    name, seed = settings.pop("name", "tpe"), settings.pop("seed", 0)
+    if name == "grid":
+        space = {key: param["choices"] for key, param in spec["params"].items()}
+        return optuna.samplers.GridSampler(space, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, **settings)
+    return optuna.samplers.TPESampler(seed=seed, **settings)
+
+
+def make_storage(url: str, attempts: int = 3):
+    """An RDB storage with heartbeats: a killed worker's trial is marked failed and retried.
+
+    Workers started together race to create the schema; the loser retries and finds it there.
+    """
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(
+                url, heartbeat_interval=10, grace_period=30,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )  # fmt: skip
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+        except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
+            raise ConfigError(f"--storage {url}: cannot open the study storage ({type(exc).__name__}: {exc})".split("\n")[0]) from None
+
+
+def duplicate_of(trial) -> int | None:
+    """The grid point ``trial`` drew that another worker already ran or is running (the lower trial number
+    keeps it), else ``None``. Optuna's grid sampler can hand the same point to two workers."""
+    import optuna
+
+    taken = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    for other in trial.study.get_trials(deepcopy=False, states=taken):
+        if other.number < trial.number and other.params == trial.params:
+            return other.number
+    return None
+
+
+def optuna_study(path: Path, *, storage: str | None = None, n_trials: int | None = None, out: str | None = None):
+    """Run (or join) the study in ``path``: one chain per trial, reporting per-stage objectives for pruning."""
+    import optuna
+
+    from chainforget.cli import parse_chain
+    from lightning_modules.chain import run_chain
+
+    spec = load_study_spec(path)
+    name = spec["study_name"]
+    if (spec.get("sampler") or {}).get("name") != "grid" and not (n_trials or spec.get("n_trials")):
+        raise ConfigError(f"{path}: n_trials: missing; only a grid study knows when it is done (or pass --n-trials)")
+    storage_url = storage or f"sqlite:///{Path(out or 'runs') / 'optuna' / name}.db"
+    if storage_url.startswith("sqlite:///"):
+        Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    pruner_spec = dict(spec.get("pruner") or {"name": "none"})
+    pruners = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner, "threshold": optuna.pruners.ThresholdPruner}
+    pruner_name = pruner_spec.pop("name")
+    if pruner_name not in pruners:
+        raise ConfigError(f"{path}: pruner.name {pruner_name!r} is unknown; use one of {', '.join(pruners)}")
+    pruner = pruners[pruner_name](**pruner_spec)
+    multi = len(spec["objectives"]) > 1
+    grid = (spec.get("sampler") or {}).get("name") == "grid"
+    study = optuna.create_study(
+        study_name=name, storage=make_storage(storage_url), load_if_exists=True, directions=spec["directions"],
+        sampler=make_sampler(spec), pruner=pruner,
+    )  # fmt: skip
+    base = [arg for config_file in spec["base"] for arg in ("--config", config_file)] + list(spec.get("overrides") or [])
+    if out:
+        base.append(f"--out={out}")
+
+    def objective(trial):
+        params = {}
+        for key, param in spec["params"].items():
+            if param["type"] == "categorical":
+                params[key] = trial.suggest_categorical(key, param["choices"])
+            elif param["type"] == "int":
+                params[key] = trial.suggest_int(key, param["low"], param["high"], log=param.get("log", False))
+            else:
+                params[key] = trial.suggest_float(key, param["low"], param["high"], log=param.get("log", False))
+        original = duplicate_of(trial) if grid else None
+        if original is not None:
+            trial.set_user_attr("duplicate_of", original)
+            raise optuna.TrialPruned(f"grid point already taken by trial {original}")
+        config = parse_chain([*base, *(as_override(k, v) for k, v in params.items())], "chainforget sweep optuna")
+        config = replace(config, run_name=f"{name}-trial{trial.number}", wandb=replace(config.wandb, group=name))
+
+        def report(stage: int, summary: dict) -> None:
+            value = summary.get(spec["objectives"][0])
+            if multi or value is None:
+                return
+            trial.report(value, stage)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after stage {stage}")
+
+        record = run_chain(config, on_stage=report, wandb_config={"optuna": {"study": name, "trial": trial.number, "params": params}})
+        summary = summary_metrics(record)
+        missing = [o for o in spec["objectives"] if summary.get(o) is None]
+        if missing:
+            raise ConfigError(f"{path}: objective {missing[0]!r} is not in the run's summary")
+        trial.set_user_attr("run_dir", str(Path(config.out) / record["run_name"]))
+        values = [float(summary[o]) for o in spec["objectives"]]
+        return values if multi else values[0]
+
+    study.optimize(objective, n_trials=n_trials or spec.get("n_trials"), catch=())
+    return study

@@ -6,6 +6,7 @@
     chainforget tasks [--config FILE [overrides]]                     registered tasks; with a chain
                                                                        config, their sizes and groups
     chainforget sweep wandb-local FILE [--count N]                    a W&B sweep YAML without a server
+    chainforget sweep optuna FILE [--storage URL] [--n-trials N]      an Optuna study (one worker)
 
 Errors a user can cause print one line and exit 2; ``--debug`` shows the traceback instead.
 """
@@ -153,7 +154,14 @@ def sweep(argv: list[str]) -> int:
     local.add_argument("file", type=Path)
     local.add_argument("--count", type=int, default=None, help="runs to start (required for random and bayes)")
     local.add_argument("--sweep-id", default=None, help="names the runs and their W&B group")
+    study = engines.add_parser("optuna", help="run or join an Optuna study (start several workers to share it)")
+    study.add_argument("file", type=Path)
+    study.add_argument("--storage", default=None, help="Optuna RDB URL (default: sqlite:///<out>/optuna/<study>.db)")
+    study.add_argument("--n-trials", type=int, default=None, help="trials for this worker (grid studies stop by themselves)")
+    study.add_argument("--out", default=None, help="run directory root (default: the chain config's out)")
     args = parser.parse_args(argv)
+    if args.engine == "optuna":
+        return run_optuna(args)
     from lightning_modules.sweeps import wandb_local
 
     results = wandb_local(args.file, count=args.count, sweep_id=args.sweep_id)
@@ -162,6 +170,19 @@ def sweep(argv: list[str]) -> int:
         status = "failed" if result["returncode"] else f"objective {result['objective']}"
         print(f"{result['run_id']}: {status}  {result['run_dir']}")
     return 1 if failed else 0
+
+
+def run_optuna(args) -> int:
+    _single_thread_if_asked()
+    from lightning_modules.sweeps import optuna_study
+
+    study = optuna_study(args.file, storage=args.storage, n_trials=args.n_trials, out=args.out)
+    finished = [t for t in study.trials if t.state.name == "COMPLETE"]
+    print(f"study {study.study_name}: {len(finished)} complete of {len(study.trials)} trials")
+    best = study.best_trials if len(study.directions) > 1 else ([study.best_trial] if finished else [])
+    for trial in best:
+        print(f"  trial {trial.number}: values {trial.values} params {trial.params} run {trial.user_attrs.get('run_dir')}")
+    return 0
 
 
 def _single_thread_if_asked() -> None:

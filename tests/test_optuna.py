@@ -1,0 +1,129 @@
+"""Optuna studies over chains: SQLite by default, PostgreSQL for many workers, pruning from per-stage values."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from glob import glob
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import ROOT
+
+from chainforget.cli import main
+from chainforget.errors import ConfigError
+from lightning_modules.sweeps import load_study_spec, optuna_study
+
+BASE = [str(ROOT / "sweeps/configs/smoke.yaml")]
+OVERRIDES = ["--run_name=null", "--train.steps=3", "--eval.bootstrap=50",
+             f"--tasks.bbq.path={ROOT / 'tests/fixtures/bbq'}", f"--tasks.csqa.path={ROOT / 'tests/fixtures/csqa'}"]  # fmt: skip
+
+
+def study_file(tmp_path, **fields) -> Path:
+    spec = {"study_name": "s", "base": BASE, "overrides": OVERRIDES, "objectives": ["forgetting/bbq"], **fields}
+    path = tmp_path / f"{spec['study_name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_grid_study_on_sqlite_runs_each_point_and_logs_trial_params(tmp_path):
+    path = study_file(tmp_path, study_name="grid", params={"train.lr": {"type": "categorical", "choices": [1e-3, 3e-3]}},
+                      sampler={"name": "grid"})  # fmt: skip
+    study = optuna_study(path, out=str(tmp_path / "runs"))
+    assert sorted(t.params["train.lr"] for t in study.trials if t.state.name == "COMPLETE") == [1e-3, 3e-3]
+    assert (tmp_path / "runs" / "optuna" / "grid.db").exists()
+    for trial in study.trials:
+        run_dir = Path(trial.user_attrs["run_dir"])
+        assert run_dir.name == f"grid-trial{trial.number}" and (run_dir / "run.json").exists()
+        # offline runs keep their config in the run's transaction log until `wandb sync`
+        (log,) = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        expected = {"study": "grid", "trial": trial.number, "params": trial.params}
+        assert json.dumps(expected, separators=(",", ":")).encode() in log.read_bytes()
+        assert trial.intermediate_values == {2: trial.value}  # forgetting exists from stage 2 on
+
+
+def test_threshold_pruning_stops_the_chain_after_the_first_reported_stage(tmp_path):
+    path = study_file(tmp_path, study_name="pruned", params={"train.lr": {"type": "float", "low": 1e-3, "high": 2e-3}},
+                      pruner={"name": "threshold", "upper": -1000.0}, n_trials=1)  # fmt: skip
+    study = optuna_study(path, out=str(tmp_path / "runs"))
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert not (tmp_path / "runs" / "pruned-trial0" / "run.json").exists()
+
+
+def test_multi_objective_study_prints_its_pareto_front(tmp_path, capsys):
+    path = study_file(tmp_path, study_name="pareto", objectives=["forgetting/bbq", "final/csqa/acc"],
+                      directions=["minimize", "maximize"], sampler={"name": "random", "seed": 1},
+                      params={"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})  # fmt: skip
+    assert main(["sweep", "optuna", str(path), "--n-trials", "2", "--out", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "study pareto: 2 complete of 2 trials" in out and "values [" in out
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"params": {"train.lr": {"type": "float", "low": 1.0}}}, "params.train.lr"),
+        ({"params": {"x": {"type": "categorical", "choices": [1]}}, "sampler": {"name": "cmaes"}}, "sampler.name 'cmaes'"),
+        ({"params": {"x": {"type": "categorical", "choices": [1]}}, "directions": ["down"]}, "directions ['down']"),
+        ({"params": {"x": {"type": "categorical", "choices": [1]}}, "trials": 3}, "field 'trials' is unknown"),
+    ],
+)
+def test_bad_study_files(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_study_spec(study_file(tmp_path, **fields))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on a local port (Debian's postgresql package; .ci/run installs it)."""
+    initdb = shutil.which("initdb") or next(iter(sorted(glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    if initdb is None:
+        pytest.skip("PostgreSQL server binaries (initdb) not found; install Debian's postgresql package")
+    bin_dir = Path(initdb).resolve().parent
+    data = Path(tempfile.mkdtemp(prefix="chainforget-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        data.chmod(0o755)
+        shutil.chown(data, "postgres", "postgres")
+    port = free_port()
+    try:
+        subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
+                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w", "start",
+                        "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)  # fmt: skip
+    except (subprocess.CalledProcessError, OSError) as exc:
+        shutil.rmtree(data, ignore_errors=True)
+        pytest.skip(f"could not start a local PostgreSQL server: {exc}")
+    subprocess.run([*as_postgres, str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c",
+                    "CREATE DATABASE studies"], check=True, capture_output=True)  # fmt: skip
+    yield f"postgresql://postgres@127.0.0.1:{port}/studies"
+    subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "stop"], capture_output=True)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgresql_grid_and_run_every_point_once(tmp_path, postgres_url):
+    choices = [1e-3, 2e-3, 3e-3, 4e-3]
+    path = study_file(tmp_path, study_name="shared-grid", params={"train.lr": {"type": "categorical", "choices": choices}},
+                      sampler={"name": "grid"})  # fmt: skip
+    command = [sys.executable, "-m", "chainforget.cli", "sweep", "optuna", str(path), "--storage", postgres_url,
+               "--out", str(tmp_path / "runs")]  # fmt: skip
+    env = dict(os.environ, CHAINFORGET_THREADS="1")
+    workers = [subprocess.Popen(command, env=env, cwd=ROOT) for _ in range(2)]
+    assert [worker.wait(timeout=600) for worker in workers] == [0, 0]
+    study = optuna.load_study(study_name="shared-grid", storage=postgres_url)
+    complete = [t.params["train.lr"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(complete) == choices  # every grid point exactly once
+    skipped = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert all("duplicate_of" in t.user_attrs for t in skipped)
