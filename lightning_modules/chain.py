@@ -51,7 +51,7 @@ def run_chain(
     failed). ``wandb_config`` is merged into the W&B run's config (e.g. an Optuna trial's parameters).
     """
     config = replace(config, run_name=run_name(config))
-    cache = StageCache(Path(config.cache_dir) if config.cache_dir else cache_root() / "stages")
+    cache = StageCache(Path(config.cache_dir) if config.cache_dir else cache_root() / "stages", read=config.cache)
     data = tasks.load_all(config.tasks, config.seed, config.train_size)
     order = apply_replay(config.order, config.mitigation)
     mixtures = [parse_stage(entry) for entry in order]
@@ -100,7 +100,7 @@ def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cach
                 (entry_dir / "stage.json").write_text(json.dumps(outcome))
 
             cache.put(key, store)
-        stages.append({"index": index, "name": entry, "tasks": mixture, **outcome, "cache_hit": cached is not None})
+        stages.append({"index": index, "name": entry, "tasks": mixture, **outcome, "cache_hit": cached is not None, "cache_key": key})
         predictions.append(evaluate(model, tokenizer, data, eval_tasks, index, key, cache, config, progress))
         log_stage_eval(run, predictions[-1], data)
         if on_stage is not None:

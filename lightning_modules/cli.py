@@ -3,9 +3,28 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import Logger, WandbLogger
 
 from lightning_modules.stage import StageDataModule, StageModule
+
+
+class LoggedConfig(SaveConfigCallback):
+    """Writes config.yaml into the run's own directory (the W&B run's files, or the versioned CSV/TensorBoard
+    log directory), so two runs under one root never overwrite each other's, and pushes the full resolved
+    config to the logger (W&B config, hparams.yaml)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        logger = trainer.logger
+        if not isinstance(logger, Logger):
+            return
+        target = Path(logger.experiment.dir) if isinstance(logger, WandbLogger) else Path(trainer.log_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, target / self.config_filename, skip_none=False, overwrite=True, multifile=False)
+        logger.log_hyperparams(self.config.as_dict())
 
 
 class StageCLI(LightningCLI):
@@ -17,4 +36,7 @@ class StageCLI(LightningCLI):
 
 
 def run_fit(argv: list[str]) -> None:
-    StageCLI(StageModule, StageDataModule, args=["fit", *argv], save_config_kwargs={"overwrite": True})
+    StageCLI(StageModule, StageDataModule, args=["fit", *argv], save_config_callback=LoggedConfig,
+             save_config_kwargs={"save_to_log_dir": False})  # fmt: skip
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()  # WandbLogger leaves its run open; the next fit must get its own

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,9 +20,11 @@ from transformers import get_linear_schedule_with_warmup
 from chainforget import curvature, mitigations
 from chainforget.config import CurvatureSpec, MitigationSpec, ModelSpec, TaskSpec, parse_stage
 from chainforget.errors import ConfigError
-from chainforget.models import load_model, load_tokenizer
+from chainforget.models import load_model, load_tokenizer, load_trainable
+from chainforget.records import read_record
 from chainforget.scoring import autocast_for, encode_prompt, left_pad, letter_token_ids
 from chainforget.tasks import TaskData, load as load_task
+from chainforget.tasks.sources import cache_root
 
 
 def answer_logits(network, batch) -> torch.Tensor:
@@ -50,11 +53,15 @@ class StageModule(L.LightningModule):
         mitigation: ``l2sp``, ``lwf`` and ``sam`` anchor to the weights at the start of the fit; ``ewc``
             also needs the previous stage's Fisher, which the chain runner provides. Replay is data, not
             a loss: it lives in the stage's mixture.
+        init_from: start from a previous stage's trained weights: a chain's run directory (its last stage),
+            a stage-cache key or entry directory, or a ``.safetensors`` file.
+        cache_dir: the stage cache that ``init_from`` keys and run directories refer to (default: user cache).
     """
 
     def __init__(
         self, model: ModelSpec | None = None, lr: float = 2e-4, warmup_ratio: float = 0.1, weight_decay: float = 0.0,
-        seed: int = 0, mitigation: MitigationSpec | None = None,
+        seed: int = 0, mitigation: MitigationSpec | None = None, init_from: str | None = None,
+        cache_dir: str | None = None,
     ):  # fmt: skip
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -80,6 +87,8 @@ class StageModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.network is None:
             self.network = load_model(self.spec, self.hparams.seed)
+            if self.hparams.init_from:
+                load_trainable(self.network, resolve_init(self.hparams.init_from, self.hparams.cache_dir))
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.network.named_parameters() if p.requires_grad}
@@ -175,6 +184,25 @@ class StageModule(L.LightningModule):
         total = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches))
         schedule = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def resolve_init(init_from: str, cache_dir: str | None) -> Path:
+    """The weights file behind ``init_from`` (see :class:`StageModule`)."""
+    root = Path(cache_dir) if cache_dir else cache_root() / "stages"
+    path = Path(init_from).expanduser()
+    if path.is_file():
+        return path
+    if (path / "run.json").exists():
+        stages = read_record(path)["stages"]
+        if not stages or "cache_key" not in stages[-1]:
+            raise ConfigError(f"model.init_from {init_from}: the run record names no cached stage to start from")
+        path = root / stages[-1]["cache_key"]
+    elif not path.is_dir():
+        path = root / init_from
+    weights = path / "weights.safetensors"
+    if not weights.exists():
+        raise ConfigError(f"model.init_from {init_from}: no weights.safetensors at {path} (cache dir {root})")
+    return weights
 
 
 class CurvatureCallback(L.Callback):

@@ -63,6 +63,9 @@ def test_rerun_takes_every_stage_from_the_cache_and_reproduces_the_record(smoke_
     assert again["metrics"] == first["metrics"]
     reordered = run_chain(replace(smoke_config, run_name="reordered", order=["bbq", "bbq"]), progress=False)
     assert [s["cache_hit"] for s in reordered["stages"]] == [True, False]  # shares only the first stage
+    forced = run_chain(replace(smoke_config, run_name="forced", cache=False), progress=False)  # --no-cache
+    assert [s["cache_hit"] for s in forced["stages"]] == [False, False]
+    assert forced["eval"] == first["eval"]  # recomputing on the CPU with the same seed reproduces the run
 
 
 @pytest.mark.parametrize(("capability", "safety"), [("arc", "toxigen"), ("csqa2", "saferdialogues")])

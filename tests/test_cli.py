@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from chainforget.cli import main, parse_chain
+from chainforget.errors import ChainforgetError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "sweeps/configs/smoke.yaml"
@@ -71,6 +72,37 @@ def test_fit_runs_one_stage_through_lightning_cli(tmp_path):
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").exists()
 
 
+def test_fit_with_a_wandb_logger_pushes_the_config_and_runs_do_not_collide(tmp_path):
+    args = ["fit", "--config", "sweeps/configs/stage_smoke.yaml", f"--trainer.default_root_dir={tmp_path}", "--data.steps=2",
+            "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.init_args.offline=true",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.project=fit-test"]  # fmt: skip
+    assert main(args) == 0 and main(args) == 0
+    logs = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 2  # two runs, two W&B runs
+    assert b"tests/fixtures/bbq" in logs[0].read_bytes()  # the resolved data config reached the run's config
+    assert len(list(tmp_path.glob("wandb/offline-run-*/files/config.yaml"))) == 2  # one per run, none overwritten
+
+
+def test_fit_starts_from_a_chains_last_stage(tmp_path, smoke_config):
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load_file
+
+    from lightning_modules.chain import run_chain
+    from lightning_modules.stage import StageModule
+
+    record = run_chain(replace(smoke_config, train=replace(smoke_config.train, steps=3)), progress=False)
+    run_dir = Path(smoke_config.out) / record["run_name"]
+    module = StageModule(model=smoke_config.model, init_from=str(run_dir), cache_dir=smoke_config.cache_dir)
+    module.configure_model()
+    expected = load_file(str(Path(smoke_config.cache_dir) / record["stages"][-1]["cache_key"] / "weights.safetensors"))
+    for name, parameter in module.network.named_parameters():
+        assert torch.equal(parameter.detach(), expected[name])
+    with pytest.raises(ChainforgetError, match="no weights.safetensors"):
+        StageModule(model=smoke_config.model, init_from="no-such-key", cache_dir=smoke_config.cache_dir).configure_model()
+
+
 def test_fit_print_config_shows_the_linked_stage(capsys):
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", "sweeps/configs/stage_smoke.yaml", "--print_config"])
@@ -90,3 +122,8 @@ def test_tasks_command_lists_the_registry_and_a_chains_sizes(capsys):
     bbq = next(line for line in sizes if line.split()[0] == "bbq").split()
     assert bbq[1:5] == ["safety", "release", "24", "24"]
     assert "category: 2 (eval n 8-16)" in " ".join(bbq)
+
+
+def test_no_cache_flag_maps_to_the_cache_field():
+    assert parse_chain(["--config", SMOKE, "--no-cache"], prog="test").cache is False
+    assert parse_chain(["--config", SMOKE], prog="test").cache is True

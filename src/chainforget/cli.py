@@ -63,6 +63,7 @@ def parse_chain(argv: list[str], prog: str, defaults: Path | None = None):
     from chainforget.config import ChainConfig
 
     parser = chain_parser(prog)
+    argv = ["--cache=false" if a == "--no-cache" else a for a in argv]
     if defaults is not None:
         argv = ["--config", str(defaults), *argv]
     if not any(a == "--config" or a.startswith("--config=") for a in argv) and not any(a.startswith("-h") or a == "--help" for a in argv):

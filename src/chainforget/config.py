@@ -225,7 +225,10 @@ class ChainConfig:
         wandb: W&B run settings.
         seed: drives data order, splits, sampling and initialisation.
         out: root directory for run directories.
-        cache_dir: stage cache root; ``null`` uses the user cache directory.
+        cache_dir: stage cache root (may be shared by processes and machines); ``null`` uses the user cache
+            directory.
+        cache: reuse cached stages and evaluations; ``false`` (``--no-cache``) recomputes them and refreshes
+            the cache.
     """
 
     run_name: str | None = None
@@ -242,6 +245,7 @@ class ChainConfig:
     seed: int = 0
     out: str = "runs"
     cache_dir: str | None = None
+    cache: bool = True
 
     def __post_init__(self) -> None:
         if not self.order:

@@ -130,13 +130,14 @@ class StageCache:
     of file checksums that is verified on every read; a damaged entry is discarded with a warning.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, read: bool = True):
         self.root = Path(root)
+        self.read = read
 
     def get(self, key: str) -> Path | None:
         entry = self.root / key
         manifest = entry / "manifest.json"
-        if not manifest.exists():
+        if not self.read or not manifest.exists():
             return None
         try:
             expected = json.loads(manifest.read_text())
@@ -158,10 +159,15 @@ class StageCache:
             digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             (tmp / "manifest.json").write_text(json.dumps(digests, indent=1))
             entry = self.root / key
+            if entry.exists() and not self.read:  # recomputed on request: replace the old entry
+                shutil.rmtree(entry, ignore_errors=True)
             if entry.exists():  # another worker finished the same stage first: keep theirs
                 shutil.rmtree(tmp)
             else:
-                os.replace(tmp, entry)
+                try:
+                    os.replace(tmp, entry)
+                except OSError:  # a concurrent writer renamed its copy into place between the check and here
+                    shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

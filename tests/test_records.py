@@ -1,0 +1,65 @@
+import json
+import multiprocessing
+import warnings
+
+import pytest
+
+from chainforget.errors import DataError
+from chainforget.records import StageCache, atomic_write_text, content_key, validate_record
+
+
+def write_entry(root, key, payload):
+    StageCache(root).put(key, lambda d: (d / "weights.bin").write_bytes(payload))
+
+
+def test_content_key_ignores_dict_order_and_sees_values():
+    assert content_key({"a": 1, "b": [1, 2]}) == content_key({"b": [1, 2], "a": 1})
+    assert content_key({"a": 1}) != content_key({"a": 2})
+
+
+def test_concurrent_writers_of_one_key_leave_one_intact_entry(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=write_entry, args=(tmp_path, "k", bytes([i]) * 100_000)) for i in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=60)
+        assert writer.exitcode == 0
+    entry = StageCache(tmp_path).get("k")
+    assert entry is not None and len(set((entry / "weights.bin").read_bytes())) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["k"]  # no temp directories left behind
+
+
+def test_damaged_entry_is_discarded_with_a_warning(tmp_path):
+    cache = StageCache(tmp_path)
+    entry = cache.put("k", lambda d: (d / "weights.bin").write_bytes(b"good"))
+    (entry / "weights.bin").write_bytes(b"evil")
+    with pytest.warns(UserWarning, match="damaged"):
+        assert cache.get("k") is None
+    assert not entry.exists()
+
+
+def test_a_failed_write_publishes_nothing(tmp_path):
+    def broken(directory):
+        (directory / "weights.bin").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        StageCache(tmp_path).put("k", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recompute_replaces_the_old_entry(tmp_path):
+    StageCache(tmp_path).put("k", lambda d: (d / "w").write_bytes(b"old"))
+    refresh = StageCache(tmp_path, read=False)
+    assert refresh.get("k") is None
+    refresh.put("k", lambda d: (d / "w").write_bytes(b"new"))
+    assert (StageCache(tmp_path).get("k") / "w").read_bytes() == b"new"
+
+
+def test_schema_errors_name_the_field(tmp_path):
+    with pytest.raises(DataError, match=r"run.json: field \(top level\): 'schema_version' is a required property"):
+        validate_record({"run_name": "x"})
+    atomic_write_text(tmp_path / "a.json", json.dumps({"x": 1}))
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
