@@ -85,3 +85,13 @@ def test_ewc_outside_a_chain_is_a_clear_error(smoke_config):
     module = StageModule(mitigation=MitigationSpec("ewc", 1.0))
     with pytest.raises(ConfigError, match="ewc needs the previous stage's data"):
         module.on_train_start()
+
+
+@pytest.mark.parametrize("name", ["l2sp", "lwf", "sam"])
+def test_mitigations_act_on_lora_adapters_only(smoke_config, name):
+    lora = replace(smoke_config.model, finetune="lora")
+    record = chain(smoke_config, f"lora-{name}", MitigationSpec(name, 1.0 if name != "sam" else 0.05), steps=6, model=lora)
+    second = record["stages"][1]
+    assert second["mitigation"]["mean_penalty" if name != "sam" else "mean_perturbation"] > 0.0
+    if name == "l2sp":
+        assert 0.0 < second["train"]["weight_drift"]  # the adapters moved against the penalty
