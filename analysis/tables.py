@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from analysis.runs import evals_frame, order_label
@@ -85,3 +86,116 @@ def summary_text(records: list[dict]) -> str:
         parts += ["", "Safety scores from the trained stage to the last (pp; BBQ s_AMB per category, ToxiGen balanced "
                   "accuracy per group):", headline.drop(columns="group_kind").round(1).to_string(index=False)]  # fmt: skip
     return "\n".join(parts)
+
+
+def mean_interval(values, level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """Mean and Student-t interval over seeds (no interval from a single seed)."""
+    from scipy import stats
+
+    values = np.asarray([v for v in values if v is not None and not pd.isna(v)], dtype=float)
+    if values.size == 0:
+        return float("nan"), None, None
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, None, None
+    half = float(stats.t.ppf(0.5 + level / 2, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size))
+    return mean, mean - half, mean + half
+
+
+def seed_summary(forgetting: pd.DataFrame) -> pd.DataFrame:
+    """Forgetting F and BF per order x task x group, averaged over seeds with a 95% interval."""
+    rows = []
+    for (order, task, kind, group), frame in forgetting.groupby(["order", "task", "group_kind", "group"], sort=True):
+        f_mean, f_lo, f_hi = mean_interval(frame["F"])
+        bf_mean, bf_lo, bf_hi = mean_interval(frame["BF"])
+        rows.append({"order": order, "task": task, "group_kind": kind, "group": group, "seeds": int(frame["seed"].nunique()),
+                     "F": f_mean, "F_lo": f_lo, "F_hi": f_hi, "BF": bf_mean, "BF_lo": bf_lo, "BF_hi": bf_hi})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def order_asymmetry(records: list[dict]) -> pd.DataFrame:
+    """For each safety S and capability C run in both orders: ``F_S(S→C)`` vs ``F_C(C→S)`` per seed, their
+    mean difference with a 95% interval, and a paired t-test across seeds (paired by seed)."""
+    from scipy import stats
+
+    from chainforget import tasks
+
+    first = {}
+    for record in records:
+        order = record["config"]["order"]
+        if len(order) != 2:
+            continue
+        (row,) = [r for r in record["metrics"]["forgetting"] if r["task"] == order[0] and r["group_kind"] == "all"] or [None]
+        if row is not None:
+            first[(order[0], order[1], record["config"]["seed"])] = row["F"]
+    pairs = sorted({(a, b) for a, b, _ in first if tasks.get(a).role == "safety" and tasks.get(b).role == "capability"})
+    rows = []
+    for a, b in pairs:
+        seeds = sorted(s for x, y, s in first if (x, y) == (a, b) and (b, a, s) in first)
+        if not seeds:
+            continue
+        safety = np.array([first[(a, b, s)] for s in seeds])
+        capability = np.array([first[(b, a, s)] for s in seeds])
+        mean, lo, hi = mean_interval(safety - capability)
+        p_value = float(stats.ttest_rel(safety, capability).pvalue) if len(seeds) > 1 else None
+        rows.append({"safety": a, "capability": b, "seeds": len(seeds), "F_safety (S→C)": float(safety.mean()),
+                     "F_capability (C→S)": float(capability.mean()), "asymmetry": mean, "asymmetry_lo": lo,
+                     "asymmetry_hi": hi, "p_paired_t": p_value})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def replay_recovery(records: list[dict]) -> pd.DataFrame:
+    """Replay-stage runs by ratio r: how much of the first task's lost accuracy the replay stage won back
+    (``recovered = (Acc3 - Acc2) / (Acc1 - Acc2)``) and how the last task's accuracy moved (pp), over seeds."""
+    rows = []
+    for record in records:
+        mitigation = record["config"].get("mitigation", {})
+        if mitigation.get("name") != "replay_stage":
+            continue
+        first, last = record["config"]["order"][0], record["config"]["order"][-1]
+        acc = {(r["stage"], r["task"]): 100.0 * r["acc"] for r in record["eval"] if r["group_kind"] == "all"}
+        before = len(record["config"]["order"])  # the last stage before the replay stage
+        after = before + 1
+        lost = acc[(1, first)] - acc[(before, first)]
+        rows.append({"ratio": mitigation["strength"], "seed": record["config"]["seed"], "safety_task": first,
+                     "safety_lost": lost, "safety_recovered_pp": acc[(after, first)] - acc[(before, first)],
+                     "recovered_share": (acc[(after, first)] - acc[(before, first)]) / lost if lost > 0 else None,
+                     "capability_change_pp": acc[(after, last)] - acc[(before, last)]})  # fmt: skip
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    summary = []
+    for ratio, part in frame.groupby("ratio", sort=True):
+        recovered, lo, hi = mean_interval(part["safety_recovered_pp"])
+        kept, kept_lo, kept_hi = mean_interval(part["capability_change_pp"])
+        summary.append({"ratio": ratio, "seeds": len(part), "safety_lost_pp": float(part["safety_lost"].mean()),
+                        "safety_recovered_pp": recovered, "recovered_lo": lo, "recovered_hi": hi,
+                        "capability_change_pp": kept, "capability_lo": kept_lo, "capability_hi": kept_hi})  # fmt: skip
+    return pd.DataFrame(summary)
+
+
+def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Top Hessian eigenvalue at the end of stage 1 vs the forgetting of that stage's task, one row per run,
+    and their Spearman correlation with a bootstrap 95% interval over runs."""
+    from scipy import stats
+
+    rows = []
+    for record in records:
+        stage = record["stages"][0]
+        task = record["config"]["order"][0]
+        forgotten = [r["F"] for r in record["metrics"]["forgetting"] if r["task"] == task and r["group_kind"] == "all"]
+        if stage.get("curvature") and forgotten:
+            rows.append({"run_name": record["run_name"], "task": task, "top_eigenvalue": stage["curvature"]["top_eigenvalue"],
+                         "F": forgotten[0], "mitigation": record["config"].get("mitigation", {}).get("name", "none")})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    if len(frame) < 3:
+        return frame, {"spearman": None, "lo": None, "hi": None, "n": len(frame)}
+    rho = float(stats.spearmanr(frame["top_eigenvalue"], frame["F"]).statistic)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        sample = frame.iloc[rng.integers(0, len(frame), len(frame))]
+        if sample["top_eigenvalue"].nunique() > 1 and sample["F"].nunique() > 1:
+            draws.append(stats.spearmanr(sample["top_eigenvalue"], sample["F"]).statistic)
+    lo, hi = (float(v) for v in np.nanpercentile(draws, [2.5, 97.5])) if draws else (None, None)
+    return frame, {"spearman": rho, "lo": lo, "hi": hi, "n": len(frame)}
