@@ -22,7 +22,7 @@ smoke: setup
 	$(BIN)/chainforget chain --config sweeps/configs/smoke.yaml
 
 test: setup
-	WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
+	PATH="$(abspath $(BIN)):$$PATH" WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) runs

@@ -68,3 +68,108 @@ def accuracy_figure(evals: pd.DataFrame):
 def save(fig, path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def forgetting_heatmap(forgetting: pd.DataFrame, kinds: tuple[str, ...] = ("category", "context")):
+    """Per-group forgetting F_g (pp, mean over seeds) as a group x order heatmap, each cell annotated with
+    its value and, where seeds or the bootstrap give one, its 95% interval."""
+    frame = forgetting[forgetting["group_kind"].isin(kinds)].copy()
+    frame["group"] = frame["group_kind"] + ": " + frame["group"].astype(str)
+    frame["column"] = frame["order"] + "\n(forgets " + frame["task"] + ")"
+    means = frame.pivot_table(index="group", columns="column", values="F", aggfunc="mean")
+    low = frame.pivot_table(index="group", columns="column", values="F_lo", aggfunc="mean")
+    high = frame.pivot_table(index="group", columns="column", values="F_hi", aggfunc="mean")
+    labels = means.copy().astype(object)
+    for row in means.index:
+        for column in means.columns:
+            value, lo, hi = means.loc[row, column], low.get(column, {}).get(row), high.get(column, {}).get(row)
+            interval = f"\n[{lo:+.0f}, {hi:+.0f}]" if lo is not None and pd.notna(lo) and pd.notna(hi) else ""
+            labels.loc[row, column] = "" if pd.isna(value) else f"{value:+.1f}{interval}"
+    fig, ax = plt.subplots(figsize=(2.4 * len(means.columns) + 3, 0.55 * len(means) + 1.8))
+    limit = float(np.nanmax(np.abs(means.to_numpy()))) or 1.0
+    sns.heatmap(means, annot=labels, fmt="", cmap="vlag", center=0, vmin=-limit, vmax=limit, ax=ax,
+                cbar_kws={"label": "forgetting F_g (pp)"}, annot_kws={"fontsize": 7})  # fmt: skip
+    ax.set_xlabel("order")
+    ax.set_ylabel("group")
+    ax.set_title("Per-group forgetting (pp; mean over seeds, 95% interval in brackets)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def asymmetry_figure(asymmetry: pd.DataFrame):
+    """Order asymmetry F_S(S→C) − F_C(C→S) per safety x capability pair (pp) with its 95% interval over seeds."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(asymmetry) + 3, 3.4))
+    labels = asymmetry["safety"] + " / " + asymmetry["capability"]
+    colours = sns.color_palette(PALETTE, 1) * len(asymmetry)
+    ax.bar(labels, asymmetry["asymmetry"], color=colours)
+    lo = (asymmetry["asymmetry"] - asymmetry["asymmetry_lo"]).fillna(0).clip(lower=0)
+    hi = (asymmetry["asymmetry_hi"] - asymmetry["asymmetry"]).fillna(0).clip(lower=0)
+    ax.errorbar(np.arange(len(asymmetry)), asymmetry["asymmetry"], yerr=[lo, hi], fmt="none", ecolor="black", capsize=3)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("safety / capability pair")
+    ax.set_ylabel("F_S(S→C) − F_C(C→S) (pp)")
+    ax.set_title("Order asymmetry: safety forgotten more than capability? (95% CI over seeds)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def replay_figure(recovery: pd.DataFrame):
+    """Replay ratio r vs the safety accuracy the replay stage recovered and the capability accuracy it cost (pp)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    colours = sns.color_palette(PALETTE, 2)
+    for (column, lo, hi, label), colour in zip(
+        [("safety_recovered_pp", "recovered_lo", "recovered_hi", "safety accuracy recovered"),
+         ("capability_change_pp", "capability_lo", "capability_hi", "capability accuracy change")], colours,
+    ):  # fmt: skip
+        low = (recovery[column] - recovery[lo]).fillna(0).clip(lower=0)
+        high = (recovery[hi] - recovery[column]).fillna(0).clip(lower=0)
+        ax.errorbar(recovery["ratio"], recovery[column], yerr=[low, high], marker="o", capsize=3, color=colour, label=label)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("replay ratio r (share of safety data in the last stage)")
+    ax.set_ylabel("accuracy change in the replay stage (pp)")
+    ax.set_title("Replay: safety recovered vs capability kept (95% CI over seeds)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def curvature_figure(points: pd.DataFrame, correlation: dict):
+    """Top Hessian eigenvalue after the first stage vs that task's forgetting, with a least-squares fit and
+    its 95% band; the title gives Spearman's rho with its bootstrap interval."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    sns.regplot(data=points, x="top_eigenvalue", y="F", ax=ax, color=sns.color_palette(PALETTE, 1)[0], ci=95)
+    rho = correlation.get("spearman")
+    interval = f" [{correlation['lo']:.2f}, {correlation['hi']:.2f}]" if correlation.get("lo") is not None else ""
+    ax.set_xlabel("top Hessian eigenvalue at the end of stage 1")
+    ax.set_ylabel("forgetting of the stage-1 task (pp)")
+    title = f"Sharper minima, more forgetting? Spearman rho = {rho:.2f}{interval}, n = {correlation['n']}" if rho is not None else "Curvature vs forgetting"
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_figure(trials: pd.DataFrame, objectives: tuple[str, str], directions: tuple[str, str]):
+    """Trials of a two-objective study; the Pareto-optimal ones are highlighted and joined."""
+    x, y = objectives
+    front = pareto_mask(trials[[x, y]].to_numpy(), directions)
+    colours = sns.color_palette(PALETTE, 2)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.scatter(trials.loc[~front, x], trials.loc[~front, y], color=colours[0], alpha=0.6, label="trial")
+    best = trials[front].sort_values(x)
+    ax.plot(best[x], best[y], marker="D", color=colours[1], label="Pareto front")
+    ax.set_xlabel(f"{x} ({directions[0]})")
+    ax.set_ylabel(f"{y} ({directions[1]})")
+    ax.set_title("Safety forgetting vs capability: Pareto front of the study", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_mask(values: np.ndarray, directions: tuple[str, ...]) -> np.ndarray:
+    """True for points no other point dominates (at least as good on every objective, better on one)."""
+    signed = values * np.array([1.0 if d == "minimize" else -1.0 for d in directions])
+    mask = np.ones(len(signed), dtype=bool)
+    for i, point in enumerate(signed):
+        dominated = np.all(signed <= point, axis=1) & np.any(signed < point, axis=1)
+        mask[i] = not dominated.any()
+    return mask

@@ -1,67 +1,109 @@
-"""A short Markdown report of a directory of chains: tables and seaborn figures."""
+"""A report of a set of runs: Markdown (figures as PNG files beside it) and one self-contained HTML file
+(figures embedded), with the tables, the figures that the runs support, the run list and their configs."""
 
 from __future__ import annotations
 
+import base64
+import html
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from analysis.plots import accuracy_figure, group_forgetting_figure, save
-from analysis.runs import evals_frame, forgetting_frame, load_records
-from analysis.tables import accuracy_table, forgetting_summary, score_changes
+from analysis import plots
+from analysis.runs import Runs, forgetting_frame, load_runs
+from analysis.tables import (
+    accuracy_table, curvature_forgetting, forgetting_summary, order_asymmetry, replay_recovery, score_changes, seed_summary,
+)  # fmt: skip
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
     frame = frame.reset_index() if not isinstance(frame.index, pd.RangeIndex) else frame
     header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
     rule = "|" + "---|" * len(frame.columns)
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
 
 
-def write_report(runs_root: Path, out_dir: Path) -> Path:
-    """Write ``report.md`` and its PNG figures into ``out_dir``; return the report's path."""
-    records = load_records(runs_root)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save(accuracy_figure(evals_frame(records)), out_dir / "accuracy_by_stage.png")
-    save(group_forgetting_figure(forgetting_frame(records)), out_dir / "group_forgetting.png")
-    first = records[0]
-    lines = [
-        "# chainforget report",
-        "",
-        f"Runs: {', '.join(r['run_name'] for r in records)} (model `{first['config']['model']['name']}`, "
-        f"{first['config']['model']['finetune']} fine-tuning, {first['config']['train']['steps']} steps per stage, "
-        f"seed {first['config']['seed']}).",
-        "",
-        "## Accuracy per stage (%)",
-        "",
-        markdown_table(accuracy_table(records)),
-        "",
-        "![accuracy across stages](accuracy_by_stage.png)",
-        "",
-        "## Forgetting and biased forgetting (pp)",
-        "",
-        "F = Acc(stage that trained the task) − Acc(last stage); BF = max over groups of (F_g − F), worst group in "
-        "brackets; 95% paired-bootstrap intervals over eval examples in parentheses.",
-        "",
-        markdown_table(forgetting_summary(records)),
-        "",
-        "![per-group forgetting](group_forgetting.png)",
-        "",
-    ]
+def _cell(value) -> str:
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
+def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str, object] | None]]:
+    """``(title, caption, table, (figure file, figure))`` for everything these runs support."""
+    records = runs.records
+    forgetting = forgetting_frame(records)
+    out = [
+        ("Accuracy per stage (%)", "Stage 0 is the base model; accuracy on each task's eval split.",
+         accuracy_table(records), ("accuracy_by_stage.png", plots.accuracy_figure(runs.evals))),
+        ("Forgetting and biased forgetting (pp)",
+         "F = Acc(stage that trained the task) − Acc(last stage); BF = max over groups of (F_g − F), worst group in "
+         "brackets; 95% paired-bootstrap intervals over eval examples in parentheses.",
+         forgetting_summary(records), ("group_forgetting.png", plots.group_forgetting_figure(forgetting))),
+        ("Per-group forgetting across orders (pp)", "Mean over seeds; the interval is over seeds where there are "
+         "several, else the paired bootstrap of the single run.",
+         seed_summary(forgetting).round(2), ("forgetting_heatmap.png", plots.forgetting_heatmap(forgetting))),
+    ]  # fmt: skip
+    asymmetry = order_asymmetry(records)
+    if not asymmetry.empty:
+        out.append(("Order asymmetry (pp)", "F of the safety task in safety→capability minus F of the capability task "
+                    "in capability→safety, paired by seed; paired t-test across seeds.",
+                    asymmetry.round(3), ("order_asymmetry.png", plots.asymmetry_figure(asymmetry))))  # fmt: skip
+    recovery = replay_recovery(records)
+    if not recovery.empty:
+        out.append(("Replay recovery (pp)", "What the replay stage won back of the first task's lost accuracy, and "
+                    "what it cost the last task, by replay ratio r.", recovery.round(2),
+                    ("replay_recovery.png", plots.replay_figure(recovery))))  # fmt: skip
+    points, correlation = curvature_forgetting(records)
+    if correlation["spearman"] is not None:
+        out.append(("Curvature and forgetting", f"Spearman rho {correlation['spearman']:.2f} (95% bootstrap interval "
+                    f"{correlation['lo']:.2f} to {correlation['hi']:.2f}, n = {correlation['n']} runs).", points.round(3),
+                    ("curvature_forgetting.png", plots.curvature_figure(points, correlation))))  # fmt: skip
     changes = score_changes(records)
     if not changes.empty:
-        lines += [
-            "## Safety scores across the chain (pp)",
-            "",
-            "BBQ bias scores (Parrish et al. 2022; s_DIS on disambiguated, s_AMB on ambiguous contexts; positive = "
-            "answers follow the stereotype) and ToxiGen balanced detection accuracy, from the stage that trained the "
-            "task (0 = base model for tasks never trained) to the last stage. Safety can be lost as a rising bias "
-            "score even where accuracy holds.",
-            "",
-            markdown_table(changes.round(1)),
-            "",
-        ]
-    report = out_dir / "report.md"
-    report.write_text("\n".join(lines), encoding="utf-8")
+        out.append(("Safety scores across the chain (pp)",
+                    "BBQ bias scores (s_DIS on disambiguated, s_AMB on ambiguous contexts; positive = answers follow the "
+                    "stereotype) and ToxiGen balanced detection accuracy, from the stage that trained the task (the base "
+                    "model for probes) to the last stage. Safety can be lost as a rising bias score at constant accuracy.",
+                    changes.round(1), None))  # fmt: skip
+    return out
+
+
+def write_report(source: str | Path, out_dir: Path) -> Path:
+    """Write ``report.md`` (+ PNG figures) and ``report.html`` into ``out_dir``; return the HTML path."""
+    runs = load_runs(source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = sections(runs)
+    figures = {}
+    for _, _, _, figure in parts:
+        if figure is not None:
+            plots.save(figure[1], out_dir / figure[0])
+            figures[figure[0]] = base64.b64encode((out_dir / figure[0]).read_bytes()).decode()
+    run_list = runs.runs.reindex(columns=["run_name", "order", "seed", "model.name", "model.finetune", "mitigation.name", "mitigation.strength"])
+    title = f"chainforget report: {len(runs.records)} runs from {source}"
+
+    markdown = [f"# {title}", ""]
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:12px}"
+            "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1>"]  # fmt: skip
+    for heading, caption, table, figure in parts:
+        markdown += [f"## {heading}", "", caption, ""]
+        page += [f"<h2>{html.escape(heading)}</h2><p>{html.escape(caption)}</p>"]
+        if figure is not None:
+            markdown += [f"![{heading}]({figure[0]})", ""]
+            page.append(f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{figures[figure[0]]}'>")
+        if table is not None:
+            markdown += [markdown_table(table), ""]
+            page.append(table.to_html(index=not isinstance(table.index, pd.RangeIndex), na_rep=""))
+    markdown += ["## Runs", "", markdown_table(run_list), ""]
+    page += ["<h2>Runs</h2>", run_list.to_html(index=False, na_rep="")]
+    for record in runs.records:
+        config = yaml.safe_dump(record["config"], sort_keys=False)
+        markdown += [f"<details><summary>config of {record['run_name']}</summary>", "", "```yaml", config, "```", "</details>", ""]
+        page.append(f"<details><summary>config of {html.escape(record['run_name'])}</summary><pre>{html.escape(config)}</pre></details>")
+    page.append("</body></html>")
+    (out_dir / "report.md").write_text("\n".join(markdown), encoding="utf-8")
+    report = out_dir / "report.html"
+    report.write_text("\n".join(page), encoding="utf-8")
     return report

@@ -1,3 +1,5 @@
+import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -6,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from analysis.report import write_report
-from analysis.runs import evals_frame, forgetting_frame, load_records
+import pandas as pd
+
+from analysis.runs import evals_frame, forgetting_frame, load_records, load_runs
 from analysis.tables import accuracy_table, score_changes, summary_text
-from chainforget.cli import parse_chain
+from chainforget.cli import main, parse_chain
 from chainforget.errors import DataError
 from lightning_modules.chain import run_chain
 
@@ -46,15 +50,18 @@ def test_frames_and_tables_agree_with_the_records(two_orders):
     assert "bbq → csqa" in text and "csqa → bbq" in text and "Forgetting F" in text
 
 
-def test_report_writes_markdown_and_two_figures(two_orders):
-    out, _ = two_orders
-    report = write_report(out, out / "report")
-    text = report.read_text()
-    assert "![accuracy across stages](accuracy_by_stage.png)" in text
+def test_report_writes_markdown_and_self_contained_html(two_orders, capsys):
+    out, records = two_orders
+    assert main(["report", "--source", str(out), "--out", str(out / "report")]) == 0
+    text = (out / "report" / "report.md").read_text()
+    assert "![Accuracy per stage (%)](accuracy_by_stage.png)" in text
     assert "| bbq → csqa | bbq |" in text
-    for name in ("accuracy_by_stage.png", "group_forgetting.png"):
+    for name in ("accuracy_by_stage.png", "group_forgetting.png", "forgetting_heatmap.png", "order_asymmetry.png"):
         data = (out / "report" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    page = (out / "report" / "report.html").read_text()
+    assert page.count("<img ") == 4 and "src='data:image/png;base64," in page  # figures embedded
+    assert all(f"config of {r['run_name']}" in page for r in records) and "<h2>Runs</h2>" in page
 
 
 def test_loading_a_directory_without_runs_is_a_clear_error(tmp_path):
@@ -89,3 +96,66 @@ def test_score_changes_compare_the_trained_stage_with_the_last():
     assert changes.loc[("toxigen", "balanced acc"), ["from_stage", "change"]].tolist() == [0, 25.0]
     record["config"]["order"] = ["csqa", "bbq"]  # bbq trained last: nothing forgotten yet
     assert "bbq" not in set(score_changes([record])["task"])
+
+
+def test_local_and_offline_wandb_sources_give_identical_frames(two_orders):
+    out, _ = two_orders
+    local, offline = load_runs(out), load_runs(f"wandb-offline:{out}")
+    pd.testing.assert_frame_equal(local.runs, offline.runs)
+    pd.testing.assert_frame_equal(local.evals, offline.evals)
+    pd.testing.assert_frame_equal(local.predictions(), offline.predictions())
+    assert set(local.predictions(["bbq-csqa"])["run_name"]) == {"bbq-csqa"}
+    assert local.runs.loc[0, "train.steps"] == 8 and local.runs.loc[0, "model.name"] == "tiny"
+
+
+class FakeFile:
+    def __init__(self, source, downloads):
+        self.source, self.downloads = source, downloads
+
+    def download(self, root, replace=False):
+        self.downloads.append(self.source.name)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.source, Path(root) / self.source.name)
+
+
+class FakeRun:
+    """The part of wandb.apis.public.Run the adapter uses: .id, .config, .summary, .file(name).download()."""
+
+    def __init__(self, run_dir, downloads):
+        record = json.loads((run_dir / "run.json").read_text())
+        self.id, self.config, self.summary = record["run_name"], record["config"], {}
+        self.run_dir, self.downloads = run_dir, downloads
+
+    def file(self, name):
+        return FakeFile(self.run_dir / name, self.downloads)
+
+
+class FakeApi:
+    def __init__(self, run_dirs):
+        self.run_dirs, self.downloads, self.calls = run_dirs, [], []
+
+    def runs(self, path, filters=None):
+        self.calls.append((path, filters))
+        return [FakeRun(d, self.downloads) for d in self.run_dirs]
+
+
+def test_wandb_api_source_downloads_once_and_matches_the_local_frames(two_orders, tmp_path):
+    out, _ = two_orders
+    api = FakeApi([out / "bbq-csqa", out / "csqa-bbq"])
+    first = load_runs("wandb:team/chainforget", filters={"group": "g"}, api=api, cache_dir=tmp_path)
+    assert api.calls == [("team/chainforget", {"group": "g"})]
+    assert api.downloads == ["run.json", "run.json"]  # predictions are lazy
+    pd.testing.assert_frame_equal(first.evals, load_runs(out).evals)
+    first.predictions()
+    again = load_runs("wandb:team/chainforget", filters={"group": "g"}, api=api, cache_dir=tmp_path)
+    again.predictions()
+    assert api.downloads == ["run.json", "run.json", "predictions.parquet", "predictions.parquet"]  # cached since
+
+
+def test_unreachable_wandb_project_is_a_clear_error(tmp_path):
+    class Offline:
+        def runs(self, path, filters=None):
+            raise ConnectionError("no route to host")
+
+    with pytest.raises(DataError, match=r"wandb:team/x: cannot list runs \(ConnectionError: no route to host\)"):
+        load_runs("wandb:team/x", api=Offline(), cache_dir=tmp_path)

@@ -7,6 +7,7 @@
                                                                        config, their sizes and groups
     chainforget sweep wandb-local FILE [--count N]                    a W&B sweep YAML without a server
     chainforget sweep optuna FILE [--storage URL] [--n-trials N]      an Optuna study (one worker)
+    chainforget report --source SOURCE --out DIR                      HTML + Markdown report of runs
 
 Errors a user can cause print one line and exit 2; ``--debug`` shows the traceback instead.
 """
@@ -22,7 +23,7 @@ from chainforget.errors import ChainforgetError, ConfigError
 
 DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
 DEMO_ORDERS = (["bbq", "csqa"], ["csqa", "bbq"])
-USAGE = "usage: chainforget {demo,chain,fit,tasks,sweep} [--debug] [options]  (chainforget COMMAND --help for options)"
+USAGE = "usage: chainforget {demo,chain,fit,tasks,sweep,report} [--debug] [options]  (chainforget COMMAND --help for options)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    commands = {"chain": chain, "demo": demo, "fit": fit, "tasks": list_tasks, "sweep": sweep}
+    commands = {"chain": chain, "demo": demo, "fit": fit, "tasks": list_tasks, "sweep": sweep, "report": report}
     if command not in commands:
         print(f"chainforget: unknown command {command!r}; use one of: {', '.join(commands)}", file=sys.stderr)
         return 2
@@ -171,6 +172,18 @@ def sweep(argv: list[str]) -> int:
         status = "failed" if result["returncode"] else f"objective {result['objective']}"
         print(f"{result['run_id']}: {status}  {result['run_dir']}")
     return 1 if failed else 0
+
+
+def report(argv: list[str]) -> int:
+    """``report --source S --out DIR``: S is a run directory tree, ``wandb-offline:DIR`` or ``wandb:ENTITY/PROJECT``."""
+    parser = argparse.ArgumentParser(prog="chainforget report", exit_on_error=False)
+    parser.add_argument("--source", required=True, help="runs dir, wandb-offline:<dir> or wandb:<entity>/<project>")
+    parser.add_argument("--out", required=True, type=Path, help="directory for report.html, report.md and figures")
+    args = parser.parse_args(argv)
+    from analysis.report import write_report
+
+    print(f"report: {write_report(args.source, args.out)}")
+    return 0
 
 
 def run_optuna(args) -> int:

@@ -1,0 +1,67 @@
+"""Figures: labelled axes in pp and the right number of plotted elements (not just a file on disk)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import plots
+
+
+def forgetting_rows():
+    rows = []
+    for order, task in (("bbq → csqa", "bbq"), ("csqa → bbq", "csqa")):
+        for group, f in (("Age", 10.0), ("Religion", -4.0), ("SES", 22.0)):
+            rows.append({"order": order, "task": task, "group_kind": "category", "group": group, "F": f, "F_lo": f - 5, "F_hi": f + 5,
+                         "small": False, "seed": 0})  # fmt: skip
+        rows.append({"order": order, "task": task, "group_kind": "all", "group": "all", "F": 6.0, "F_lo": 1.0, "F_hi": 11.0,
+                     "small": False, "seed": 0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_heatmap_has_a_cell_per_group_and_order_with_its_interval():
+    fig = plots.forgetting_heatmap(forgetting_rows(), kinds=("category",))
+    ax = fig.axes[0]
+    assert ax.collections[0].get_array().size == 3 * 2
+    assert ax.get_xlabel() == "order" and ax.get_ylabel() == "group"
+    assert fig.axes[1].get_ylabel() == "forgetting F_g (pp)"
+    assert "+22.0\n[+17, +27]" in [t.get_text() for t in ax.texts]
+
+
+def test_asymmetry_bars_one_per_pair_with_error_bars():
+    table = pd.DataFrame({"safety": ["bbq", "toxigen"], "capability": ["csqa", "csqa"], "asymmetry": [9.0, -2.0],
+                          "asymmetry_lo": [-3.7, -5.0], "asymmetry_hi": [21.7, 1.0]})  # fmt: skip
+    ax = plots.asymmetry_figure(table).axes[0]
+    assert len(ax.patches) == 2 and [p.get_height() for p in ax.patches] == [9.0, -2.0]
+    assert "(pp)" in ax.get_ylabel() and ax.get_xlabel() == "safety / capability pair"
+    assert len(ax.containers) == 2  # the bars and their error bars
+
+
+def test_replay_curve_has_two_series_over_the_ratios():
+    table = pd.DataFrame({"ratio": [0.0, 0.05, 0.2], "safety_recovered_pp": [0.0, 4.0, 6.0], "recovered_lo": [-1, 2, 3],
+                          "recovered_hi": [1, 6, 9], "capability_change_pp": [0.5, -0.5, -2.0], "capability_lo": [0, -1, -3],
+                          "capability_hi": [1, 0, -1]})  # fmt: skip
+    ax = plots.replay_figure(table).axes[0]
+    assert [len(container.lines[0].get_xdata()) for container in ax.containers] == [3, 3]  # two series, 3 ratios each
+    assert "replay ratio" in ax.get_xlabel() and "(pp)" in ax.get_ylabel()
+
+
+def test_curvature_scatter_plots_every_run_and_reports_rho():
+    points = pd.DataFrame({"top_eigenvalue": [1.0, 2.0, 3.0, 4.0], "F": [5.0, 6.0, 8.0, 7.0]})
+    ax = plots.curvature_figure(points, {"spearman": 0.8, "lo": 0.2, "hi": 1.0, "n": 4}).axes[0]
+    assert len(ax.collections[0].get_offsets()) == 4
+    assert "rho = 0.80 [0.20, 1.00]" in ax.get_title() and "(pp)" in ax.get_ylabel()
+
+
+def test_pareto_mask_and_front_by_hand():
+    values = np.array([[1.0, 0.2], [2.0, 0.5], [3.0, 0.4], [0.5, 0.1]])  # minimise x, maximise y
+    assert plots.pareto_mask(values, ("minimize", "maximize")).tolist() == [True, True, False, True]
+    trials = pd.DataFrame(values, columns=["forgetting/bbq", "final/csqa/acc"])
+    ax = plots.pareto_figure(trials, ("forgetting/bbq", "final/csqa/acc"), ("minimize", "maximize")).axes[0]
+    assert len(ax.lines[0].get_xdata()) == 3 and len(ax.collections[0].get_offsets()) == 1
+    assert ax.get_xlabel() == "forgetting/bbq (minimize)"
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plots.plt.close("all")
