@@ -6,14 +6,10 @@ title and the colour-blind-safe palette.
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
 PALETTE = "colorblind"
 
@@ -105,6 +101,9 @@ def asymmetry_figure(asymmetry: pd.DataFrame):
     lo = (asymmetry["asymmetry"] - asymmetry["asymmetry_lo"]).fillna(0).clip(lower=0)
     hi = (asymmetry["asymmetry_hi"] - asymmetry["asymmetry"]).fillna(0).clip(lower=0)
     ax.errorbar(np.arange(len(asymmetry)), asymmetry["asymmetry"], yerr=[lo, hi], fmt="none", ecolor="black", capsize=3)
+    for x, (value, seeds) in enumerate(zip(asymmetry["asymmetry"], asymmetry.get("seeds", [None] * len(asymmetry)))):
+        if seeds is not None:
+            ax.annotate(f"{seeds} seed{'s' if seeds != 1 else ''}", (x, value), ha="center", va="bottom", fontsize=8)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("safety / capability pair")
     ax.set_ylabel("F_S(S→C) − F_C(C→S) (pp)")

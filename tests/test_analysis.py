@@ -159,3 +159,25 @@ def test_unreachable_wandb_project_is_a_clear_error(tmp_path):
 
     with pytest.raises(DataError, match=r"wandb:team/x: cannot list runs \(ConnectionError: no route to host\)"):
         load_runs("wandb:team/x", api=Offline(), cache_dir=tmp_path)
+
+
+def test_notebook_runs_top_to_bottom_on_tiny_model_runs(two_orders, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    out, _ = two_orders
+    study = tmp_path / "pareto.db"
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pareto = optuna.create_study(storage=f"sqlite:///{study}", directions=["minimize", "maximize"])
+    for x, y in ((1.0, 0.2), (2.0, 0.5), (3.0, 0.4)):
+        pareto.add_trial(optuna.trial.create_trial(values=[x, y], params={}, distributions={}))
+    monkeypatch.setenv("CHAINFORGET_RUNS", str(out))
+    monkeypatch.setenv("CHAINFORGET_STUDY", f"sqlite:///{study}")
+    notebook = nbformat.read(ROOT / "analysis" / "notebooks" / "biased_forgetting.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    images = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 5  # accuracy, group bars, heatmap, asymmetry, Pareto front
+    errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert errors == []
