@@ -46,19 +46,36 @@ def group_forgetting_figure(forgetting: pd.DataFrame, kinds: tuple[str, ...] = (
 
 
 def accuracy_figure(evals: pd.DataFrame):
-    """Accuracy (pp) of each task after each stage (0 = base model), one panel per order."""
+    """Accuracy (%) of each task after each stage (0 = base model), one panel per order. With several seeds the
+    band is seaborn's 95% interval over seeds; a single run gets 95% Wilson intervals over its eval examples."""
     frame = evals[evals["group_kind"] == "all"]
+    single = frame.groupby(["order", "task", "stage"]).size().max() == 1
     grid = sns.relplot(
-        data=frame, x="stage", y="acc_pp", hue="task", col="order", kind="line", marker="o",
-        palette=PALETTE, height=3.2, aspect=1.1, facet_kws={"sharey": True},
+        data=frame, x="stage", y="acc_pp", hue="task", col="order", kind="line", marker="o", palette=PALETTE,
+        height=3.2, aspect=1.1, facet_kws={"sharey": True}, errorbar=None if single else ("ci", 95),
     )  # fmt: skip
+    colours = dict(zip(sorted(frame["task"].unique()), sns.color_palette(PALETTE)))
+    if single:
+        for order, ax in grid.axes_dict.items():
+            for task, part in frame[frame["order"] == order].groupby("task"):
+                lo, hi = wilson(part["correct"].to_numpy(), part["n"].to_numpy())
+                ax.errorbar(part["stage"], part["acc_pp"], yerr=[part["acc_pp"] - lo, hi - part["acc_pp"]], fmt="none",
+                            ecolor=colours[task], capsize=3)  # fmt: skip
     grid.set_axis_labels("stage (0 = base model)", "accuracy (%)")
     grid.set_titles("{col_name}")
     for ax in grid.axes.flat:
         ax.set_xticks(sorted(frame["stage"].unique()))
-    grid.figure.suptitle("Accuracy on every task across the chain", fontsize=11)
+    grid.figure.suptitle("Accuracy on every task across the chain (95% intervals)", fontsize=11)
     grid.figure.tight_layout()
     return grid.figure
+
+
+def wilson(correct: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """95% Wilson score interval of a proportion, in percent."""
+    p = correct / n
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    return 100 * (centre - half), 100 * (centre + half)
 
 
 def save(fig, path) -> None:

@@ -65,3 +65,21 @@ def test_pareto_mask_and_front_by_hand():
 def close_figures():
     yield
     plots.plt.close("all")
+
+
+def test_wilson_interval_by_hand():
+    lo, hi = plots.wilson(np.array([5]), np.array([10]))
+    # p = 0.5, n = 10, z^2 = 3.8416: centre 0.5, half = 1.96 * sqrt(0.025 + 0.009604) / 1.38416 = 0.26341
+    assert lo[0] == pytest.approx(23.66, abs=0.01) and hi[0] == pytest.approx(76.34, abs=0.01)
+
+
+def test_accuracy_figure_draws_a_line_and_intervals_per_task():
+    evals = pd.DataFrame([
+        {"order": "bbq → csqa", "task": t, "stage": k, "group_kind": "all", "acc_pp": 100 * a, "correct": int(10 * a), "n": 10}
+        for t, accs in (("bbq", (0.3, 0.7, 0.4)), ("csqa", (0.2, 0.2, 0.5))) for k, a in enumerate(accs)
+    ])  # fmt: skip
+    fig = plots.accuracy_figure(evals)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "accuracy (%)" and ax.get_xlabel() == "stage (0 = base model)"
+    assert len([line for line in ax.lines if len(line.get_xdata()) == 3]) >= 2
+    assert len(ax.containers) == 2  # one set of Wilson error bars per task
