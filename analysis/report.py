@@ -95,9 +95,10 @@ def write_report(source: str | Path, out_dir: Path) -> Path:
             page.append(f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{figures[figure[0]]}'>")
         if table is not None:
             markdown += [markdown_table(table), ""]
-            page.append(table.to_html(index=not isinstance(table.index, pd.RangeIndex), na_rep=""))
+            shown = table.astype(object).where(table.notna(), "")  # None and NaN both print as empty cells
+            page.append(shown.to_html(index=not isinstance(table.index, pd.RangeIndex)))
     markdown += ["## Runs", "", markdown_table(run_list), ""]
-    page += ["<h2>Runs</h2>", run_list.to_html(index=False, na_rep="")]
+    page += ["<h2>Runs</h2>", run_list.astype(object).where(run_list.notna(), "").to_html(index=False)]
     for record in runs.records:
         config = yaml.safe_dump(record["config"], sort_keys=False)
         markdown += [f"<details><summary>config of {record['run_name']}</summary>", "", "```yaml", config, "```", "</details>", ""]

@@ -103,14 +103,17 @@ def mean_interval(values, level: float = 0.95) -> tuple[float, float | None, flo
 
 
 def seed_summary(forgetting: pd.DataFrame) -> pd.DataFrame:
-    """Forgetting F and BF per order x task x group, averaged over seeds with a 95% interval."""
+    """Forgetting F and BF per order x task x group, averaged over seeds with a 95% interval over seeds; a
+    single run keeps its paired-bootstrap interval."""
     rows = []
     for (order, task, kind, group), frame in forgetting.groupby(["order", "task", "group_kind", "group"], sort=True):
         f_mean, f_lo, f_hi = mean_interval(frame["F"])
         bf_mean, bf_lo, bf_hi = mean_interval(frame["BF"])
+        if len(frame) == 1:
+            f_lo, f_hi, bf_lo, bf_hi = frame[["F_lo", "F_hi", "BF_lo", "BF_hi"]].iloc[0]
         rows.append({"order": order, "task": task, "group_kind": kind, "group": group, "seeds": int(frame["seed"].nunique()),
                      "F": f_mean, "F_lo": f_lo, "F_hi": f_hi, "BF": bf_mean, "BF_lo": bf_lo, "BF_hi": bf_hi})  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({c: float for c in ("F_lo", "F_hi", "BF_lo", "BF_hi")})
 
 
 def order_asymmetry(records: list[dict]) -> pd.DataFrame:

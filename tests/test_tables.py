@@ -35,6 +35,9 @@ def test_seed_summary_averages_each_group_over_seeds():
     frame = forgetting_frame([record(["bbq", "csqa"], 0, 10.0), record(["bbq", "csqa"], 1, 14.0)])
     (row,) = seed_summary(frame).to_dict("records")
     assert (row["seeds"], row["F"]) == (2, 12.0) and row["F_hi"] == pytest.approx(12 + T_975_DF1 * 2)
+    single = forgetting_frame([record(["bbq", "csqa"], 0, 10.0)]).assign(F_lo=4.0, F_hi=16.0)
+    (row,) = seed_summary(single).to_dict("records")
+    assert (row["F_lo"], row["F_hi"]) == (4.0, 16.0)  # one run keeps its bootstrap interval
 
 
 def test_order_asymmetry_pairs_seeds_and_tests_the_difference():
