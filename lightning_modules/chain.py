@@ -25,7 +25,7 @@ from chainforget.config import ChainConfig, parse_stage, primary_order
 from chainforget.mitigations import apply_replay
 from chainforget.models import load_model, load_tokenizer, load_trainable, save_trainable
 from chainforget.records import SCHEMA_VERSION, StageCache, content_key, environment, summary_metrics, write_record
-from chainforget.scoring import score_letters
+from chainforget.scoring import score_letters, score_text
 from chainforget.tasks.sources import cache_root
 from lightning_modules.stage import CurvatureCallback, StageDataModule, StageModule, answer_loss
 
@@ -200,7 +200,7 @@ def evaluate(model, tokenizer, data, names, stage, stage_key, cache, config, pro
     """Per-example predictions of every eval task at one stage (cached under the stage's key)."""
     frames = []
     for name in names:
-        key = content_key("eval", stage_key, data[name].fingerprint, config.train.max_seq_len, config.trainer.precision)
+        key = content_key("eval", stage_key, data[name].fingerprint, config.train.max_seq_len, config.trainer.precision, config.eval.mode)
         cached = cache.get(key)
         if cached is None:
             frame = predictions_frame(model, tokenizer, data[name], config, progress, desc=f"eval {name} @ stage {stage}")
@@ -211,10 +211,12 @@ def evaluate(model, tokenizer, data, names, stage, stage_key, cache, config, pro
 
 def predictions_frame(model, tokenizer, task_data, config, progress, desc) -> pd.DataFrame:
     examples = task_data.eval
-    scores = score_letters(
-        model, tokenizer, examples, batch_size=config.eval.batch_size, max_seq_len=config.train.max_seq_len,
-        precision=config.trainer.precision, desc=desc, progress=progress,
-    )  # fmt: skip
+    settings = dict(batch_size=config.eval.batch_size, max_seq_len=config.train.max_seq_len, precision=config.trainer.precision)
+    if config.eval.mode == "letter":
+        scores = score_letters(model, tokenizer, examples, desc=desc, progress=progress, **settings)
+    else:
+        normalize = "length" if config.eval.mode == "text_norm" else "sum"
+        scores = score_text(model, tokenizer, examples, normalize=normalize, progress=progress, **settings)
     labels = np.array([e.label for e in examples])
     frame = pd.DataFrame({
         "task": task_data.name, "example_id": [e.id for e in examples], "label": labels, "pred": scores.pred,

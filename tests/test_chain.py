@@ -90,3 +90,11 @@ def test_capability_safety_pairs_run_in_both_orders(smoke_config, capability, sa
         if safety == "toxigen":
             scores = [r for r in record["metrics"]["task_scores"] if r["task"] == "toxigen"]
             assert {r["stage"] for r in scores} == {0, 1, 2} and all(0 <= r["balanced_acc"] <= 1 for r in scores)
+
+
+def test_text_mode_evaluation_in_a_chain(smoke_config):
+    config = replace(smoke_config, run_name="text", eval=replace(smoke_config.eval, mode="text_norm"), train=replace(smoke_config.train, steps=3))
+    record = run_chain(config, progress=False)
+    predictions = pd.read_parquet(Path(config.out) / "text" / "predictions.parquet")
+    assert {len(lp) for lp in predictions[predictions["task"] == "csqa"]["option_logprobs"]} == {5}
+    assert all(r["acc"] >= 0 for r in record["eval"])

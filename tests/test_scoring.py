@@ -82,3 +82,44 @@ def test_letters_must_be_single_tokens():
 
     with pytest.raises(ConfigError, match="letter mode needs one token"):
         letter_token_ids(SplittingTokenizer(), 2)
+
+
+def reference_text_scores(model, tokenizer, items):
+    """The straightforward path: every (question, option) alone, full logits, no padding, no truncation."""
+    from chainforget.scoring import encode_pair
+    from chainforget.tasks import question_text
+
+    totals = []
+    for example in items:
+        row = []
+        for choice in example.choices:
+            head, tail = encode_pair(tokenizer, question_text(example) + "\nAnswer:", f" {choice}")
+            ids = torch.tensor([head + tail])
+            with torch.no_grad():
+                logprobs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            row.append(float(sum(logprobs[len(head) - 1 + k, token] for k, token in enumerate(tail))))
+        totals.append(row)
+    return totals
+
+
+def test_text_mode_fast_path_matches_the_straightforward_path():
+    from chainforget.scoring import score_text
+
+    tokenizer = tiny_tokenizer()
+    model = load_model(ModelSpec(name="tiny", finetune="full"), seed=2)
+    items = [Example(id=str(i), prompt=multiple_choice_prompt(f"Which word {i}?" + " x" * i, choices), choices=choices, label=0)
+             for i, choices in enumerate([("red", "green blue", "a"), ("one", "two three four", "five", "six"), ("yes", "no")] * 3)]  # fmt: skip
+    expected = reference_text_scores(model, tokenizer, items)
+    fast = score_text(model, tokenizer, items, batch_size=5)
+    for got, want in zip(fast.option_logprobs, expected):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert fast.pred.tolist() == [int(np.argmax(row)) for row in expected]
+    normed = score_text(model, tokenizer, items, normalize="length", batch_size=5)
+    assert normed.option_logprobs[0][1] == pytest.approx(expected[0][1] / len(" green blue"), abs=1e-5)
+
+
+def test_encode_pair_moves_trailing_spaces_into_the_continuation():
+    from chainforget.scoring import encode_pair
+
+    tokenizer = tiny_tokenizer()
+    assert encode_pair(tokenizer, "Answer: ", "red") == encode_pair(tokenizer, "Answer:", " red")

@@ -108,8 +108,12 @@ class EvalSpec:
         min_group_size: groups with fewer eval examples are reported but left out of max/spread.
         bootstrap: paired bootstrap resamples for intervals (0 turns intervals off).
         probes: extra tasks evaluated at every stage without being trained on.
+        mode: ``letter`` (argmax over the option letters, one pass per question), ``text`` (summed
+            log-probability of each option's text, lm-eval's ``acc``) or ``text_norm`` (divided by its
+            length in bytes, lm-eval's ``acc_norm``).
     """
 
+    mode: Literal["letter", "text", "text_norm"] = "letter"
     batch_size: int = 32
     min_group_size: int = 20
     bootstrap: int = 1000

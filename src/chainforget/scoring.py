@@ -1,9 +1,12 @@
-"""Multiple-choice scoring in ``letter`` mode: one forward pass per question.
+"""Multiple-choice scoring.
 
-The prompt lists lettered options and ends with ``Answer:``; the prediction is the argmax of the next-token
-log-probability over the option letters (`` A``, `` B``, ...). Questions are sorted by length and left-padded
-in batches (:func:`left_pad`, shared with training); explicit position ids make a padded row score like the
-same row alone.
+``letter`` mode (default): the prompt lists lettered options and ends with ``Answer:``; the prediction is the
+argmax of the next-token log-probability over the option letters (`` A``, `` B``, ...), one forward pass per
+question. ``text`` mode: each option's text is scored as a continuation of the question (``...\nAnswer:``
++ `` <option>``): summed log-probability (lm-eval's ``acc``) or divided by the option's length in bytes
+(its ``acc_norm``). Sequences are sorted by length and left-padded in batches (:func:`left_pad`, shared with
+training); explicit position ids make a padded row score like the same row alone, and only the positions
+that are scored reach the LM head.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chainforget.errors import ConfigError
-from chainforget.tasks import LETTERS, Example
+from chainforget.tasks import LETTERS, Example, question_text
 
 
 @dataclass
@@ -100,3 +103,58 @@ def score_letters(
             bar.update(len(batch))
     model.train(was_training)
     return Scores(preds, logprobs)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids, split the way lm-evaluation-harness splits them: trailing spaces
+    of the context move to the continuation, the whole string is encoded once and cut at the context."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    head = tokenizer.encode(context, add_special_tokens=False)
+    return head, whole[len(head) :]
+
+
+@torch.no_grad()
+def score_text(
+    model,
+    tokenizer,
+    examples: list[Example],
+    *,
+    normalize: str = "sum",
+    batch_size: int = 32,
+    max_seq_len: int = 384,
+    precision: str = "32-true",
+    progress: bool = False,
+) -> Scores:
+    """Score every option's text as a continuation; ``normalize="length"`` divides by its length in bytes."""
+    device = next(model.parameters()).device
+    pairs = []  # (example index, option index, context ids + continuation ids, continuation length)
+    for i, example in enumerate(examples):
+        context = question_text(example) + "\nAnswer:"
+        for j, choice in enumerate(example.choices):
+            head, tail = encode_pair(tokenizer, context, f" {choice}")
+            pairs.append((i, j, (head + tail)[-max_seq_len:], len(tail)))
+    order = sorted(range(len(pairs)), key=lambda k: -len(pairs[k][2]))
+    totals = [[0.0] * len(e.choices) for e in examples]
+    was_training = model.training
+    model.eval()
+    with tqdm(total=len(pairs), desc="eval (text)", unit="option", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = [pairs[k] for k in order[start : start + batch_size]]
+            inputs = {k: v.to(device) for k, v in left_pad([p[2] for p in batch], tokenizer.pad_token_id).items()}
+            keep = max(p[3] for p in batch) + 1
+            with autocast_for(device, precision):
+                logits = model(**inputs, logits_to_keep=keep).logits
+            logprobs = logits[:, :-1].float().log_softmax(-1)  # position t predicts token t + 1
+            targets = inputs["input_ids"][:, -(keep - 1) :]
+            picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+            for row, (i, j, _, length) in enumerate(batch):
+                totals[i][j] = float(picked[row, -length:].sum())
+            bar.update(len(batch))
+    model.train(was_training)
+    if normalize == "length":
+        totals = [[v / len(f" {c}".encode()) for v, c in zip(row, e.choices)] for row, e in zip(totals, examples)]
+    preds = np.array([int(np.argmax(row)) for row in totals], dtype=np.int64)
+    return Scores(preds, totals)

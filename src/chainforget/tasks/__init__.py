@@ -32,8 +32,19 @@ class Example:
 
 
 def multiple_choice_prompt(question: str, choices: list[str] | tuple[str, ...]) -> str:
-    lines = [question.strip()] + [f"{LETTERS[i]}. {choice.strip()}" for i, choice in enumerate(choices)]
-    return "\n".join(lines) + "\nAnswer:"
+    return question.strip() + _options_suffix(choices)
+
+
+def _options_suffix(choices) -> str:
+    return "".join(f"\n{LETTERS[i]}. {choice.strip()}" for i, choice in enumerate(choices)) + "\nAnswer:"
+
+
+def question_text(example: Example) -> str:
+    """The prompt without its lettered options (the context of ``text``-mode scoring)."""
+    suffix = _options_suffix(example.choices)
+    if not example.prompt.endswith(suffix):
+        raise ValueError(f"example {example.id}: prompt was not built by multiple_choice_prompt")
+    return example.prompt[: -len(suffix)]
 
 
 @dataclass
