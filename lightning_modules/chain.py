@@ -135,7 +135,7 @@ def eval_device(config: ChainConfig) -> torch.device:
 def stage_data(data, tokenizer, entry: str, steps: int, seed: int, config: ChainConfig) -> StageDataModule:
     datamodule = StageDataModule.prepared(
         data, tokenizer, stage=entry, batch_size=config.train.batch_size, steps=steps,
-        max_seq_len=config.train.max_seq_len, seed=seed,
+        max_seq_len=config.train.max_seq_len, seed=seed, bucket=config.train.bucket,
     )  # fmt: skip
     datamodule.setup()
     return datamodule

@@ -257,17 +257,19 @@ class StageDataModule(L.LightningDataModule):
         steps: optimizer steps the stage will take (link it to ``trainer.max_steps``).
         max_seq_len: prompts keep their last ``max_seq_len`` tokens.
         seed: drives splits, caps and the draw order.
+        bucket: group samples of similar length into batches (within windows of 32 batches, batch order then
+            shuffled by ``seed``), so little compute goes to padding.
     """
 
     def __init__(
         self, tasks: dict[str, TaskSpec] | None = None, stage: str = "bbq", model: ModelSpec | None = None,
-        batch_size: int = 8, steps: int = 100, max_seq_len: int = 384, seed: int = 0,
+        batch_size: int = 8, steps: int = 100, max_seq_len: int = 384, seed: int = 0, bucket: bool = True,
     ):  # fmt: skip
         super().__init__()
         self.specs = tasks or {name: TaskSpec() for name in parse_stage(stage)}
         self.mixture = parse_stage(stage)
         self.model_spec = model or ModelSpec()
-        self.batch_size, self.steps, self.max_seq_len, self.seed = batch_size, steps, max_seq_len, seed
+        self.batch_size, self.steps, self.max_seq_len, self.seed, self.bucket = batch_size, steps, max_seq_len, seed, bucket
         self.data: dict[str, TaskData] | None = None
         self.tokenizer = None
         self.samples: list[dict] = []
@@ -275,8 +277,8 @@ class StageDataModule(L.LightningDataModule):
         self.drawn_ids: dict[str, list[str]] = {}
 
     @classmethod
-    def prepared(cls, data, tokenizer, *, stage: str, batch_size: int, steps: int, max_seq_len: int, seed: int):
-        module = cls(tasks={}, stage=stage, batch_size=batch_size, steps=steps, max_seq_len=max_seq_len, seed=seed)
+    def prepared(cls, data, tokenizer, *, stage: str, batch_size: int, steps: int, max_seq_len: int, seed: int, bucket: bool = True):
+        module = cls(tasks={}, stage=stage, batch_size=batch_size, steps=steps, max_seq_len=max_seq_len, seed=seed, bucket=bucket)
         module.data, module.tokenizer = data, tokenizer
         return module
 
@@ -294,7 +296,20 @@ class StageDataModule(L.LightningDataModule):
         ]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.samples, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate)
+        return DataLoader(self.samples, batch_sampler=self.batches(), collate_fn=self.collate)
+
+    def batches(self) -> list[list[int]]:
+        """Sample indices per step: in draw order, or length-bucketed within windows of 32 batches."""
+        indices = list(range(len(self.samples)))
+        if not self.bucket:
+            return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        window = 32 * self.batch_size
+        batches = []
+        for start in range(0, len(indices), window):
+            chunk = sorted(indices[start : start + window], key=lambda i: len(self.samples[i]["ids"]))
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        random.Random(self.seed).shuffle(batches)
+        return batches
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch = left_pad([s["ids"] for s in samples], self.tokenizer.pad_token_id)

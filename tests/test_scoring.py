@@ -123,3 +123,24 @@ def test_encode_pair_moves_trailing_spaces_into_the_continuation():
 
     tokenizer = tiny_tokenizer()
     assert encode_pair(tokenizer, "Answer: ", "red") == encode_pair(tokenizer, "Answer:", " red")
+
+
+def test_length_bucketing_keeps_every_sample_once_and_cuts_padding():
+    from chainforget import tasks
+    from chainforget.config import TaskSpec
+    from conftest import FIXTURES
+    from lightning_modules.stage import StageDataModule
+
+    data = {"csqa": tasks.load("csqa", TaskSpec(source="release", path=str(FIXTURES / "csqa")), seed=0),
+            "bbq": tasks.load("bbq", TaskSpec(source="release", path=str(FIXTURES / "bbq")), seed=0)}  # fmt: skip
+
+    def padding(bucket):
+        module = StageDataModule.prepared(data, tiny_tokenizer(), stage="bbq+csqa", batch_size=8, steps=40, max_seq_len=512, seed=3, bucket=bucket)
+        module.setup()
+        batches = module.batches()
+        assert sorted(i for b in batches for i in b) == list(range(320)) and all(len(b) == 8 for b in batches)
+        loaded = list(module.train_dataloader())
+        return sum((b["attention_mask"] == 0).sum().item() for b in loaded) / sum(b["attention_mask"].numel() for b in loaded)
+
+    plain, bucketed = padding(False), padding(True)
+    assert bucketed < 0.10 < plain

@@ -80,6 +80,7 @@ class TrainSpec:
         warmup_ratio: share of steps with linear warm-up before the linear decay to zero.
         weight_decay: AdamW weight decay.
         max_seq_len: prompts longer than this keep their last tokens (the choices and ``Answer:``).
+        bucket: batch samples of similar length together (less padding; batch order stays seeded).
     """
 
     steps: int = 100
@@ -88,6 +89,7 @@ class TrainSpec:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_seq_len: int = 384
+    bucket: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_seq_len"):
