@@ -110,10 +110,11 @@ def test_text_mode_fast_path_matches_the_straightforward_path():
     items = [Example(id=str(i), prompt=multiple_choice_prompt(f"Which word {i}?" + " x" * i, choices), choices=choices, label=0)
              for i, choices in enumerate([("red", "green blue", "a"), ("one", "two three four", "five", "six"), ("yes", "no")] * 3)]  # fmt: skip
     expected = reference_text_scores(model, tokenizer, items)
-    fast = score_text(model, tokenizer, items, batch_size=5)
-    for got, want in zip(fast.option_logprobs, expected):
-        assert got == pytest.approx(want, abs=1e-4)
-    assert fast.pred.tolist() == [int(np.argmax(row)) for row in expected]
+    for reuse_context in (True, False):  # key/value-cache path and batched full-sequence path
+        fast = score_text(model, tokenizer, items, batch_size=5, reuse_context=reuse_context)
+        for got, want in zip(fast.option_logprobs, expected):
+            assert got == pytest.approx(want, abs=1e-4)
+        assert fast.pred.tolist() == [int(np.argmax(row)) for row in expected]
     normed = score_text(model, tokenizer, items, normalize="length", batch_size=5)
     assert normed.option_logprobs[0][1] == pytest.approx(expected[0][1] / len(" green blue"), abs=1e-5)
 

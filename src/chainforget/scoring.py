@@ -127,8 +127,16 @@ def score_text(
     max_seq_len: int = 384,
     precision: str = "32-true",
     progress: bool = False,
+    reuse_context: bool = True,
 ) -> Scores:
-    """Score every option's text as a continuation; ``normalize="length"`` divides by its length in bytes."""
+    """Score every option's text as a continuation; ``normalize="length"`` divides by its length in bytes.
+
+    ``reuse_context`` encodes each question once and scores all its options from the key/value cache (the
+    fast path); ``False`` runs question + option as one sequence per option (the straightforward path).
+    """
+    if reuse_context:
+        totals = _text_from_cache(model, tokenizer, examples, batch_size, max_seq_len, precision, progress)
+        return _text_scores(totals, examples, normalize)
     device = next(model.parameters()).device
     pairs = []  # (example index, option index, context ids + continuation ids, continuation length)
     for i, example in enumerate(examples):
@@ -154,7 +162,64 @@ def score_text(
                 totals[i][j] = float(picked[row, -length:].sum())
             bar.update(len(batch))
     model.train(was_training)
+    return _text_scores(totals, examples, normalize)
+
+
+def _text_scores(totals: list[list[float]], examples: list[Example], normalize: str) -> Scores:
     if normalize == "length":
         totals = [[v / len(f" {c}".encode()) for v, c in zip(row, e.choices)] for row, e in zip(totals, examples)]
-    preds = np.array([int(np.argmax(row)) for row in totals], dtype=np.int64)
-    return Scores(preds, totals)
+    return Scores(np.array([int(np.argmax(row)) for row in totals], dtype=np.int64), totals)
+
+
+def _text_from_cache(model, tokenizer, examples, batch_size, max_seq_len, precision, progress) -> list[list[float]]:
+    """Summed option log-probabilities, each question's context run once and its options from the cache."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    encoded = []  # per question: (context ids, [option ids, ...])
+    for example in examples:
+        context = question_text(example) + "\nAnswer:"
+        split = [encode_pair(tokenizer, context, f" {choice}") for choice in example.choices]
+        head = split[0][0]
+        if any(h != head for h, _ in split):  # an option merged with the context's last token: no shared prefix
+            raise ValueError(f"example {example.id}: options change the context's tokens; use reuse_context=False")
+        longest = max(len(t) for _, t in split)
+        encoded.append((head[-(max_seq_len - longest) :], [t for _, t in split]))
+    order = sorted(range(len(examples)), key=lambda i: -len(encoded[i][0]))
+    totals = [[0.0] * len(e.choices) for e in examples]
+    pad = tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    with tqdm(total=len(examples), desc="eval (text, cached)", unit="q", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            context = {k: v.to(device) for k, v in left_pad([encoded[i][0] for i in batch], pad).items()}
+            lengths = context["attention_mask"].sum(-1)
+            cache = DynamicCache()
+            with autocast_for(device, precision):
+                first = model(**context, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            first = first.float().log_softmax(-1)
+            for j in range(max(len(encoded[i][1]) for i in batch)):
+                options = [encoded[i][1][j] if j < len(encoded[i][1]) else [] for i in batch]
+                span = max(1, max(len(o) for o in options))
+                ids = torch.full((len(batch), span), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), span), dtype=torch.long)
+                for row, option in enumerate(options):
+                    ids[row, : len(option)] = torch.tensor(option, dtype=torch.long)
+                    mask[row, : len(option)] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                positions = lengths.unsqueeze(1) + torch.arange(span, device=device)
+                with autocast_for(device, precision):
+                    logits = model(
+                        input_ids=ids, attention_mask=torch.cat([context["attention_mask"], mask], dim=1),
+                        position_ids=positions, past_key_values=cache, use_cache=True,
+                    ).logits  # fmt: skip
+                later = logits[:, :-1].float().log_softmax(-1)
+                for row, (i, option) in enumerate(zip(batch, options)):
+                    if option:
+                        value = first[row, option[0]] + sum(later[row, t - 1, option[t]] for t in range(1, len(option)))
+                        totals[i][j] = float(value)
+                cache.crop(-span)  # drop this option, keep the context
+            bar.update(len(batch))
+    model.train(was_training)
+    return totals
