@@ -52,10 +52,11 @@ def run_chain(
     """
     config = replace(config, run_name=run_name(config))
     cache = StageCache(Path(config.cache_dir) if config.cache_dir else cache_root() / "stages", read=config.cache)
-    data = tasks.load_all(config.tasks, config.seed, config.train_size)
     order = apply_replay(config.order, config.mitigation)
     mixtures = [parse_stage(entry) for entry in order]
     eval_tasks = list(dict.fromkeys([t for m in mixtures for t in m] + config.eval.probes))
+    # only the tasks this chain trains or probes: a config may list more (e.g. paper.yaml for a sweep)
+    data = tasks.load_all({name: config.tasks[name] for name in eval_tasks}, config.seed, config.train_size)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, config.seed).to(eval_device(config))
     run_dir = Path(config.out) / config.run_name  # created only once data and model have loaded

@@ -27,18 +27,24 @@ from chainforget.errors import ConfigError
 from chainforget.records import read_record, summary_metrics
 
 
+def read_mapping(path: Path, kind: str, fields: str) -> dict:
+    """A YAML mapping from ``path`` (safe loader), or a one-line error naming the file."""
+    if not path.exists():
+        raise ConfigError(f"{path}: no such {kind} file")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".split("\n")[0]) from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: a {kind} file is a mapping with {fields}")
+    return content
+
+
 def load_sweep(path: Path) -> dict:
     """A W&B sweep YAML, validated with the sweep engine's own schema."""
     import sweeps
 
-    if not path.exists():
-        raise ConfigError(f"{path}: no such sweep file")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})".split("\n")[0]) from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: a sweep file is a mapping with method, metric, parameters and command")
+    config = read_mapping(path, "sweep", "method, metric, parameters and command")
     violations = sweeps.schema_violations_from_proposed_config(config)
     if violations:
         raise ConfigError(f"{path}: invalid sweep: {'; '.join(violations)}")
@@ -113,14 +119,7 @@ SAMPLERS = ("tpe", "random", "grid", "nsga2")
 
 def load_study_spec(path: Path) -> dict:
     """An Optuna study spec (``sweeps/optuna/*.yaml``), checked field by field."""
-    if not path.exists():
-        raise ConfigError(f"{path}: no such study file")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})".split("\n")[0]) from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{path}: a study file is a mapping ({', '.join(sorted(STUDY_KEYS))})")
+    spec = read_mapping(path, "study", ", ".join(sorted(STUDY_KEYS)))
     unknown = sorted(set(spec) - STUDY_KEYS)
     if unknown:
         raise ConfigError(f"{path}: field {unknown[0]!r} is unknown; allowed: {', '.join(sorted(STUDY_KEYS))}")

@@ -98,3 +98,9 @@ def test_text_mode_evaluation_in_a_chain(smoke_config):
     predictions = pd.read_parquet(Path(config.out) / "text" / "predictions.parquet")
     assert {len(lp) for lp in predictions[predictions["task"] == "csqa"]["option_logprobs"]} == {5}
     assert all(r["acc"] >= 0 for r in record["eval"])
+
+
+def test_tasks_listed_but_not_in_the_chain_are_not_loaded(smoke_config):
+    unused = {**smoke_config.tasks, "toxigen": TaskSpec(source="release", path="/nonexistent/toxigen")}
+    record = run_chain(replace(smoke_config, run_name="unused", tasks=unused, train=replace(smoke_config.train, steps=2)), progress=False)
+    assert set(record["data"]) == {"bbq", "csqa"}

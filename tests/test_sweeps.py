@@ -66,6 +66,7 @@ def test_bayes_sweep_feeds_objectives_back_and_needs_a_count(tmp_path, capsys):
         ("method: grid\nparameters: {x: {valuez: [1]}}\ncommand: [chainforget]\n", "invalid sweep"),
         ("method: grid\nparameters: {x: {values: [1]}}\n", "command: missing"),
         ("- not a mapping\n", "a sweep file is a mapping"),
+        ("method: [unclosed\n", "not valid YAML"),
     ],
 )
 def test_bad_sweep_files_are_one_line_errors(tmp_path, capsys, content, message):

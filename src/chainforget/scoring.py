@@ -197,7 +197,7 @@ def _text_from_cache(model, tokenizer, examples, batch_size, max_seq_len, precis
             lengths = context["attention_mask"].sum(-1)
             cache = DynamicCache()
             with autocast_for(device, precision):
-                first = model(**context, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                first = model(**context, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             first = first.float().log_softmax(-1)
             for j in range(max(len(encoded[i][1]) for i in batch)):
                 options = [encoded[i][1][j] if j < len(encoded[i][1]) else [] for i in batch]
@@ -212,7 +212,7 @@ def _text_from_cache(model, tokenizer, examples, batch_size, max_seq_len, precis
                 with autocast_for(device, precision):
                     logits = model(
                         input_ids=ids, attention_mask=torch.cat([context["attention_mask"], mask], dim=1),
-                        position_ids=positions, past_key_values=cache, use_cache=True,
+                        position_ids=positions, cache=cache, use_cache=True,
                     ).logits  # fmt: skip
                 later = logits[:, :-1].float().log_softmax(-1)
                 for row, (i, option) in enumerate(zip(batch, options)):
