@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark's peak measurement
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -76,9 +78,14 @@ def main() -> int:
     from chainforget.config import ModelSpec
     from chainforget.models import load_model, load_tokenizer, smollm2_dir
     from chainforget.scoring import score_letters, score_text
+    from chainforget.tasks import question_text
 
+    from training import matmul_peak
+
+    peak = matmul_peak(torch.bfloat16)
     spec = ModelSpec(finetune="full")
     model, tokenizer = load_model(spec).eval(), load_tokenizer(spec)
+    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
     lm = HFLM(pretrained=str(smollm2_dir()), device="cpu", dtype="float32", batch_size=args.batch_size)
     print(f"threads {args.threads}, batch {args.batch_size}, {args.repeats} repeats; items/s median [min, max]")
     print(f"{'task':<14} {'side':<34} {'items/s':>8} {'spread':>16}")
@@ -95,6 +102,9 @@ def main() -> int:
         agree = float(np.mean(ours.pred == theirs))
         worst = max(abs(a - b) for row_a, row_b in zip(ours.option_logprobs, their_lp) for a, b in zip(row_a, row_b))
         ratio = statistics.median(n / s for s in our_s) / statistics.median(n / s for s in their_s)
+        tokens = sum(len(tokenizer.encode(question_text(e) + "\nAnswer:")) + sum(len(tokenizer.encode(f" {c}")) for c in e.choices) for e in examples)
+        mfu = 2 * non_embedding * tokens / statistics.median(bf16_s) / peak
+        print(f"{task:<14} eval MFU, text bf16 (2 x non-embedding params x tokens processed): {100 * mfu:.1f}% of {peak / 1e12:.2f} TFLOP/s")
         print(f"{task:<14} agreement {100 * agree:.2f}% ({int(round((1 - agree) * n))} of {n} differ), max |dlogprob| {worst:.2e}")
         print(f"{task:<14} ratio text fp32 / lm-eval: {ratio:.2f} (target >= 2: {ratio >= 2})")
     return 0

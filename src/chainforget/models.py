@@ -30,9 +30,12 @@ def load_tokenizer(spec: ModelSpec):
 
     if spec.name == TINY:
         return tiny_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_path(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_path(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"model.name {spec.name!r}: could not load a tokenizer ({exc})".split("\n")[0]) from exc
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"model.name {spec.name!r}: tokenizer has neither a pad nor an eos token to pad with")
