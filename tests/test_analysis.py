@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from analysis.report import write_report
 import pandas as pd
 
 from analysis.runs import evals_frame, forgetting_frame, load_records, load_runs

@@ -65,14 +65,14 @@ def csqa_bad_answer_key(tmp):
 def csqa2_truncated_gzip(tmp):
     folder = copy_fixture(tmp, "csqa2")
     (folder / "CSQA2_train.json.gz").write_bytes((folder / "CSQA2_train.json.gz").read_bytes()[:30])
-    return ["--order=[csqa2,bbq]", f"--tasks.csqa2.source=release", f"--tasks.csqa2.path={folder}"]
+    return ["--order=[csqa2,bbq]", "--tasks.csqa2.source=release", f"--tasks.csqa2.path={folder}"]
 
 
 def csqa2_bad_json(tmp):
     folder = copy_fixture(tmp, "csqa2")
     with gzip.open(folder / "CSQA2_dev.json.gz", "wt") as fh:
         fh.write('{"id": "x", "question": "q?"\n')
-    return ["--order=[csqa2,bbq]", f"--tasks.csqa2.source=release", f"--tasks.csqa2.path={folder}"]
+    return ["--order=[csqa2,bbq]", "--tasks.csqa2.source=release", f"--tasks.csqa2.path={folder}"]
 
 
 def model_dir_without_weights(tmp):

@@ -2,7 +2,6 @@
 their exact release formats, including the archive-at-a-URL route (file:// URLs stand in for the network)."""
 
 import gzip
-import io
 import json
 import tarfile
 import zipfile
