@@ -30,9 +30,11 @@ def items(bbq: int, arc: int):
     from chainforget.config import TaskSpec
     from chainforget.tasks import load
 
-    bbq_spec = TaskSpec(source="release", path=str(SHARED / "bbq"), max_eval=bbq) if (SHARED / "bbq").exists() else TaskSpec(max_eval=bbq)
-    sets = {"bbq": load("bbq", bbq_spec, seed=0).eval}
-    if (SHARED / "arc").exists():
+    sets = {}
+    if bbq:
+        bbq_spec = TaskSpec(source="release", path=str(SHARED / "bbq"), max_eval=bbq) if (SHARED / "bbq").exists() else TaskSpec(max_eval=bbq)
+        sets["bbq"] = load("bbq", bbq_spec, seed=0).eval
+    if arc and (SHARED / "arc").exists():
         sets["arc_challenge"] = load("arc_challenge", TaskSpec(source="release", path=str(SHARED / "arc"), max_eval=arc), seed=0).eval
     return sets
 

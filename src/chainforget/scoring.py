@@ -214,11 +214,13 @@ def _text_from_cache(model, tokenizer, examples, batch_size, max_seq_len, precis
                         input_ids=ids, attention_mask=torch.cat([context["attention_mask"], mask], dim=1),
                         position_ids=positions, cache=cache, use_cache=True,
                     ).logits  # fmt: skip
-                later = logits[:, :-1].float().log_softmax(-1)
+                # option token 0 comes from the context's last position, token t > 0 from option position t - 1
+                later = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                heads = first.gather(-1, ids[:, :1]).squeeze(-1)
+                sums = (heads + (later * mask[:, 1:]).sum(-1)).cpu()
                 for row, (i, option) in enumerate(zip(batch, options)):
                     if option:
-                        value = first[row, option[0]] + sum(later[row, t - 1, option[t]] for t in range(1, len(option)))
-                        totals[i][j] = float(value)
+                        totals[i][j] = float(sums[row])
                 cache.crop(-span)  # drop this option, keep the context
             bar.update(len(batch))
     model.train(was_training)
