@@ -23,8 +23,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from chainforget import metrics, mitigations, tasks
 from chainforget.config import ChainConfig, parse_stage, primary_order
 from chainforget.mitigations import apply_replay
-from chainforget.models import load_model, load_tokenizer, load_trainable, save_trainable
-from chainforget.records import SCHEMA_VERSION, StageCache, content_key, environment, summary_metrics, write_record
+from chainforget.models import load_model, load_tokenizer, load_trainable, save_trainable, trainable_parameters
+from chainforget.records import SCHEMA_VERSION, StageCache, content_key, environment, score_values, summary_metrics, write_record
 from chainforget.scoring import score_letters, score_text
 from chainforget.tasks.sources import cache_root
 from lightning_modules.stage import CurvatureCallback, StageDataModule, StageModule, answer_loss
@@ -145,7 +145,7 @@ def stage_data(data, tokenizer, entry: str, steps: int, seed: int, config: Chain
 def estimate_fisher(model, tokenizer, data, previous_entry: str, config: ChainConfig) -> dict[str, torch.Tensor]:
     """EWC's diagonal Fisher at the end of the previous stage, on that stage's training data."""
     datamodule = stage_data(data, tokenizer, previous_entry, config.mitigation.fisher_batches, config.seed, config)
-    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    parameters = trainable_parameters(model)
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in datamodule.train_dataloader()]
     losses = [lambda batch=batch: answer_loss(model, batch) for batch in batches]
@@ -185,7 +185,8 @@ def mitigation_summary(config: ChainConfig, index: int, entry: str, module: Stag
     """What the mitigation did in this stage: its mean penalty (or SAM perturbation), or the replayed ids."""
     spec = config.mitigation
     if spec.name.startswith("replay"):
-        replayed = mitigations.earlier_tasks(config.order, index) if entry not in config.order[index - 1 : index] else []
+        rewritten = index > len(config.order) or entry != config.order[index - 1]  # the replay stage, or a mixed-in stage
+        replayed = mitigations.earlier_tasks(config.order, index) if rewritten else []
         if not replayed:
             return None
         ids = {name: datamodule.drawn_ids.get(name, []) for name in replayed}
@@ -307,9 +308,8 @@ def log_stage_eval(run, predictions: pd.DataFrame, data) -> None:
         suffix = "acc" if row["group_kind"] == metrics.ALL else f"{row['group_kind']}/{row['group']}/acc"
         history[f"eval/{row['task']}/{suffix}"] = row["acc"]
     for row in stage_scores(predictions):
-        for name, value in row.items():
-            if isinstance(value, float) and not name.startswith("n_"):
-                history[f"eval/{row['task']}/{row['group_kind']}/{row['group']}/{name}"] = value
+        for name, value in score_values(row).items():
+            history[f"eval/{row['task']}/{row['group_kind']}/{row['group']}/{name}"] = value
     run.log(history)
 
 

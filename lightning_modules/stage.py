@@ -20,7 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 from chainforget import curvature, mitigations
 from chainforget.config import CurvatureSpec, MitigationSpec, ModelSpec, TaskSpec, parse_stage
 from chainforget.errors import ConfigError
-from chainforget.models import load_model, load_tokenizer, load_trainable
+from chainforget.models import load_model, load_tokenizer, load_trainable, trainable_parameters
 from chainforget.records import read_record
 from chainforget.scoring import autocast_for, encode_prompt, left_pad, letter_token_ids
 from chainforget.tasks import TaskData, load as load_task
@@ -91,7 +91,7 @@ class StageModule(L.LightningModule):
                 load_trainable(self.network, resolve_init(self.hparams.init_from, self.hparams.cache_dir))
 
     def trainable(self) -> dict[str, torch.Tensor]:
-        return {name: p for name, p in self.network.named_parameters() if p.requires_grad}
+        return trainable_parameters(self.network)
 
     def on_fit_start(self) -> None:
         self.network.train()  # from_pretrained and evaluation leave the network in eval mode

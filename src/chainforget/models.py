@@ -142,8 +142,13 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
 
 
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters fine-tuning updates (LoRA adapters, or every weight for full fine-tuning), by name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
 
 
 def save_trainable(model, path: Path) -> None:
@@ -153,10 +158,9 @@ def save_trainable(model, path: Path) -> None:
 def load_trainable(model, path: Path) -> None:
     """Load weights saved by :func:`save_trainable`; every trainable parameter must be present."""
     state = load_file(str(path))
-    expected = {name for name, p in model.named_parameters() if p.requires_grad}
-    if set(state) != expected:
-        raise ConfigError(f"{path}: trainable weights do not match the model ({len(set(state) ^ expected)} names differ)")
+    parameters = trainable_parameters(model)
+    if set(state) != set(parameters):
+        raise ConfigError(f"{path}: trainable weights do not match the model ({len(set(state) ^ set(parameters))} names differ)")
     with torch.no_grad():
-        parameters = dict(model.named_parameters())
         for name, tensor in state.items():
             parameters[name].copy_(tensor)

@@ -84,10 +84,14 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
             summary[f"curvature/stage{stage['index']}/top_eigenvalue"] = stage["curvature"]["top_eigenvalue"]
     for row in metrics.get("task_scores", []):
         if row["stage"] == last:
-            for name, value in row.items():
-                if isinstance(value, float) and not name.startswith("n_"):
-                    summary[f"scores/{row['task']}/{row['group_kind']}/{row['group']}/{name}"] = value
+            for name, value in score_values(row).items():
+                summary[f"scores/{row['task']}/{row['group_kind']}/{row['group']}/{name}"] = value
     return summary
+
+
+def score_values(row: dict) -> dict[str, float]:
+    """The scores of a task-score row (s_dis, s_amb, balanced_acc, ...), without its counts and labels."""
+    return {name: value for name, value in row.items() if isinstance(value, float) and not name.startswith("n_")}
 
 
 def environment(device: str, threads: int) -> dict:
