@@ -85,7 +85,7 @@ def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cach
         fingerprints = {name: data[name].fingerprint for name in mixture}
         key = content_key(
             "stage", key, entry, asdict(config.train), fingerprints, config.seed + index, config.trainer.precision,
-            asdict(mitigation) if mitigation else None, asdict(config.curvature) if config.curvature.enabled else None,
+            asdict(mitigation) if mitigation else None, asdict(config.curvature) if config.curvature.applies_to(index) else None,
         )  # fmt: skip
         cached = cache.get(key)
         if cached is not None:
@@ -169,7 +169,7 @@ def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher
         strategy=config.trainer.strategy, precision=config.trainer.precision, logger=loggers,
         log_every_n_steps=config.trainer.log_every_n_steps, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=progress, default_root_dir=run_dir,
-        callbacks=[CurvatureCallback(config.curvature)] if config.curvature.enabled else None,
+        callbacks=[CurvatureCallback(config.curvature)] if config.curvature.applies_to(index) else None,
     )  # fmt: skip
     started = time.perf_counter()
     trainer.fit(module, datamodule)

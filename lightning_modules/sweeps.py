@@ -200,8 +200,13 @@ def duplicate_of(trial) -> int | None:
     return None
 
 
-def optuna_study(path: Path, *, storage: str | None = None, n_trials: int | None = None, out: str | None = None):
-    """Run (or join) the study in ``path``: one chain per trial, reporting per-stage objectives for pruning."""
+def optuna_study(
+    path: Path, *, storage: str | None = None, n_trials: int | None = None, out: str | None = None, configs: list[str] = (),
+):  # fmt: skip
+    """Run (or join) the study in ``path``: one chain per trial, reporting per-stage objectives for pruning.
+
+    ``configs`` are chain config files applied after the study's ``base`` (e.g. local data paths).
+    """
     import optuna
 
     from chainforget.cli import parse_chain
@@ -226,7 +231,7 @@ def optuna_study(path: Path, *, storage: str | None = None, n_trials: int | None
         study_name=name, storage=make_storage(storage_url), load_if_exists=True, directions=spec["directions"],
         sampler=make_sampler(spec), pruner=pruner,
     )  # fmt: skip
-    base = [arg for config_file in spec["base"] for arg in ("--config", config_file)] + list(spec.get("overrides") or [])
+    base = [arg for config_file in [*spec["base"], *configs] for arg in ("--config", config_file)] + list(spec.get("overrides") or [])
     if out:
         base.append(f"--out={out}")
 

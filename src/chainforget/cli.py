@@ -161,6 +161,7 @@ def sweep(argv: list[str]) -> int:
     study.add_argument("--storage", default=None, help="Optuna RDB URL (default: sqlite:///<out>/optuna/<study>.db)")
     study.add_argument("--n-trials", type=int, default=None, help="trials for this worker (grid studies stop by themselves)")
     study.add_argument("--out", default=None, help="run directory root (default: the chain config's out)")
+    study.add_argument("--config", action="append", default=[], help="extra chain config after the study's base (repeatable)")
     args = parser.parse_args(argv)
     if args.engine == "optuna":
         return run_optuna(args)
@@ -190,7 +191,7 @@ def run_optuna(args) -> int:
     _single_thread_if_asked()
     from lightning_modules.sweeps import optuna_study
 
-    study = optuna_study(args.file, storage=args.storage, n_trials=args.n_trials, out=args.out)
+    study = optuna_study(args.file, storage=args.storage, n_trials=args.n_trials, out=args.out, configs=args.config)
     finished = [t for t in study.trials if t.state.name == "COMPLETE"]
     print(f"study {study.study_name}: {len(finished)} complete of {len(study.trials)} trials")
     best = study.best_trials if len(study.directions) > 1 else ([study.best_trial] if finished else [])

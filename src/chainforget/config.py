@@ -179,6 +179,7 @@ class CurvatureSpec:
         tol: stop when the eigenvalue changes by less than ``tol`` (relative).
         trace_samples: Hutchinson samples for the trace (0 skips it).
         seed: seeds the start vector and the Hutchinson probes.
+        stages: the stages (1-based) to measure; ``null``: every stage.
     """
 
     enabled: bool = False
@@ -187,6 +188,10 @@ class CurvatureSpec:
     tol: float = 1e-3
     trace_samples: int = 0
     seed: int = 0
+    stages: list[int] | None = None
+
+    def applies_to(self, stage: int) -> bool:
+        return self.enabled and (self.stages is None or stage in self.stages)
 
 
 @dataclass
