@@ -14,10 +14,12 @@ import seaborn as sns
 PALETTE = "colorblind"
 
 
-def group_forgetting_figure(forgetting: pd.DataFrame, kinds: tuple[str, ...] = ("category", "context")):
+def group_forgetting_figure(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None = None):
     """Horizontal bars of per-group forgetting F^g (pp) with 95% paired-bootstrap intervals, one panel per
     order and forgotten task (the grey bar is the whole eval split); the dashed line is the overall
-    forgetting F, so bars beyond it are groups forgotten more than the task as a whole."""
+    forgetting F, so bars beyond it are groups forgotten more than the task as a whole. ``kinds``: the group
+    kinds to show (default: all)."""
+    kinds = tuple(kinds or group_kinds(forgetting))
     frame = forgetting[forgetting["group_kind"].isin(("all", *kinds))].copy()
     frame["group"] = np.where(
         frame["group_kind"] == "all", "all examples",
@@ -83,10 +85,12 @@ def save(fig, path) -> None:
     plt.close(fig)
 
 
-def forgetting_heatmap(forgetting: pd.DataFrame, kinds: tuple[str, ...] = ("category", "context")):
+def forgetting_heatmap(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None = None):
     """Per-group forgetting F_g (pp, mean over seeds) as a group x order heatmap, each cell annotated with
-    its value and, where seeds or the bootstrap give one, its 95% interval."""
-    frame = forgetting[forgetting["group_kind"].isin(kinds)].copy()
+    its value and, where seeds or the bootstrap give one, its 95% interval; ``None`` when no run has groups."""
+    frame = forgetting[forgetting["group_kind"].isin(kinds or group_kinds(forgetting))].copy()
+    if frame.empty:
+        return None
     frame["group"] = frame["group_kind"] + ": " + frame["group"].astype(str)
     frame["column"] = frame["order"] + "\n(forgets " + frame["task"] + ")"
     means = frame.pivot_table(index="group", columns="column", values="F", aggfunc="mean")
@@ -107,6 +111,10 @@ def forgetting_heatmap(forgetting: pd.DataFrame, kinds: tuple[str, ...] = ("cate
     ax.set_title("Per-group forgetting (pp; mean over seeds, 95% interval in brackets)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def group_kinds(forgetting: pd.DataFrame) -> list[str]:
+    return [kind for kind in dict.fromkeys(forgetting["group_kind"]) if kind != "all"]
 
 
 def asymmetry_figure(asymmetry: pd.DataFrame):

@@ -40,10 +40,12 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
          "F = Acc(stage that trained the task) − Acc(last stage); BF = max over groups of (F_g − F), worst group in "
          "brackets; 95% paired-bootstrap intervals over eval examples in parentheses.",
          forgetting_summary(records), ("group_forgetting.png", plots.group_forgetting_figure(forgetting))),
-        ("Per-group forgetting across orders (pp)", "Mean over seeds; the interval is over seeds where there are "
-         "several, else the paired bootstrap of the single run.",
-         seed_summary(forgetting).round(2), ("forgetting_heatmap.png", plots.forgetting_heatmap(forgetting))),
     ]  # fmt: skip
+    heatmap = plots.forgetting_heatmap(forgetting)
+    if heatmap is not None:
+        out.append(("Per-group forgetting across orders (pp)", "Mean over seeds; the interval is over seeds where there "
+                    "are several, else the paired bootstrap of the single run.", seed_summary(forgetting).round(2),
+                    ("forgetting_heatmap.png", heatmap)))  # fmt: skip
     asymmetry = order_asymmetry(records)
     if not asymmetry.empty:
         out.append(("Order asymmetry (pp)", "F of the safety task in safety→capability minus F of the capability task "

@@ -147,15 +147,17 @@ def load_runs(
     """
     text = str(source)
     if text.startswith("wandb:"):
-        if api is None:
-            import wandb
+        import wandb
 
-            api = wandb.Api()
         from chainforget.tasks.sources import cache_root
 
         path = text.removeprefix("wandb:")
         cache = Path(cache_dir) if cache_dir else cache_root() / "analysis" / path.replace("/", "_")
-        records, predictions = _api_runs(path, api, cache, filters)
+        try:
+            records, predictions = _api_runs(path, api or wandb.Api(), cache, filters)
+        except (wandb.errors.Error, OSError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{text}: could not read runs from W&B ({reason}); check the entity/project name, the network and `wandb login`") from None
     elif text.startswith("wandb-offline:"):
         records, predictions = _offline_runs(Path(text.removeprefix("wandb-offline:")))
     else:

@@ -178,15 +178,16 @@ def replay_recovery(records: list[dict]) -> pd.DataFrame:
 
 
 def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, dict]:
-    """Top Hessian eigenvalue at the end of stage 1 vs the forgetting of that stage's task, one row per run,
-    and their Spearman correlation with a bootstrap 95% interval over runs."""
+    """Top Hessian eigenvalue at the end of stage 1 vs the forgetting of that stage's task in stage 2, one row
+    per two-stage run, and their Spearman correlation with a bootstrap 95% interval over runs."""
     from scipy import stats
 
     rows = []
     for record in records:
         stage = record["stages"][0]
         task = record["config"]["order"][0]
-        forgotten = [r["F"] for r in record["metrics"]["forgetting"] if r["task"] == task and r["group_kind"] == "all"]
+        forgotten = [r["F"] for r in record["metrics"]["forgetting"]
+                     if r["task"] == task and r["group_kind"] == "all" and r["later_stage"] == 2]  # fmt: skip
         if stage.get("curvature") and forgotten:
             rows.append({"run_name": record["run_name"], "task": task, "top_eigenvalue": stage["curvature"]["top_eigenvalue"],
                          "F": forgotten[0], "mitigation": record["config"].get("mitigation", {}).get("name", "none")})  # fmt: skip

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -24,9 +26,10 @@ from chainforget import metrics, mitigations, tasks
 from chainforget.config import ChainConfig, parse_stage, primary_order
 from chainforget.mitigations import apply_replay
 from chainforget.models import load_model, load_tokenizer, load_trainable, save_trainable, trainable_parameters
-from chainforget.records import SCHEMA_VERSION, StageCache, content_key, environment, score_values, summary_metrics, write_record
+from chainforget.records import SCHEMA_VERSION, StageCache, atomic_write_text, content_key, environment, score_values, summary_metrics, write_record
 from chainforget.scoring import score_letters, score_text
 from chainforget.tasks.sources import cache_root
+from lightning_modules.checkpoint import SafetensorsCheckpointIO, StageCheckpoint
 from lightning_modules.stage import CurvatureCallback, StageDataModule, StageModule, answer_loss
 
 
@@ -93,7 +96,8 @@ def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cach
             outcome = json.loads((cached / "stage.json").read_text())
         else:
             fisher = estimate_fisher(model, tokenizer, data, order[index - 2], config) if mitigation and mitigation.name == "ewc" else None
-            outcome = train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, progress)
+            checkpoints = run_dir / "checkpoints" / key
+            outcome = train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, checkpoints, progress)
             model.to(eval_device(config))  # Lightning hands the module back on the CPU
 
             def store(entry_dir: Path) -> None:
@@ -101,6 +105,7 @@ def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cach
                 (entry_dir / "stage.json").write_text(json.dumps(outcome))
 
             cache.put(key, store)
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the cache entry supersedes them
         stages.append({"index": index, "name": entry, "tasks": mixture, **outcome, "cache_hit": cached is not None, "cache_key": key})
         predictions.append(evaluate(model, tokenizer, data, eval_tasks, index, key, cache, config, progress))
         log_stage_eval(run, predictions[-1], data)
@@ -152,8 +157,9 @@ def estimate_fisher(model, tokenizer, data, previous_entry: str, config: ChainCo
     return mitigations.diagonal_fisher(parameters, losses)
 
 
-def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, progress) -> dict:
-    """Fit one stage; returns its ``train``, ``mitigation`` and ``curvature`` summaries."""
+def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, checkpoints: Path, progress) -> dict:
+    """Fit one stage, resuming from ``checkpoints/last.ckpt`` when an earlier attempt left one; returns its
+    ``train``, ``mitigation`` and ``curvature`` summaries."""
     L.seed_everything(config.seed + index, workers=True, verbose=False)
     module = StageModule.wrapping(
         model, lr=config.train.lr, warmup_ratio=config.train.warmup_ratio, weight_decay=config.train.weight_decay,
@@ -162,6 +168,10 @@ def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher
     module.fisher = fisher
     datamodule = stage_data(data, tokenizer, entry, config.train.steps, config.seed + index, config)
     loggers = [CSVLogger(run_dir, name="lightning_logs", version=f"stage{index}")]
+    callbacks = [CurvatureCallback(config.curvature)] if config.curvature.applies_to(index) else []
+    if config.trainer.checkpoint_every:
+        callbacks.append(StageCheckpoint(checkpoints, config.trainer.checkpoint_every))
+    resume = checkpoints / "last.ckpt"
     if run is not None:
         loggers.append(WandbLogger(experiment=run, prefix=f"stage{index}"))
     trainer = L.Trainer(
@@ -169,10 +179,10 @@ def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher
         strategy=config.trainer.strategy, precision=config.trainer.precision, logger=loggers,
         log_every_n_steps=config.trainer.log_every_n_steps, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=progress, default_root_dir=run_dir,
-        callbacks=[CurvatureCallback(config.curvature)] if config.curvature.applies_to(index) else None,
+        callbacks=callbacks, plugins=[SafetensorsCheckpointIO()],
     )  # fmt: skip
     started = time.perf_counter()
-    trainer.fit(module, datamodule)
+    trainer.fit(module, datamodule, ckpt_path=resume if resume.exists() else None)
     train = {
         "steps": int(trainer.global_step), "tokens": int(module.tokens_seen),
         "wall_s": round(time.perf_counter() - started, 3), "final_loss": module.final_loss,
@@ -277,8 +287,12 @@ def start_wandb(config: ChainConfig, run_dir: Path, extra_config: dict | None = 
     mode = config.wandb.mode or os.environ.get("WANDB_MODE") or "online"
     if mode == "disabled":
         return None
+    # a re-run of a killed chain (same run directory) continues the same W&B run instead of starting another
+    id_file = run_dir / "wandb_run_id"
+    run_id = os.environ.get("WANDB_RUN_ID") or (id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12])
+    atomic_write_text(id_file, run_id)
     run = wandb.init(
-        project=config.wandb.project, entity=config.wandb.entity,
+        id=run_id, resume="allow", project=config.wandb.project, entity=config.wandb.entity,
         group=config.wandb.group or os.environ.get("WANDB_RUN_GROUP") or config.run_name,
         job_type="chain", name=config.run_name, dir=str(run_dir), config={**config.to_dict(), **(extra_config or {})},
         tags=config.wandb.tags,

@@ -34,9 +34,16 @@ class StageCLI(LightningCLI):
         parser.link_arguments("model.model", "data.model")
         parser.link_arguments("model.seed", "data.seed")
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would ``torch.load`` ``--ckpt_path`` here to copy its hyper-parameters into the config.
+        Stage checkpoints are safetensors (read by ``SafetensorsCheckpointIO`` when the fit restores them), and
+        the stage is defined by the config given, so there is nothing to copy."""
+
 
 def run_fit(argv: list[str]) -> None:
+    # checkpoints (ModelCheckpoint's and --ckpt_path's) go through safetensors, never pickle
+    plugins = {"class_path": "lightning_modules.checkpoint.SafetensorsCheckpointIO"}
     StageCLI(StageModule, StageDataModule, args=["fit", *argv], save_config_callback=LoggedConfig,
-             save_config_kwargs={"save_to_log_dir": False})  # fmt: skip
+             save_config_kwargs={"save_to_log_dir": False}, trainer_defaults={"plugins": plugins})  # fmt: skip
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish()  # WandbLogger leaves its run open; the next fit must get its own

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -77,6 +79,7 @@ class StageModule(L.LightningModule):
         self.mitigation_total = 0.0
         self.curvature: dict | None = None
         self._step_started = 0.0
+        self.strict_loading = False  # checkpoints hold the trainable weights only
 
     @classmethod
     def wrapping(cls, network, *, lr: float, warmup_ratio: float, weight_decay: float, mitigation: MitigationSpec | None = None):
@@ -100,10 +103,31 @@ class StageModule(L.LightningModule):
         name = self.mitigation.name
         if name == "ewc" and self.fisher is None:
             raise ConfigError("mitigation ewc needs the previous stage's data for its Fisher; run it inside `chainforget chain`")
-        if name in ("l2sp", "ewc"):
+        if name in ("l2sp", "ewc") and self.anchor is None:  # a resumed stage keeps its stage-start anchor
             self.anchor = mitigations.snapshot(self.trainable())
-        if name == "lwf":
+        if name == "lwf" and self.teacher is None:
             self.teacher = self._teacher_logits()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the trainable weights, plus what a resumed stage needs to continue bit for bit."""
+        trainable = {f"network.{name}" for name in self.trainable()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        numpy_state = np.random.get_state()
+        checkpoint["stage"] = {
+            "tokens_seen": self.tokens_seen, "mitigation_total": self.mitigation_total, "final_loss": self.final_loss,
+            "anchor": self.anchor, "teacher": self.teacher,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]},
+        }  # fmt: skip
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["stage"]
+        self.tokens_seen, self.mitigation_total, self.final_loss = state["tokens_seen"], state["mitigation_total"], state["final_loss"]
+        self.anchor, self.teacher = state["anchor"], state["teacher"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        kind, keys, *rest = state["rng"]["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
     @torch.no_grad()
     def _teacher_logits(self) -> torch.Tensor:
@@ -112,7 +136,7 @@ class StageModule(L.LightningModule):
         teacher = torch.zeros(len(datamodule.samples), len(datamodule.letters))
         was_training = self.network.training
         self.network.eval()
-        for batch in datamodule.train_dataloader():
+        for batch in datamodule.loader():
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with autocast_for(self.device, str(self.trainer.precision)):
                 teacher[batch["index"].cpu()] = answer_logits(self.network, batch)[:, datamodule.letters].float().cpu()
@@ -215,7 +239,7 @@ class CurvatureCallback(L.Callback):
 
     def on_train_end(self, trainer, pl_module: StageModule) -> None:
         spec = self.spec
-        loader = iter(trainer.datamodule.train_dataloader())
+        loader = iter(trainer.datamodule.loader())
         batches = [{k: v.to(pl_module.device) for k, v in next(loader).items()} for _ in range(spec.batches)]
         parameters = list(pl_module.trainable().values())
         was_training = pl_module.network.training
@@ -275,6 +299,7 @@ class StageDataModule(L.LightningDataModule):
         self.samples: list[dict] = []
         self.letters: list[int] = []
         self.drawn_ids: dict[str, list[str]] = {}
+        self.position = 0  # batches already trained on (a resumed stage starts after them)
 
     @classmethod
     def prepared(cls, data, tokenizer, *, stage: str, batch_size: int, steps: int, max_seq_len: int, seed: int, bucket: bool = True):
@@ -296,7 +321,21 @@ class StageDataModule(L.LightningDataModule):
         ]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.samples, batch_sampler=self.batches(), collate_fn=self.collate)
+        if self.position:
+            # the batch order is a pure function of the seed, so skipping `position` batches resumes it exactly;
+            # Lightning cannot know that and warns about resuming mid-epoch
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        return self.loader(self.position)
+
+    def loader(self, start: int = 0) -> DataLoader:
+        """The stage's batches from batch ``start`` on (the length stays that of the whole stage)."""
+        return DataLoader(self.samples, batch_sampler=BatchesFrom(self.batches(), start), collate_fn=self.collate)
+
+    def state_dict(self) -> dict:
+        return {"position": int(self.trainer.global_step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
 
     def batches(self) -> list[list[int]]:
         """Sample indices per step: in draw order, or length-bucketed within windows of 32 batches."""
@@ -316,6 +355,20 @@ class StageDataModule(L.LightningDataModule):
         batch["answer"] = torch.tensor([s["answer"] for s in samples], dtype=torch.long)
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         return batch
+
+
+class BatchesFrom:
+    """A batch sampler over fixed batches that starts at ``start``; its length counts them all, so a resumed
+    fit's restored progress and the batches it sees line up."""
+
+    def __init__(self, batches: list[list[int]], start: int = 0):
+        self.batches, self.start = batches, start
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches[self.start :])
 
 
 def draw_mixture(pools: dict[str, list], weights: dict[str, float], total: int, seed: int) -> list[tuple[str, object]]:

@@ -113,7 +113,7 @@ def wandb_local(path: Path, *, count: int | None = None, sweep_id: str | None = 
     return results
 
 
-STUDY_KEYS = {"study_name", "base", "overrides", "objectives", "directions", "params", "sampler", "pruner", "n_trials"}
+STUDY_KEYS = {"study_name", "base", "overrides", "objectives", "directions", "params", "sampler", "pruner", "n_trials", "heartbeat"}
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 
 
@@ -136,6 +136,9 @@ def load_study_spec(path: Path) -> dict:
         if kind in ("float", "int") and "low" in param and "high" in param and param["low"] <= param["high"]:
             continue
         raise ConfigError(f"{path}: params.{name}: {param!r}; use {{type: categorical, choices: [...]}} or {{type: float|int, low, high[, log]}}")
+    beat = spec.get("heartbeat") or {}
+    if not isinstance(beat, dict) or set(beat) - {"interval", "grace_period", "max_retry"}:
+        raise ConfigError(f"{path}: heartbeat: {beat!r}; use {{interval: s, grace_period: s, max_retry: n}} (seconds)")
     sampler = (spec.get("sampler") or {}).get("name", "tpe")
     if sampler not in SAMPLERS:
         raise ConfigError(f"{path}: sampler.name {sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
@@ -166,19 +169,21 @@ def make_sampler(spec: dict):
     return optuna.samplers.TPESampler(seed=seed, **settings)
 
 
-def make_storage(url: str, attempts: int = 3):
-    """An RDB storage with heartbeats: a killed worker's trial is marked failed and retried.
+def make_storage(url: str, heartbeat: dict | None = None, attempts: int = 3):
+    """An RDB storage with heartbeats: a trial whose worker has not beaten for ``grace_period`` seconds (it was
+    killed) is marked failed and retried once more per ``max_retry`` by the next worker that asks for a trial.
 
     Workers started together race to create the schema; the loser retries and finds it there.
     """
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
+    beat = {"interval": 10, "grace_period": 30, "max_retry": 2, **(heartbeat or {})}
     for attempt in range(attempts):
         try:
             return RDBStorage(
-                url, heartbeat_interval=10, grace_period=30,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                url, heartbeat_interval=beat["interval"], grace_period=beat["grace_period"],
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=beat["max_retry"]),
             )  # fmt: skip
         except (IntegrityError, ProgrammingError):
             if attempt == attempts - 1:
@@ -228,7 +233,7 @@ def optuna_study(
     multi = len(spec["objectives"]) > 1
     grid = (spec.get("sampler") or {}).get("name") == "grid"
     study = optuna.create_study(
-        study_name=name, storage=make_storage(storage_url), load_if_exists=True, directions=spec["directions"],
+        study_name=name, storage=make_storage(storage_url, spec.get("heartbeat")), load_if_exists=True, directions=spec["directions"],
         sampler=make_sampler(spec), pruner=pruner,
     )  # fmt: skip
     base = [arg for config_file in [*spec["base"], *configs] for arg in ("--config", config_file)] + list(spec.get("overrides") or [])

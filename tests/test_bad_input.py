@@ -82,6 +82,18 @@ def model_dir_without_weights(tmp):
     return [f"--model.name={folder}"]
 
 
+def model_dir_tokenizer_without_pad(tmp):
+    from transformers import PreTrainedTokenizerFast
+
+    from chainforget.models import tiny_tokenizer
+
+    folder = tmp / "model"
+    bare = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer().backend_tokenizer)  # neither pad nor eos
+    bare.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 400}))
+    return [f"--model.name={folder}"]
+
+
 def config_file(content: str):
     def make(tmp):
         path = tmp / "bad.yaml"
@@ -108,6 +120,7 @@ CASES = [
     ("misspelt key", CHAIN + ["--trian.lr=0.1"], None, "unrecognized arguments: --trian.lr"),
     ("negative learning rate", CHAIN + ["--train.lr=-0.001"], None, "train.lr: -0.001 is not allowed"),
     ("zero steps", CHAIN + ["--train.steps=0"], None, "train.steps: 0 is not allowed"),
+    ("negative checkpoint interval", CHAIN + ["--trainer.checkpoint_every=-5"], None, "trainer.checkpoint_every: -5 is not allowed"),
     ("steps not a number", CHAIN + ["--train.steps=ten"], None, 'Parser key "train.steps"'),
     ("warm-up ratio 1", CHAIN + ["--train.warmup_ratio=1.0"], None, "train.warmup_ratio: 1.0 is not allowed"),
     ("replay ratio above 1", CHAIN + ["--mitigation.name=replay_stage", "--mitigation.strength=1.5"], None, "replay ratio 1.5 is not allowed"),
@@ -139,6 +152,7 @@ CASES = [
     # model specs
     ("model path missing", CHAIN + ["--model.name=./no-model"], None, "model.name './no-model': no such directory"),
     ("model directory without weights", CHAIN, model_dir_without_weights, "could not load a "),
+    ("tokenizer without a pad token", CHAIN, model_dir_tokenizer_without_pad, "tokenizer has neither a pad nor an eos token"),
     ("LoRA target that does not exist", CHAIN + ["--model.finetune=lora", "--model.lora.target_modules=[nope_proj]"], None,
      "model.lora.target_modules ['nope_proj']"),
     # sweep files
@@ -155,6 +169,8 @@ CASES = [
      None, "model.init_from 0123abcd: no weights.safetensors"),
     ("report of a directory without runs", ["report", "--out"], lambda tmp: [str(tmp / "report"), "--source", str(tmp / "empty")],
      "no such directory"),
+    ("unreachable W&B project", ["report", "--out"], lambda tmp: [str(tmp / "report"), "--source", "wandb:nobody/no-such-project"],
+     "wandb:nobody/no-such-project: could not read runs from W&B"),
 ]  # fmt: skip
 
 
@@ -176,8 +192,9 @@ def existing_state(tmp_path, monkeypatch, isolated_cache):
 
 
 @pytest.mark.parametrize(("name", "args", "setup", "message"), CASES, ids=[case[0] for case in CASES])
-def test_bad_input_is_one_line_exit_2_and_loses_nothing(name, args, setup, message, tmp_path, capsys, existing_state):
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(name, args, setup, message, tmp_path, capsys, existing_state, monkeypatch):
     assert len(CASES) >= 30
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # W&B must fail fast on its own, not after a login attempt
     before = [fingerprint(root) for root in existing_state]
     extra = setup(tmp_path) if setup else []
     argv = [*args, *extra]

@@ -72,6 +72,21 @@ def test_fit_runs_one_stage_through_lightning_cli(tmp_path):
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").exists()
 
 
+def test_fit_checkpoints_are_safetensors_and_ckpt_path_resumes_them(tmp_path):
+    from lightning_modules.checkpoint import SafetensorsCheckpointIO
+
+    args = ["fit", "--config", "sweeps/configs/stage_smoke.yaml", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_checkpointing=true"]  # fmt: skip
+    assert main([*args, "--data.steps=4"]) == 0
+    (first,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    header = int.from_bytes(first.read_bytes()[:8], "little")  # safetensors: a little-endian header length, then JSON
+    assert first.read_bytes()[8 : 8 + header].startswith(b"{")
+    assert SafetensorsCheckpointIO().load_checkpoint(first)["global_step"] == 4
+    assert main([*args, "--data.steps=7", f"--ckpt_path={first}"]) == 0
+    (resumed,) = tmp_path.glob("lightning_logs/version_1/checkpoints/*.ckpt")
+    assert SafetensorsCheckpointIO().load_checkpoint(resumed)["global_step"] == 7  # continued from step 4
+
+
 def test_fit_with_a_wandb_logger_pushes_the_config_and_runs_do_not_collide(tmp_path):
     args = ["fit", "--config", "sweeps/configs/stage_smoke.yaml", f"--trainer.default_root_dir={tmp_path}", "--data.steps=2",
             "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.init_args.offline=true",
@@ -108,7 +123,9 @@ def test_fit_print_config_shows_the_linked_stage(capsys):
         main(["fit", "--config", "sweeps/configs/stage_smoke.yaml", "--print_config"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    assert "class_path" not in out or "StageModule" in out
+    model_section = out.split("\nmodel:")[1].split("\ndata:")[0]
+    assert "class_path" not in model_section  # the stage module is fixed, its arguments are top-level keys
+    assert "class_path: lightning_modules.checkpoint.SafetensorsCheckpointIO" in out  # checkpoints never pickle
     assert "stage: bbq" in out and "lr: 0.003" in out and "name: tiny" in out
 
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from glob import glob
 from pathlib import Path
 
@@ -127,3 +128,27 @@ def test_two_workers_share_one_postgresql_grid_and_run_every_point_once(tmp_path
     assert sorted(complete) == choices  # every grid point exactly once
     skipped = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert all("duplicate_of" in t.user_attrs for t in skipped)
+
+
+def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_until_the_study_completes(tmp_path):
+    choices = [1e-3, 2e-3]
+    path = study_file(tmp_path, study_name="killed", params={"train.lr": {"type": "categorical", "choices": choices}},
+                      sampler={"name": "grid"}, heartbeat={"interval": 1, "grace_period": 3, "max_retry": 2})  # fmt: skip
+    storage = f"sqlite:///{tmp_path / 'killed.db'}"
+    worker = ["sweep", "optuna", str(path), "--storage", storage, "--out", str(tmp_path / "runs")]
+    env = dict(os.environ, CHAINFORGET_THREADS="1", PYTHONPATH=str(ROOT))
+    # the first worker dies with SIGKILL in its first trial's second training step
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "faults.py"), "train_step", "2", *worker], env=env, cwd=ROOT)
+    assert killed.returncode == -9
+    (stuck,) = optuna.load_study(study_name="killed", storage=storage).trials
+    assert stuck.state == optuna.trial.TrialState.RUNNING  # nobody told the storage
+    time.sleep(4)  # past the grace period: its heartbeat is stale
+    survivor = subprocess.run([sys.executable, "-m", "chainforget.cli", *worker], env=env, cwd=ROOT)
+    assert survivor.returncode == 0
+    trials = optuna.load_study(study_name="killed", storage=storage).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert retries[0].params == trials[0].params
+    complete = sorted(t.params["train.lr"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert complete == choices  # the study completed: every grid point ran, the killed one again

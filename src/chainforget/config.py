@@ -196,13 +196,19 @@ class CurvatureSpec:
 
 @dataclass
 class TrainerSpec:
-    """Passed straight to ``lightning.Trainer``."""
+    """Passed straight to ``lightning.Trainer``, except ``checkpoint_every``: optimizer steps between stage
+    checkpoints (``0``: none). A killed chain re-run with the same command resumes from the last one."""
 
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"
     precision: str = "bf16-mixed"
     log_every_n_steps: int = 10
+    checkpoint_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"trainer.checkpoint_every: {self.checkpoint_every} is not allowed; use steps >= 0 (0 = never)")
 
 
 @dataclass

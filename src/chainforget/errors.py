@@ -14,3 +14,7 @@ class DataError(ChainforgetError):
 
 class ConfigError(ChainforgetError):
     """A config value is unknown or out of range."""
+
+
+class WriteError(ChainforgetError):
+    """A result could not be written (disk full, permission denied); nothing half-written is left behind."""

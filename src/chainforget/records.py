@@ -17,7 +17,7 @@ from pathlib import Path
 import jsonschema
 import pandas as pd
 
-from chainforget.errors import DataError
+from chainforget.errors import DataError, WriteError
 
 SCHEMA_VERSION = 1
 CACHE_VERSION = 1
@@ -34,22 +34,31 @@ def validate_record(record: dict, where: str = "run.json") -> None:
         raise DataError(f"{where}: field {field}: {error.message}")
 
 
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` a temp file in the same directory, fsync it, rename it over ``path``: readers see the old
+    file or the new one, never part of one. A failed write (disk full, no permission) removes the temp file
+    and raises a WriteError naming ``path``."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        write(Path(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise WriteError(f"{path}: could not write ({exc.strerror or exc}); the previous file, if any, is unchanged") from None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + fsync + rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as tmp:
-        tmp.write(text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def write_record(run_dir: Path, record: dict, predictions: pd.DataFrame) -> None:
@@ -156,8 +165,11 @@ class StageCache:
 
     def put(self, key: str, write: Callable[[Path], None]) -> Path:
         """Call ``write(tmp_dir)`` to fill a new entry, then publish it atomically."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}."))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}."))
+        except OSError as exc:
+            raise WriteError(f"{self.root}: could not create a stage cache entry ({exc.strerror or exc})") from None
         try:
             write(tmp)
             digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -172,6 +184,9 @@ class StageCache:
                     os.replace(tmp, entry)
                 except OSError:  # a concurrent writer renamed its copy into place between the check and here
                     shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise WriteError(f"{self.root / key}: could not write the stage cache entry ({exc.strerror or exc}); nothing was stored") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

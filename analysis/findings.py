@@ -1,0 +1,125 @@
+"""The paper's four findings as tables, from the runs of the ``sweeps/optuna/findings_*.yaml`` studies.
+
+    python -m analysis.findings runs/findings docs/results
+
+writes ``docs/results/tables/*.csv``, copies every run's ``run.json`` to ``docs/results/runs/<run>/`` (what the
+tables are rebuilt from, see tests/test_findings.py) and the report (``report.html``, ``report.md``, figures).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.report import write_report
+from analysis.runs import forgetting_frame, load_records, order_label
+from analysis.tables import curvature_forgetting, mean_interval, order_asymmetry, replay_recovery, seed_summary
+
+
+def mitigation(record: dict) -> str:
+    return record["config"].get("mitigation", {}).get("name", "none")
+
+
+def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
+    """One table per finding: order asymmetry, per-group and biased forgetting, curvature (with SAM), replay."""
+    plain = [r for r in records if len(r["config"]["order"]) == 2 and mitigation(r) == "none"]
+    two_stage = [r for r in records if len(r["config"]["order"]) == 2 and mitigation(r) in ("none", "sam")]
+    points, correlation = curvature_forgetting(plain)
+    sam_points, _ = curvature_forgetting(two_stage)
+    return {
+        "order_asymmetry": order_asymmetry(plain),
+        "group_forgetting": group_forgetting(plain),
+        "biased_forgetting": biased_forgetting(plain),
+        "curvature_points": sam_points.merge(run_keys(two_stage), on="run_name"),
+        "curvature_correlation": pd.DataFrame([correlation]),
+        "sam_vs_plain": sam_vs_plain(sam_points.merge(run_keys(two_stage), on="run_name")),
+        "replay": replay_recovery([r for r in records if mitigation(r) == "replay_stage"]),
+    }
+
+
+def run_keys(records: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([{"run_name": r["run_name"], "order": ",".join(r["config"]["order"]), "seed": r["config"]["seed"],
+                          "converged": r["stages"][0]["curvature"]["converged"] if r["stages"][0]["curvature"] else None}
+                         for r in records])  # fmt: skip
+
+
+def group_forgetting(records: list[dict]) -> pd.DataFrame:
+    """Per group of every forgotten task: F_g averaged over seeds (interval over seeds), and in how many seeds
+    the paired-bootstrap interval of ``BF_g = F_g - F`` excludes 0 (the group forgot more or less than the task
+    as a whole, beyond what the interval allows)."""
+    frame = forgetting_frame(records)
+    groups = frame[frame["group_kind"] != "all"].copy()
+    groups["beyond"] = (groups["BF_lo"] > 0) | (groups["BF_hi"] < 0)  # BF_g = F_g - F, one paired bootstrap
+    summary = seed_summary(groups)
+    counts = groups.groupby(["order", "task", "group_kind", "group"])[["beyond", "small"]].agg({"beyond": "sum", "small": "any"})
+    return summary.merge(counts.reset_index().rename(columns={"beyond": "seeds_beyond_interval"}),
+                         on=["order", "task", "group_kind", "group"])  # fmt: skip
+
+
+def biased_forgetting(records: list[dict]) -> pd.DataFrame:
+    """Per order x task x group kind: the headline BF (worst group) and the spread over seeds, and how many of the
+    (run, group) pairs large enough to count have a ``BF_g`` interval that excludes 0 (about 5% would by chance
+    if every group forgot alike)."""
+    table = group_forgetting(records)
+    frame = forgetting_frame(records)
+    overall = frame[frame["group_kind"] == "all"].set_index("run_name")["F"]
+    rows = []
+    for record in records:
+        for row in record["metrics"]["biased_forgetting"]:
+            rows.append({"order": order_label(record), "seed": record["config"]["seed"], **row,
+                         "F": overall[record["run_name"]]})  # fmt: skip
+    if not rows:
+        return pd.DataFrame()
+    per_run = pd.DataFrame(rows)
+    out = []
+    for (order, task, kind), part in per_run.groupby(["order", "task", "group_kind"], sort=True):
+        bf, bf_lo, bf_hi = mean_interval(part["BF"].dropna())
+        spread, spread_lo, spread_hi = mean_interval(part["spread"].dropna())
+        groups = table[(table["order"] == order) & (table["task"] == task) & (table["group_kind"] == kind) & ~table["small"]]
+        tested = int(groups["seeds"].sum())
+        out.append({"order": order, "task": task, "group_kind": kind, "seeds": len(part), "F": float(part["F"].mean()),
+                    "BF": bf, "BF_lo": bf_lo, "BF_hi": bf_hi, "spread": spread, "spread_lo": spread_lo,
+                    "spread_hi": spread_hi, "worst_groups": ";".join(sorted(part["worst_group"].dropna().unique())),
+                    "group_runs_tested": tested, "group_runs_beyond_interval": int(groups["seeds_beyond_interval"].sum()),
+                    "share_beyond": groups["seeds_beyond_interval"].sum() / tested if tested else None})  # fmt: skip
+    return pd.DataFrame(out)
+
+
+def sam_vs_plain(points: pd.DataFrame) -> pd.DataFrame:
+    """For every order run with and without SAM in its first stage: top eigenvalue and F, paired by seed."""
+    rows = []
+    for order, part in points.groupby("order", sort=True):
+        sam, plain = part[part["mitigation"] == "sam"].set_index("seed"), part[part["mitigation"] == "none"].set_index("seed")
+        seeds = sorted(set(sam.index) & set(plain.index))
+        if not seeds:
+            continue
+        row = {"order": order, "seeds": len(seeds)}
+        for column in ("top_eigenvalue", "F"):
+            diff = np.array([sam.loc[s, column] - plain.loc[s, column] for s in seeds])
+            mean, lo, hi = mean_interval(diff)
+            row |= {f"{column}_plain": float(plain.loc[seeds, column].mean()), f"{column}_sam": float(sam.loc[seeds, column].mean()),
+                    f"{column}_diff": mean, f"{column}_diff_lo": lo, f"{column}_diff_hi": hi}  # fmt: skip
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
+    records = load_records(source)
+    for record in records:
+        target = out / "runs" / record["run_name"]
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(source) / record["run_name"] / "run.json", target / "run.json")
+    tables = findings_tables(load_records(out / "runs"))
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        table.to_csv(out / "tables" / f"{name}.csv", index=False)
+    write_report(out / "runs", out / "report")
+    return tables
+
+
+if __name__ == "__main__":
+    write_findings(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -1,0 +1,94 @@
+"""Stage checkpoints without pickle: Lightning's checkpoint dictionary stored as one safetensors file.
+
+Tensors go into the safetensors body; everything else (loop progress, scheduler state, RNG states, the data
+position) goes into its header metadata as JSON, with tags that keep what JSON would lose (tuples, non-string
+dict keys). Loading therefore never executes code from the file. ``StageCheckpoint`` writes ``last.ckpt``
+every ``every_n_steps`` optimizer steps through the trainer, so under DDP only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from chainforget.errors import DataError
+from chainforget.records import atomic_write
+
+METADATA_KEY = "chainforget.checkpoint"
+
+
+def encode(value, tensors: dict[str, torch.Tensor]):
+    """A JSON-ready copy of ``value``; tensors are moved into ``tensors`` and referenced by name."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().cpu().clone().contiguous()  # clone: safetensors refuses shared storage
+        return {"__tensor__": name}
+    if isinstance(value, dict):
+        return {"__dict__": [[encode(k, tensors), encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [encode(v, tensors) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return encode(dataclasses.asdict(value), tensors)
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint value of type {type(value).__name__} cannot be stored without pickle")
+
+
+def decode(value, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, list):
+        return [decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__tuple__" in value:
+            return tuple(decode(v, tensors) for v in value["__tuple__"])
+        return {decode(k, tensors): decode(v, tensors) for k, v in value["__dict__"]}
+    return value
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    """Lightning ``CheckpointIO`` writing ``encode``d checkpoints atomically (temp file + rename)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        structure = json.dumps(encode(checkpoint, tensors))
+        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: structure}))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                structure = (handle.metadata() or {}).get(METADATA_KEY)
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise DataError(f"{path}: not a chainforget stage checkpoint ({exc})") from None
+        if structure is None:
+            raise DataError(f"{path}: not a chainforget stage checkpoint (no {METADATA_KEY} metadata)")
+        return decode(json.loads(structure), tensors)
+
+    def remove_checkpoint(self, path) -> None:
+        Path(path).unlink(missing_ok=True)
+
+
+class StageCheckpoint(L.Callback):
+    """Save ``directory/last.ckpt`` every ``every_n_steps`` optimizer steps (not after the last one: a finished
+    stage goes to the stage cache instead)."""
+
+    def __init__(self, directory: Path, every_n_steps: int):
+        self.path = Path(directory) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step < trainer.max_steps:
+            trainer.save_checkpoint(self.path, weights_only=False)
