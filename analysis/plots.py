@@ -11,37 +11,43 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from analysis.tables import seed_summary
+
 PALETTE = "colorblind"
 
 
 def group_forgetting_figure(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None = None):
-    """Horizontal bars of per-group forgetting F^g (pp) with 95% paired-bootstrap intervals, one panel per
-    order and forgotten task (the grey bar is the whole eval split); the dashed line is the overall
-    forgetting F, so bars beyond it are groups forgotten more than the task as a whole. ``kinds``: the group
-    kinds to show (default: all)."""
+    """Horizontal bars of per-group forgetting F_g (pp), one panel per order and forgotten task that has groups:
+    the mean over seeds with its 95% interval over seeds (a single run: its paired-bootstrap interval). The
+    dashed line is the task's overall F, so bars beyond it are groups forgotten more than the task as a whole.
+    Groups below the minimum eval size are left out (the tables keep them); ``kinds``: default all."""
     kinds = tuple(kinds or group_kinds(forgetting))
-    frame = forgetting[forgetting["group_kind"].isin(("all", *kinds))].copy()
-    frame["group"] = np.where(
-        frame["group_kind"] == "all", "all examples",
-        frame["group_kind"] + ": " + frame["group"].astype(str) + np.where(frame["small"], " (small)", ""),
-    )  # fmt: skip
-    panels = list(frame.groupby(["order", "task"], sort=False))
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 0.35 * frame["group"].nunique() + 1.8), squeeze=False, sharex=True)
+    kept = forgetting[forgetting["group_kind"].isin(("all", *kinds)) & ~forgetting["small"].astype(bool)]
+    summary = seed_summary(kept)
+    panels = [(key, part) for key, part in summary.groupby(["order", "task"], sort=True) if (part["group_kind"] != "all").any()]
+    rows = max((len(part) for _, part in panels), default=1)
+    columns = min(4, max(1, len(panels)))
+    lines = -(-max(1, len(panels)) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(5.2 * columns, lines * (0.32 * rows + 1.6)), squeeze=False)
     colours = dict(zip(kinds, sns.color_palette(PALETTE, len(kinds)))) | {"all": (0.45, 0.45, 0.45)}
-    for ax, ((order, task), panel) in zip(axes[0], panels):
-        panel = panel.sort_values(["group_kind", "F"], ascending=[True, False], key=lambda c: c.map({"all": ""}).fillna(c) if c.name == "group_kind" else c)
-        sns.barplot(data=panel, y="group", x="F", hue="group_kind", palette=colours, dodge=False, errorbar=None, ax=ax, legend=False)
+    for ax, ((order, task), panel) in zip(axes.flat, panels):
+        panel = pd.concat([panel[panel["group_kind"] == "all"], panel[panel["group_kind"] != "all"].sort_values(["group_kind", "F"], ascending=[True, False])])
+        names = panel["group_kind"] + ": " + panel["group"].astype(str).map(short)
+        labels = np.where(panel["group_kind"] == "all", "all examples", names)
+        sns.barplot(x=panel["F"].to_numpy(), y=labels, hue=panel["group_kind"].to_numpy(), palette=colours, dodge=False,
+                    errorbar=None, ax=ax, legend=False)  # fmt: skip
         lo = (panel["F"] - panel["F_lo"]).clip(lower=0).fillna(0)
         hi = (panel["F_hi"] - panel["F"]).clip(lower=0).fillna(0)
         ax.errorbar(panel["F"], np.arange(len(panel)), xerr=[lo, hi], fmt="none", ecolor="black", capsize=2, lw=1)
-        overall = forgetting[(forgetting["order"] == order) & (forgetting["task"] == task) & (forgetting["group_kind"] == "all")]
-        if not overall.empty:
-            ax.axvline(overall["F"].iloc[0], color="black", ls="--", lw=1, label=f"all: {overall['F'].iloc[0]:+.1f} pp")
-            ax.legend(loc="lower right", fontsize=8)
+        overall = float(panel.loc[panel["group_kind"] == "all", "F"].iloc[0])
+        ax.axvline(overall, color="black", ls="--", lw=1, label=f"all: {overall:+.1f} pp")
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_title(f"{order}: forgetting of {task}", fontsize=10)
+        ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"{order}: forgetting of {task} ({int(panel['seeds'].max())} seeds)", fontsize=10)
         ax.set_xlabel("forgetting F_g (pp, 95% CI)")
         ax.set_ylabel("")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
     fig.suptitle("Per-group forgetting of the first task after the second stage", fontsize=11)
     fig.tight_layout()
     return fig
@@ -87,11 +93,14 @@ def save(fig, path) -> None:
 
 def forgetting_heatmap(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None = None):
     """Per-group forgetting F_g (pp, mean over seeds) as a group x order heatmap, each cell annotated with
-    its value and, where seeds or the bootstrap give one, its 95% interval; ``None`` when no run has groups."""
-    frame = forgetting[forgetting["group_kind"].isin(kinds or group_kinds(forgetting))].copy()
+    its value and, where seeds or the bootstrap give one, its 95% interval; groups below the minimum eval size
+    are left out; ``None`` when no run has groups."""
+    chosen = forgetting["group_kind"].isin(kinds or group_kinds(forgetting)) & ~forgetting["small"].astype(bool)
+    frame = forgetting[chosen].copy()
     if frame.empty:
         return None
-    frame["group"] = frame["group_kind"] + ": " + frame["group"].astype(str)
+    frame["group"] = frame["group_kind"] + ": " + frame["group"].astype(str).map(short)
+    frame = seed_summary(frame)  # the interval is over seeds where there are several
     frame["column"] = frame["order"] + "\n(forgets " + frame["task"] + ")"
     means = frame.pivot_table(index="group", columns="column", values="F", aggfunc="mean")
     low = frame.pivot_table(index="group", columns="column", values="F_lo", aggfunc="mean")
@@ -111,6 +120,10 @@ def forgetting_heatmap(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None =
     ax.set_title("Per-group forgetting (pp; mean over seeds, 95% interval in brackets)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def short(label: str, width: int = 28) -> str:
+    return label if len(label) <= width else label[: width - 2] + "…"
 
 
 def group_kinds(forgetting: pd.DataFrame) -> list[str]:

@@ -12,9 +12,9 @@ def forgetting_rows():
     for order, task in (("bbq → csqa", "bbq"), ("csqa → bbq", "csqa")):
         for group, f in (("Age", 10.0), ("Religion", -4.0), ("SES", 22.0)):
             rows.append({"order": order, "task": task, "group_kind": "category", "group": group, "F": f, "F_lo": f - 5, "F_hi": f + 5,
-                         "small": False, "seed": 0})  # fmt: skip
+                         "BF": f - 6.0, "BF_lo": f - 12.0, "BF_hi": f, "small": False, "seed": 0})  # fmt: skip
         rows.append({"order": order, "task": task, "group_kind": "all", "group": "all", "F": 6.0, "F_lo": 1.0, "F_hi": 11.0,
-                     "small": False, "seed": 0})  # fmt: skip
+                     "BF": None, "BF_lo": None, "BF_hi": None, "small": False, "seed": 0})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -83,3 +83,17 @@ def test_accuracy_figure_draws_a_line_and_intervals_per_task():
     assert ax.get_ylabel() == "accuracy (%)" and ax.get_xlabel() == "stage (0 = base model)"
     assert len([line for line in ax.lines if len(line.get_xdata()) == 3]) >= 2
     assert len(ax.containers) == 2  # one set of Wilson error bars per task
+
+
+def test_group_bars_average_seeds_and_leave_out_small_groups_and_groupless_tasks():
+    rows = forgetting_rows()
+    second_seed = rows.assign(seed=1, F=rows["F"] + 2.0)
+    small = rows.iloc[[0]].assign(group="tiny", small=True, F=90.0)
+    groupless = pd.DataFrame([{"order": "csqa → toxigen", "task": "csqa", "group_kind": "all", "group": "all", "F": 3.0,
+                               "F_lo": 0.0, "F_hi": 6.0, "BF": None, "BF_lo": None, "BF_hi": None, "small": False, "seed": 0}])  # fmt: skip
+    fig = plots.group_forgetting_figure(pd.concat([rows, second_seed, small, groupless], ignore_index=True))
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 2  # csqa → toxigen forgets a task without groups: no panel
+    widths = sorted(round(p.get_width(), 6) for p in panels[0].patches if p.get_height() > 0)
+    assert widths == [-3.0, 7.0, 11.0, 23.0]  # means over the two seeds; the small group (90) is left out
+    assert "2 seeds" in panels[0].get_title()
