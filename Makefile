@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test smoke clean
+.PHONY: setup demo test smoke findings clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
@@ -20,6 +20,17 @@ demo: setup
 
 smoke: setup
 	$(BIN)/chainforget chain --config sweeps/configs/smoke.yaml
+
+# The paper's four findings at CPU scale (docs/results/README.md): three Optuna grid studies, two one-thread
+# workers each, then the tables, run records and report in docs/results. About 1.5 hours on a 2-core CPU.
+# Offline: make findings FINDINGS_ARGS="--config sweeps/configs/shared_data.yaml"
+findings: setup
+	for study in order replay sam; do \
+	  for worker in 1 2; do \
+	    CHAINFORGET_THREADS=1 $(BIN)/chainforget sweep optuna sweeps/optuna/findings_$$study.yaml $(FINDINGS_ARGS) & \
+	  done; wait; \
+	done
+	$(BIN)/python -m analysis.findings runs/findings docs/results
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest

@@ -109,6 +109,7 @@ def sam_vs_plain(points: pd.DataFrame) -> pd.DataFrame:
 
 def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
     records = load_records(source)
+    shutil.rmtree(out / "runs", ignore_errors=True)  # the published records are exactly this source's
     for record in records:
         target = out / "runs" / record["run_name"]
         target.mkdir(parents=True, exist_ok=True)

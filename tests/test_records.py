@@ -1,5 +1,7 @@
 import json
 import multiprocessing
+import os
+import time
 
 import pytest
 
@@ -62,3 +64,16 @@ def test_schema_errors_name_the_field(tmp_path):
     atomic_write_text(tmp_path / "a.json", json.dumps({"x": 1}))
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_temp_entries_a_killed_writer_left_are_removed_once_stale(tmp_path):
+    cache = StageCache(tmp_path)
+    abandoned, in_progress = tmp_path / ".k1.abandoned", tmp_path / ".k2.writing"
+    for folder in (abandoned, in_progress):
+        folder.mkdir()
+        (folder / "weights.safetensors").write_bytes(b"half")
+    two_hours_ago = time.time() - 7200
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+    cache.put("k3", lambda entry: (entry / "x").write_text("1"))
+    assert not abandoned.exists() and in_progress.exists()  # another worker may still be writing that one
+    assert cache.get("k3") is not None

@@ -9,6 +9,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from importlib import metadata
@@ -167,6 +168,7 @@ class StageCache:
         """Call ``write(tmp_dir)`` to fill a new entry, then publish it atomically."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self.remove_abandoned()
             tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}."))
         except OSError as exc:
             raise WriteError(f"{self.root}: could not create a stage cache entry ({exc.strerror or exc})") from None
@@ -191,6 +193,13 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return self.root / key
+
+
+    def remove_abandoned(self, older_than_s: float = 3600.0) -> None:
+        """Delete temp entries a killed writer left behind (a live writer finishes its entry in seconds)."""
+        for tmp in self.root.glob(".*"):
+            if tmp.is_dir() and time.time() - tmp.stat().st_mtime > older_than_s:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:
