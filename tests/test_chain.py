@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from chainforget.config import TaskSpec
 from chainforget.metrics import bbq_bias_scores
@@ -104,3 +105,19 @@ def test_tasks_listed_but_not_in_the_chain_are_not_loaded(smoke_config):
     unused = {**smoke_config.tasks, "toxigen": TaskSpec(source="release", path="/nonexistent/toxigen")}
     record = run_chain(replace(smoke_config, run_name="unused", tasks=unused, train=replace(smoke_config.train, steps=2)), progress=False)
     assert set(record["data"]) == {"bbq", "csqa"}
+
+
+def test_lora_adapters_depend_on_the_seed_alone_not_on_what_the_process_ran_before(tmp_path):
+    from chainforget.config import LoraSpec, ModelSpec
+    from chainforget.models import load_model, tiny_tokenizer, trainable_state
+
+    folder = tmp_path / "model"  # a local HF directory: the route every real model takes
+    load_model(ModelSpec(name="tiny", finetune="full"), seed=0).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    spec = ModelSpec(name=str(folder), finetune="lora", lora=LoraSpec(rank=2, target_modules=["q_proj"]))
+    first = trainable_state(load_model(spec, seed=3))
+    torch.rand(1000)  # an earlier chain in the same process (an Optuna worker) drew from the generator
+    again = trainable_state(load_model(spec, seed=3))
+    other = trainable_state(load_model(spec, seed=4))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)

@@ -44,12 +44,15 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def load_model(spec: ModelSpec, seed: int = 0):
-    """The model in fp32 (precision comes from the Trainer/autocast), wrapped per ``spec.finetune``."""
+    """The model in fp32 (precision comes from the Trainer/autocast), wrapped per ``spec.finetune``.
+
+    ``seed`` fixes every random initialisation (the tiny model's weights, the LoRA adapters), so a chain's
+    stages do not depend on what the process ran before (an Optuna worker runs many chains)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(seed)
     if spec.name == TINY:
         tokenizer = tiny_tokenizer()
-        torch.manual_seed(seed)
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,

@@ -21,7 +21,7 @@ import pandas as pd
 from chainforget.errors import DataError, WriteError
 
 SCHEMA_VERSION = 1
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: LoRA adapters initialised from the chain's seed
 SCHEMA_PATH = Path(__file__).with_name("run_schema.json")
 PACKAGES = ("chainforget", "torch", "lightning", "transformers", "peft", "wandb", "pandas", "numpy")
 
