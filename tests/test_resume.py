@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from chainforget.records import StageCache, read_record
 from lightning_modules.checkpoint import SafetensorsCheckpointIO
@@ -99,3 +100,49 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_record(tmp
     # every attempt continued the one W&B run the first attempt created
     offline_runs = list((tmp_path / "runs" / "run" / "wandb").glob("offline-run-*"))
     assert len(offline_runs) > 1 and len({path.name.rsplit("-", 1)[1] for path in offline_runs}) == 1
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mitigation", ["sam", "lwf", "ewc"])
+def test_a_stage_with_a_mitigation_resumes_with_its_anchor_teacher_and_optimizer_state(mitigation, smoke_config, monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    from chainforget.config import MitigationSpec
+    from lightning_modules.chain import run_chain
+    from lightning_modules.stage import StageModule
+
+    config = replace(smoke_config, mitigation=MitigationSpec(name=mitigation, strength=0.05 if mitigation == "sam" else 1.0),
+                     trainer=replace(smoke_config.trainer, checkpoint_every=4), wandb=replace(smoke_config.wandb, mode="disabled"))  # fmt: skip
+    expected = run_chain(replace(config, out=str(tmp_path / "ref"), cache_dir=str(tmp_path / "ref-cache")), progress=False)
+
+    original, steps = StageModule.training_step, []
+
+    def interrupt_in_stage_two(self, batch, batch_idx):
+        steps.append(batch_idx)
+        if len(steps) == 30 + 11:  # stage 1 has 30 steps; stop after stage 2's checkpoint at step 8
+            raise Interrupted
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(StageModule, "training_step", interrupt_in_stage_two)
+    with pytest.raises(Interrupted):
+        run_chain(config, progress=False)
+    assert list((tmp_path / "runs").glob("*/checkpoints/*/last.ckpt"))
+    resumed_steps = []
+
+    def count(self, batch, batch_idx):
+        resumed_steps.append(batch_idx)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(StageModule, "training_step", count)
+    record = run_chain(config, progress=False)
+    assert len(resumed_steps) == 30 - 8  # stage 1 from the cache, stage 2 from its step-8 checkpoint
+    run_dir = tmp_path / "runs" / record["run_name"]
+    assert record["stages"][0]["cache_hit"] and not record["stages"][1]["cache_hit"]
+    assert record["stages"][1]["mitigation"] == expected["stages"][1]["mitigation"]  # penalty totals carried over
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(run_dir / "predictions.parquet"),
+        pd.read_parquet(tmp_path / "ref" / record["run_name"] / "predictions.parquet"),
+    )
