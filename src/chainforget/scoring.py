@@ -171,8 +171,37 @@ def _text_scores(totals: list[list[float]], examples: list[Example], normalize: 
     return Scores(np.array([int(np.argmax(row)) for row in totals], dtype=np.int64), totals)
 
 
+def _pack_options(options: list[list[list[int]]], context_mask: torch.Tensor, pad: int):
+    """All options of each question side by side in one row, for one forward pass over a context's cache.
+
+    Returns ids ``(B, S)``, a boolean 4-D mask ``(B, 1, S, C + S)`` under which each option token sees the
+    (left-padded) context and the earlier tokens of its own option only, position ids that restart every
+    option right after its context, and per row the ``(start, length)`` of every option.
+    """
+    width = max(1, max(sum(len(o) for o in row) for row in options))
+    batch, context = context_mask.shape
+    ids = torch.full((batch, width), pad, dtype=torch.long)
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    mask = torch.zeros((batch, 1, width, context + width), dtype=torch.bool)
+    mask[:, 0, :, :context] = context_mask.bool().cpu().unsqueeze(1)  # padding query rows see the context only
+    lengths = context_mask.sum(-1).cpu()
+    spans = []
+    for row, row_options in enumerate(options):
+        begin, row_spans = 0, []
+        for option in row_options:
+            end = begin + len(option)
+            ids[row, begin:end] = torch.tensor(option, dtype=torch.long)
+            positions[row, begin:end] = lengths[row] + torch.arange(len(option))
+            mask[row, 0, begin:end, context + begin : context + end] = torch.ones(len(option), len(option), dtype=torch.bool).tril()
+            row_spans.append((begin, len(option)))
+            begin = end
+        spans.append(row_spans)
+    return ids, mask, positions, spans
+
+
 def _text_from_cache(model, tokenizer, examples, batch_size, max_seq_len, precision, progress) -> list[list[float]]:
-    """Summed option log-probabilities, each question's context run once and its options from the cache."""
+    """Summed option log-probabilities: each question's context runs once, then all its options in one pass
+    over the context's key/value cache (each option masked from the others)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -199,29 +228,19 @@ def _text_from_cache(model, tokenizer, examples, batch_size, max_seq_len, precis
             with autocast_for(device, precision):
                 first = model(**context, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             first = first.float().log_softmax(-1)
-            for j in range(max(len(encoded[i][1]) for i in batch)):
-                options = [encoded[i][1][j] if j < len(encoded[i][1]) else [] for i in batch]
-                span = max(1, max(len(o) for o in options))
-                ids = torch.full((len(batch), span), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), span), dtype=torch.long)
-                for row, option in enumerate(options):
-                    ids[row, : len(option)] = torch.tensor(option, dtype=torch.long)
-                    mask[row, : len(option)] = 1
-                ids, mask = ids.to(device), mask.to(device)
-                positions = lengths.unsqueeze(1) + torch.arange(span, device=device)
-                with autocast_for(device, precision):
-                    logits = model(
-                        input_ids=ids, attention_mask=torch.cat([context["attention_mask"], mask], dim=1),
-                        position_ids=positions, cache=cache, use_cache=True,
-                    ).logits  # fmt: skip
-                # option token 0 comes from the context's last position, token t > 0 from option position t - 1
-                later = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-                heads = first.gather(-1, ids[:, :1]).squeeze(-1)
-                sums = (heads + (later * mask[:, 1:]).sum(-1)).cpu()
-                for row, (i, option) in enumerate(zip(batch, options)):
-                    if option:
-                        totals[i][j] = float(sums[row])
-                cache.crop(-span)  # drop this option, keep the context
+            ids, mask, positions, spans = _pack_options([encoded[i][1] for i in batch], context["attention_mask"], pad)
+            with autocast_for(device, precision):
+                logits = model(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                    cache=cache, use_cache=True,
+                ).logits  # fmt: skip
+            # an option's token 0 is predicted by the context's last position, token t > 0 by its own token t - 1
+            picked = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1).to(device)).squeeze(-1).cpu()
+            heads = first.cpu()
+            for row, i in enumerate(batch):
+                for j, (begin, length) in enumerate(spans[row]):
+                    tokens = ids[row, begin : begin + length]
+                    totals[i][j] = float(heads[row, tokens[0]] + picked[row, begin : begin + length - 1].sum())
             bar.update(len(batch))
     model.train(was_training)
     return totals
