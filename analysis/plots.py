@@ -59,8 +59,9 @@ def accuracy_figure(evals: pd.DataFrame):
     frame = evals[evals["group_kind"] == "all"]
     single = frame.groupby(["order", "task", "stage"]).size().max() == 1
     grid = sns.relplot(
-        data=frame, x="stage", y="acc_pp", hue="task", col="order", kind="line", marker="o", palette=PALETTE,
-        height=3.2, aspect=1.1, facet_kws={"sharey": True}, errorbar=None if single else ("ci", 95),
+        data=frame, x="stage", y="acc_pp", hue="task", col="order", col_wrap=min(4, frame["order"].nunique()),
+        kind="line", marker="o", palette=PALETTE, height=3.2, aspect=1.1, facet_kws={"sharey": True},
+        errorbar=None if single else ("ci", 95),
     )  # fmt: skip
     colours = dict(zip(sorted(frame["task"].unique()), sns.color_palette(PALETTE)))
     if single:
@@ -171,10 +172,13 @@ def replay_figure(recovery: pd.DataFrame):
 
 
 def curvature_figure(points: pd.DataFrame, correlation: dict):
-    """Top Hessian eigenvalue after the first stage vs that task's forgetting, with a least-squares fit and
-    its 95% band; the title gives Spearman's rho with its bootstrap interval."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    sns.regplot(data=points, x="top_eigenvalue", y="F", ax=ax, color=sns.color_palette(PALETTE, 1)[0], ci=95)
+    """Top Hessian eigenvalue after the first stage vs that task's forgetting, coloured by task (marked by
+    mitigation where there are several), with a least-squares fit over all points and its 95% band; the title
+    gives Spearman's rho with its bootstrap interval."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sns.regplot(data=points, x="top_eigenvalue", y="F", ax=ax, color="0.4", ci=95, scatter=False)
+    style = "mitigation" if "mitigation" in points and points["mitigation"].nunique() > 1 else None
+    sns.scatterplot(data=points, x="top_eigenvalue", y="F", hue="task", style=style, palette=PALETTE, ax=ax, s=40)
     rho = correlation.get("spearman")
     interval = f" [{correlation['lo']:.2f}, {correlation['hi']:.2f}]" if correlation.get("lo") is not None else ""
     ax.set_xlabel("top Hessian eigenvalue at the end of stage 1")

@@ -46,9 +46,12 @@ def test_replay_curve_has_two_series_over_the_ratios():
 
 
 def test_curvature_scatter_plots_every_run_and_reports_rho():
-    points = pd.DataFrame({"top_eigenvalue": [1.0, 2.0, 3.0, 4.0], "F": [5.0, 6.0, 8.0, 7.0]})
+    points = pd.DataFrame({"top_eigenvalue": [1.0, 2.0, 3.0, 4.0], "F": [5.0, 6.0, 8.0, 7.0], "task": ["bbq", "bbq", "toxigen", "toxigen"],
+                           "mitigation": ["none", "sam", "none", "none"]})  # fmt: skip
     ax = plots.curvature_figure(points, {"spearman": 0.8, "lo": 0.2, "hi": 1.0, "n": 4}).axes[0]
-    assert len(ax.collections[0].get_offsets()) == 4
+    (scatter,) = [c for c in ax.collections if type(c).__name__ == "PathCollection"]
+    assert sorted(map(tuple, scatter.get_offsets().tolist())) == [(1.0, 5.0), (2.0, 6.0), (3.0, 8.0), (4.0, 7.0)]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"bbq", "toxigen", "sam"}
     assert "rho = 0.80 [0.20, 1.00]" in ax.get_title() and "(pp)" in ax.get_ylabel()
 
 
