@@ -25,7 +25,7 @@ smoke: setup
 # workers each, then the tables, run records and report in docs/results. About 1.5 hours on a 2-core CPU.
 # Offline: make findings FINDINGS_ARGS="--config sweeps/configs/shared_data.yaml"
 findings: setup
-	for study in order replay sam; do \
+	for study in order replay replay_toxigen sam; do \
 	  for worker in 1 2; do \
 	    CHAINFORGET_THREADS=1 $(BIN)/chainforget sweep optuna sweeps/optuna/findings_$$study.yaml $(FINDINGS_ARGS) & \
 	  done; wait; \

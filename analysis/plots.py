@@ -152,21 +152,26 @@ def asymmetry_figure(asymmetry: pd.DataFrame):
 
 
 def replay_figure(recovery: pd.DataFrame):
-    """Replay ratio r vs the safety accuracy the replay stage recovered and the capability accuracy it cost (pp)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    """Replay ratio r vs the safety accuracy the replay stage recovered and the capability accuracy it cost (pp),
+    one panel per chain."""
+    panels = list(recovery.groupby("order", sort=True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False, sharey=True)
     colours = sns.color_palette(PALETTE, 2)
-    for (column, lo, hi, label), colour in zip(
-        [("safety_recovered_pp", "recovered_lo", "recovered_hi", "safety accuracy recovered"),
-         ("capability_change_pp", "capability_lo", "capability_hi", "capability accuracy change")], colours,
-    ):  # fmt: skip
-        low = (recovery[column] - recovery[lo]).fillna(0).clip(lower=0)
-        high = (recovery[hi] - recovery[column]).fillna(0).clip(lower=0)
-        ax.errorbar(recovery["ratio"], recovery[column], yerr=[low, high], marker="o", capsize=3, color=colour, label=label)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("replay ratio r (share of safety data in the last stage)")
-    ax.set_ylabel("accuracy change in the replay stage (pp)")
-    ax.set_title("Replay: safety recovered vs capability kept (95% CI over seeds)", fontsize=10)
-    ax.legend(fontsize=8)
+    for ax, (order, part) in zip(axes[0], panels):
+        for (column, lo, hi, label), colour in zip(
+            [("safety_recovered_pp", "recovered_lo", "recovered_hi", "safety accuracy recovered"),
+             ("capability_change_pp", "capability_lo", "capability_hi", "capability accuracy change")], colours,
+        ):  # fmt: skip
+            low = (part[column] - part[lo]).fillna(0).clip(lower=0)
+            high = (part[hi] - part[column]).fillna(0).clip(lower=0)
+            ax.errorbar(part["ratio"], part[column], yerr=[low, high], marker="o", capsize=3, color=colour, label=label)
+        ax.axhline(0, color="grey", lw=0.8)
+        lost = part["safety_lost_pp"].mean()
+        ax.set_title(f"{order} → replay stage (safety lost before it: {lost:+.1f} pp)", fontsize=9)
+        ax.set_xlabel("replay ratio r (share of safety data in the last stage)")
+    axes[0][0].set_ylabel("accuracy change in the replay stage (pp)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Replay: safety recovered vs capability kept (95% CI over seeds)", fontsize=10)
     fig.tight_layout()
     return fig
 

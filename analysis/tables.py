@@ -148,7 +148,7 @@ def order_asymmetry(records: list[dict]) -> pd.DataFrame:
 
 
 def replay_recovery(records: list[dict]) -> pd.DataFrame:
-    """Replay-stage runs by ratio r: how much of the first task's lost accuracy the replay stage won back
+    """Replay-stage runs by chain and ratio r: how much of the first task's lost accuracy the replay stage won back
     (``recovered = (Acc3 - Acc2) / (Acc1 - Acc2)``) and how the last task's accuracy moved (pp), over seeds."""
     rows = []
     for record in records:
@@ -160,7 +160,7 @@ def replay_recovery(records: list[dict]) -> pd.DataFrame:
         before = len(record["config"]["order"])  # the last stage before the replay stage
         after = before + 1
         lost = acc[(1, first)] - acc[(before, first)]
-        rows.append({"ratio": mitigation["strength"], "seed": record["config"]["seed"], "safety_task": first,
+        rows.append({"order": order_label(record), "ratio": mitigation["strength"], "seed": record["config"]["seed"], "safety_task": first,
                      "safety_lost": lost, "safety_recovered_pp": acc[(after, first)] - acc[(before, first)],
                      "recovered_share": (acc[(after, first)] - acc[(before, first)]) / lost if lost > 0 else None,
                      "capability_change_pp": acc[(after, last)] - acc[(before, last)]})  # fmt: skip
@@ -168,10 +168,10 @@ def replay_recovery(records: list[dict]) -> pd.DataFrame:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)
     summary = []
-    for ratio, part in frame.groupby("ratio", sort=True):
+    for (order, ratio), part in frame.groupby(["order", "ratio"], sort=True):
         recovered, lo, hi = mean_interval(part["safety_recovered_pp"])
         kept, kept_lo, kept_hi = mean_interval(part["capability_change_pp"])
-        summary.append({"ratio": ratio, "seeds": len(part), "safety_lost_pp": float(part["safety_lost"].mean()),
+        summary.append({"order": order, "ratio": ratio, "seeds": len(part), "safety_lost_pp": float(part["safety_lost"].mean()),
                         "safety_recovered_pp": recovered, "recovered_lo": lo, "recovered_hi": hi,
                         "capability_change_pp": kept, "capability_lo": kept_lo, "capability_hi": kept_hi})  # fmt: skip
     return pd.DataFrame(summary)

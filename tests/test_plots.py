@@ -39,8 +39,11 @@ def test_asymmetry_bars_one_per_pair_with_error_bars():
 def test_replay_curve_has_two_series_over_the_ratios():
     table = pd.DataFrame({"ratio": [0.0, 0.05, 0.2], "safety_recovered_pp": [0.0, 4.0, 6.0], "recovered_lo": [-1, 2, 3],
                           "recovered_hi": [1, 6, 9], "capability_change_pp": [0.5, -0.5, -2.0], "capability_lo": [0, -1, -3],
-                          "capability_hi": [1, 0, -1]})  # fmt: skip
-    ax = plots.replay_figure(table).axes[0]
+                          "capability_hi": [1, 0, -1], "safety_lost_pp": [8.0, 8.0, 8.0]})  # fmt: skip
+    two_chains = pd.concat([table.assign(order="bbq → csqa"), table.assign(order="toxigen → csqa")], ignore_index=True)
+    fig = plots.replay_figure(two_chains)
+    assert len(fig.axes) == 2 and "toxigen → csqa" in fig.axes[1].get_title() and "+8.0 pp" in fig.axes[1].get_title()
+    ax = fig.axes[0]
     assert [len(container.lines[0].get_xdata()) for container in ax.containers] == [3, 3]  # two series, 3 ratios each
     assert "replay ratio" in ax.get_xlabel() and "(pp)" in ax.get_ylabel()
 

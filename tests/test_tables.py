@@ -56,6 +56,7 @@ def test_replay_recovery_by_ratio():
     runs = [record(["bbq", "csqa"], 0, acc=acc, mitigation={"name": "replay_stage", "strength": 0.05}),
             record(["bbq", "csqa"], 0, acc={**acc, (3, "bbq"): 0.4}, mitigation={"name": "replay_stage", "strength": 0.0})]  # fmt: skip
     table = replay_recovery(runs).set_index("ratio")
+    assert set(table["order"]) == {"bbq → csqa"}  # chains are kept apart
     assert table.loc[0.05, "safety_lost_pp"] == pytest.approx(20.0)
     assert table.loc[0.05, "safety_recovered_pp"] == pytest.approx(10.0)
     assert table.loc[0.05, "capability_change_pp"] == pytest.approx(-2.0)
