@@ -3,7 +3,8 @@
     python -m analysis.findings runs/findings docs/results
 
 writes ``docs/results/tables/*.csv``, copies every run's ``run.json`` to ``docs/results/runs/<run>/`` (what the
-tables are rebuilt from, see tests/test_findings.py) and the report (``report.html``, ``report.md``, figures).
+tables are rebuilt from, see tests/test_findings.py), the report of the plain chains (``report/``: report.html,
+report.md, figures) and the report of the SAM and replay chains (``report-mitigations/``).
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
     (out / "tables").mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         table.to_csv(out / "tables" / f"{name}.csv", index=False)
-    write_report(out / "runs", out / "report")
+    plain = lambda record: mitigation(record) == "none"  # noqa: E731
+    write_report(out / "runs", out / "report", keep=plain)  # findings 1-3
+    write_report(out / "runs", out / "report-mitigations", keep=lambda record: not plain(record))  # SAM and replay
     return tables
 
 

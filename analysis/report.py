@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from analysis import plots
-from analysis.runs import Runs, forgetting_frame, load_runs
+from analysis.runs import Runs, evals_frame, forgetting_frame, load_runs, runs_frame
 from analysis.tables import (
     accuracy_table, curvature_forgetting, forgetting_summary, order_asymmetry, replay_recovery, score_changes, seed_summary,
 )  # fmt: skip
@@ -71,9 +72,13 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
     return out
 
 
-def write_report(source: str | Path, out_dir: Path) -> Path:
-    """Write ``report.md`` (+ PNG figures) and ``report.html`` into ``out_dir``; return the HTML path."""
+def write_report(source: str | Path, out_dir: Path, keep: Callable[[dict], bool] | None = None) -> Path:
+    """Write ``report.md`` (+ PNG figures) and ``report.html`` into ``out_dir`` for the runs of ``source`` that
+    ``keep`` accepts (default: all); return the HTML path."""
     runs = load_runs(source)
+    if keep is not None:
+        records = [record for record in runs.records if keep(record)]
+        runs = Runs(records, runs_frame(records), evals_frame(records), runs.predictions)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = sections(runs)
     figures = {}

@@ -40,7 +40,13 @@ class Runs:
 
 
 def order_label(record: dict) -> str:
-    return " → ".join(record["config"]["order"])
+    """``bbq → csqa``, with the mitigation when there is one (``bbq → csqa (replay_stage 0.05)``), so runs of one
+    order with and without a mitigation are never pooled."""
+    label = " → ".join(record["config"]["order"])
+    mitigation = record["config"].get("mitigation") or {}
+    if mitigation.get("name", "none") != "none":
+        label += f" ({mitigation['name']} {mitigation['strength']:g})"
+    return label
 
 
 def runs_frame(records: list[dict]) -> pd.DataFrame:

@@ -160,7 +160,7 @@ def replay_recovery(records: list[dict]) -> pd.DataFrame:
         before = len(record["config"]["order"])  # the last stage before the replay stage
         after = before + 1
         lost = acc[(1, first)] - acc[(before, first)]
-        rows.append({"order": order_label(record), "ratio": mitigation["strength"], "seed": record["config"]["seed"], "safety_task": first,
+        rows.append({"order": " → ".join(record["config"]["order"]), "ratio": mitigation["strength"], "seed": record["config"]["seed"], "safety_task": first,
                      "safety_lost": lost, "safety_recovered_pp": acc[(after, first)] - acc[(before, first)],
                      "recovered_share": (acc[(after, first)] - acc[(before, first)]) / lost if lost > 0 else None,
                      "capability_change_pp": acc[(after, last)] - acc[(before, last)]})  # fmt: skip
