@@ -29,7 +29,7 @@ def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
     """One table per finding: order asymmetry, per-group and biased forgetting, curvature (with SAM), replay."""
     plain = [r for r in records if len(r["config"]["order"]) == 2 and mitigation(r) == "none"]
     two_stage = [r for r in records if len(r["config"]["order"]) == 2 and mitigation(r) in ("none", "sam")]
-    points, correlation = curvature_forgetting(plain)
+    _, correlation = curvature_forgetting(plain)
     sam_points, _ = curvature_forgetting(two_stage)
     return {
         "order_asymmetry": order_asymmetry(plain),
@@ -119,9 +119,8 @@ def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
     (out / "tables").mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         table.to_csv(out / "tables" / f"{name}.csv", index=False)
-    plain = lambda record: mitigation(record) == "none"  # noqa: E731
-    write_report(out / "runs", out / "report", keep=plain)  # findings 1-3
-    write_report(out / "runs", out / "report-mitigations", keep=lambda record: not plain(record))  # SAM and replay
+    write_report(out / "runs", out / "report", keep=lambda record: mitigation(record) == "none")  # findings 1-3
+    write_report(out / "runs", out / "report-mitigations", keep=lambda record: mitigation(record) != "none")
     return tables
 
 
