@@ -30,14 +30,14 @@ def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
     plain = [r for r in records if len(r["config"]["order"]) == 2 and mitigation(r) == "none"]
     two_stage = [r for r in records if len(r["config"]["order"]) == 2 and mitigation(r) in ("none", "sam")]
     _, correlation = curvature_forgetting(plain)
-    sam_points, _ = curvature_forgetting(two_stage)
+    points = curvature_forgetting(two_stage)[0].merge(run_keys(two_stage), on="run_name")
     return {
         "order_asymmetry": order_asymmetry(plain),
         "group_forgetting": group_forgetting(plain),
         "biased_forgetting": biased_forgetting(plain),
-        "curvature_points": sam_points.merge(run_keys(two_stage), on="run_name"),
+        "curvature_points": points,
         "curvature_correlation": pd.DataFrame([correlation]),
-        "sam_vs_plain": sam_vs_plain(sam_points.merge(run_keys(two_stage), on="run_name")),
+        "sam_vs_plain": sam_vs_plain(points),
         "replay": replay_recovery([r for r in records if mitigation(r) == "replay_stage"]),
     }
 
@@ -52,7 +52,10 @@ def group_forgetting(records: list[dict]) -> pd.DataFrame:
     """Per group of every forgotten task: F_g averaged over seeds (interval over seeds), and in how many seeds
     the paired-bootstrap interval of ``BF_g = F_g - F`` excludes 0 (the group forgot more or less than the task
     as a whole, beyond what the interval allows)."""
-    frame = forgetting_frame(records)
+    return group_table(forgetting_frame(records))
+
+
+def group_table(frame: pd.DataFrame) -> pd.DataFrame:
     groups = frame[frame["group_kind"] != "all"].copy()
     groups["beyond"] = (groups["BF_lo"] > 0) | (groups["BF_hi"] < 0)  # BF_g = F_g - F, one paired bootstrap
     summary = seed_summary(groups)
@@ -65,8 +68,8 @@ def biased_forgetting(records: list[dict]) -> pd.DataFrame:
     """Per order x task x group kind: the headline BF (worst group) and the spread over seeds, and how many of the
     (run, group) pairs large enough to count have a ``BF_g`` interval that excludes 0 (about 5% would by chance
     if every group forgot alike)."""
-    table = group_forgetting(records)
     frame = forgetting_frame(records)
+    table = group_table(frame)
     overall = frame[frame["group_kind"] == "all"].set_index("run_name")["F"]
     rows = []
     for record in records:

@@ -194,7 +194,6 @@ class StageCache:
             raise
         return self.root / key
 
-
     def remove_abandoned(self, older_than_s: float = 3600.0) -> None:
         """Delete temp entries a killed writer left behind (a live writer finishes its entry in seconds)."""
         for tmp in self.root.glob(".*"):

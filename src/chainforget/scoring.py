@@ -223,7 +223,6 @@ def _text_from_cache(model, tokenizer, examples, batch_size, max_seq_len, precis
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             context = {k: v.to(device) for k, v in left_pad([encoded[i][0] for i in batch], pad).items()}
-            lengths = context["attention_mask"].sum(-1)
             cache = DynamicCache()
             with autocast_for(device, precision):
                 first = model(**context, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
