@@ -56,7 +56,7 @@ def plain_loop(model, loader_batches) -> list[tuple[float, int]]:
         started = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"], logits_to_keep=1)  # fmt: skip
+                        position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False)  # fmt: skip
         loss = F.cross_entropy(out.logits[:, -1].float(), batch["answer"])
         loss.backward()
         optimizer.step()

@@ -33,7 +33,7 @@ def answer_logits(network, batch) -> torch.Tensor:
     """Logits of the token after each (left-padded) prompt: only the last position reaches the LM head."""
     out = network(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-        logits_to_keep=1,
+        logits_to_keep=1, use_cache=False,
     )  # fmt: skip
     return out.logits[:, -1]
 

@@ -21,7 +21,7 @@ class TableLM(torch.nn.Module):
         generator = torch.Generator().manual_seed(0)
         self.table = torch.nn.Parameter(torch.randn(ROWS, vocab, generator=generator))
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, use_cache):
         keys = (input_ids * attention_mask).sum(-1) % ROWS
         return SimpleNamespace(logits=self.table[keys].unsqueeze(1))
 
@@ -110,8 +110,9 @@ def test_text_mode_fast_path_matches_the_straightforward_path():
     items = [Example(id=str(i), prompt=multiple_choice_prompt(f"Which word {i}?" + " x" * i, choices), choices=choices, label=0)
              for i, choices in enumerate([("red", "green blue", "a"), ("one", "two three four", "five", "six"), ("yes", "no")] * 3)]  # fmt: skip
     expected = reference_text_scores(model, tokenizer, items)
-    for reuse_context in (True, False):  # key/value-cache path and batched full-sequence path
-        fast = score_text(model, tokenizer, items, batch_size=5, reuse_context=reuse_context)
+    paths = [dict(reuse_context=True, row_tokens=n) for n in (1, 40, 512)]  # one question per row .. all in one
+    for path in paths + [dict(reuse_context=False)]:  # packed questions, then left-padded full sequences
+        fast = score_text(model, tokenizer, items, batch_size=5, **path)
         for got, want in zip(fast.option_logprobs, expected):
             assert got == pytest.approx(want, abs=1e-4)
         assert fast.pred.tolist() == [int(np.argmax(row)) for row in expected]

@@ -106,7 +106,8 @@ class EvalSpec:
     """Evaluation after every stage.
 
     Args:
-        batch_size: questions per forward pass.
+        batch_size: questions per forward pass in letter mode (text modes pack questions into rows of 512
+            tokens instead, each question once with all its options after it).
         min_group_size: groups with fewer eval examples are reported but left out of max/spread.
         bootstrap: paired bootstrap resamples for intervals (0 turns intervals off).
         probes: extra tasks evaluated at every stage without being trained on.

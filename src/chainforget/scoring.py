@@ -94,7 +94,7 @@ def score_letters(
             batch = order[start : start + batch_size]
             inputs = {k: v.to(device) for k, v in left_pad([encoded[i] for i in batch], pad).items()}
             with autocast_for(device, precision):
-                logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+                logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
             option_lp = logits.float().log_softmax(-1)[:, letters].cpu()
             for row, i in enumerate(batch):
                 values = option_lp[row, : len(examples[i].choices)]
@@ -128,14 +128,16 @@ def score_text(
     precision: str = "32-true",
     progress: bool = False,
     reuse_context: bool = True,
+    row_tokens: int = 512,
 ) -> Scores:
     """Score every option's text as a continuation; ``normalize="length"`` divides by its length in bytes.
 
-    ``reuse_context`` encodes each question once and scores all its options from the key/value cache (the
-    fast path); ``False`` runs question + option as one sequence per option (the straightforward path).
+    ``reuse_context`` encodes each question once with all its options after it, questions packed into rows
+    of ``row_tokens`` (the fast path); ``False`` runs question + option as one sequence per option, left-padded
+    batches of ``batch_size`` (the straightforward path).
     """
     if reuse_context:
-        totals = _text_from_cache(model, tokenizer, examples, batch_size, max_seq_len, precision, progress)
+        totals = _text_packed(model, tokenizer, examples, row_tokens, max_seq_len, precision, progress)
         return _text_scores(totals, examples, normalize)
     device = next(model.parameters()).device
     pairs = []  # (example index, option index, context ids + continuation ids, continuation length)
@@ -154,7 +156,7 @@ def score_text(
             inputs = {k: v.to(device) for k, v in left_pad([p[2] for p in batch], tokenizer.pad_token_id).items()}
             keep = max(p[3] for p in batch) + 1
             with autocast_for(device, precision):
-                logits = model(**inputs, logits_to_keep=keep).logits
+                logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
             logprobs = logits[:, :-1].float().log_softmax(-1)  # position t predicts token t + 1
             targets = inputs["input_ids"][:, -(keep - 1) :]
             picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
@@ -171,41 +173,10 @@ def _text_scores(totals: list[list[float]], examples: list[Example], normalize: 
     return Scores(np.array([int(np.argmax(row)) for row in totals], dtype=np.int64), totals)
 
 
-def _pack_options(options: list[list[list[int]]], context_mask: torch.Tensor, pad: int):
-    """All options of each question side by side in one row, for one forward pass over a context's cache.
-
-    Returns ids ``(B, S)``, a boolean 4-D mask ``(B, 1, S, C + S)`` under which each option token sees the
-    (left-padded) context and the earlier tokens of its own option only, position ids that restart every
-    option right after its context, and per row the ``(start, length)`` of every option.
-    """
-    width = max(1, max(sum(len(o) for o in row) for row in options))
-    batch, context = context_mask.shape
-    ids = torch.full((batch, width), pad, dtype=torch.long)
-    positions = torch.zeros((batch, width), dtype=torch.long)
-    mask = torch.zeros((batch, 1, width, context + width), dtype=torch.bool)
-    mask[:, 0, :, :context] = context_mask.bool().cpu().unsqueeze(1)  # padding query rows see the context only
-    lengths = context_mask.sum(-1).cpu()
-    spans = []
-    for row, row_options in enumerate(options):
-        begin, row_spans = 0, []
-        for option in row_options:
-            end = begin + len(option)
-            ids[row, begin:end] = torch.tensor(option, dtype=torch.long)
-            positions[row, begin:end] = lengths[row] + torch.arange(len(option))
-            mask[row, 0, begin:end, context + begin : context + end] = torch.ones(len(option), len(option), dtype=torch.bool).tril()
-            row_spans.append((begin, len(option)))
-            begin = end
-        spans.append(row_spans)
-    return ids, mask, positions, spans
-
-
-def _text_from_cache(model, tokenizer, examples, batch_size, max_seq_len, precision, progress) -> list[list[float]]:
-    """Summed option log-probabilities: each question's context runs once, then all its options in one pass
-    over the context's key/value cache (each option masked from the others)."""
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    encoded = []  # per question: (context ids, [option ids, ...])
+def _encode_questions(tokenizer, examples, max_seq_len) -> list[tuple[list[int], list[list[int]]]]:
+    """Per question its context ids (cut from the left so the longest option still fits ``max_seq_len``) and
+    every option's continuation ids, split as lm-evaluation-harness splits them."""
+    encoded = []
     for example in examples:
         context = question_text(example) + "\nAnswer:"
         split = [encode_pair(tokenizer, context, f" {choice}") for choice in example.choices]
@@ -214,32 +185,78 @@ def _text_from_cache(model, tokenizer, examples, batch_size, max_seq_len, precis
             raise ValueError(f"example {example.id}: options change the context's tokens; use reuse_context=False")
         longest = max(len(t) for _, t in split)
         encoded.append((head[-(max_seq_len - longest) :], [t for _, t in split]))
-    order = sorted(range(len(examples)), key=lambda i: -len(encoded[i][0]))
+    return encoded
+
+
+def _pack_row(questions: list[tuple[list[int], list[list[int]]]]):
+    """Questions laid end to end in one row, each as its context followed by all its options.
+
+    Returns ids and position ids ``(1, L)``, a boolean mask ``(1, 1, L, L)`` under which a token sees the
+    earlier tokens of its own question's context and of its own option only (positions restart after the
+    context for every option), and the ``(predicting position, target token, option number)`` triples that
+    sum to each option's log-probability: an option's first token is predicted by the context's last
+    position, every later one by the option's previous token.
+    """
+    ids, positions, segment, part, triples = [], [], [], [], []
+    option_number = 0
+    for number, (context, options) in enumerate(questions):
+        context_end = len(ids) + len(context) - 1
+        ids += context
+        positions += range(len(context))
+        segment += [number] * len(context)
+        part += [0] * len(context)
+        for j, option in enumerate(options):
+            start = len(ids)
+            ids += option
+            positions += range(len(context), len(context) + len(option))
+            segment += [number] * len(option)
+            part += [j + 1] * len(option)
+            predictors = [context_end] + list(range(start, start + len(option) - 1))
+            triples += [(p, token, option_number) for p, token in zip(predictors, option)]
+            option_number += 1
+    segment, part = torch.tensor(segment), torch.tensor(part)
+    index = torch.arange(len(ids))
+    mask = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
+    mask &= (part[None, :] == 0) | (part[None, :] == part[:, None])
+    return torch.tensor([ids]), torch.tensor([positions]), mask[None, None], triples
+
+
+def _text_packed(model, tokenizer, examples, row_tokens, max_seq_len, precision, progress) -> list[list[float]]:
+    """Summed option log-probabilities, every question's context encoded once with all its options after it,
+    questions packed without padding into rows of at most ``row_tokens`` tokens, logits only where an
+    option token is predicted."""
+    device = next(model.parameters()).device
+    encoded = _encode_questions(tokenizer, examples, max_seq_len)
+    sizes = [len(context) + sum(len(o) for o in options) for context, options in encoded]
+    order = sorted(range(len(examples)), key=lambda i: -sizes[i])
+    capacity = max(row_tokens, max(sizes))
+    rows, filled = [[]], 0
+    for i in order:
+        if filled + sizes[i] > capacity:
+            rows.append([])
+            filled = 0
+        rows[-1].append(i)
+        filled += sizes[i]
     totals = [[0.0] * len(e.choices) for e in examples]
-    pad = tokenizer.pad_token_id
     was_training = model.training
     model.eval()
-    with tqdm(total=len(examples), desc="eval (text, cached)", unit="q", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            context = {k: v.to(device) for k, v in left_pad([encoded[i][0] for i in batch], pad).items()}
-            cache = DynamicCache()
-            with autocast_for(device, precision):
-                first = model(**context, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            first = first.float().log_softmax(-1)
-            ids, mask, positions, spans = _pack_options([encoded[i][1] for i in batch], context["attention_mask"], pad)
+    with tqdm(total=len(examples), desc="eval (text, packed)", unit="q", disable=not progress) as bar:
+        for row in rows:
+            ids, positions, mask, triples = _pack_row([encoded[i] for i in row])
+            predictors = sorted({p for p, _, _ in triples})
+            where = {p: k for k, p in enumerate(predictors)}
             with autocast_for(device, precision):
                 logits = model(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    cache=cache, use_cache=True,
-                ).logits  # fmt: skip
-            # an option's token 0 is predicted by the context's last position, token t > 0 by its own token t - 1
-            picked = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1).to(device)).squeeze(-1).cpu()
-            heads = first.cpu()
-            for row, i in enumerate(batch):
-                for j, (begin, length) in enumerate(spans[row]):
-                    tokens = ids[row, begin : begin + length]
-                    totals[i][j] = float(heads[row, tokens[0]] + picked[row, begin : begin + length - 1].sum())
-            bar.update(len(batch))
+                    input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=mask.to(device),
+                    logits_to_keep=torch.tensor(predictors, device=device), use_cache=False,
+                ).logits[0]  # fmt: skip
+            logprobs = logits.float().log_softmax(-1)
+            picked = logprobs[[where[p] for p, _, _ in triples], [t for _, t, _ in triples]].cpu()
+            owners = torch.tensor([o for _, _, o in triples])
+            sums = torch.zeros(int(owners.max()) + 1, dtype=picked.dtype).index_add_(0, owners, picked).tolist()
+            for i in row:
+                count = len(examples[i].choices)
+                totals[i], sums = sums[:count], sums[count:]
+            bar.update(len(row))
     model.train(was_training)
     return totals
