@@ -163,7 +163,7 @@ def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher
     L.seed_everything(config.seed + index, workers=True, verbose=False)
     module = StageModule.wrapping(
         model, lr=config.train.lr, warmup_ratio=config.train.warmup_ratio, weight_decay=config.train.weight_decay,
-        mitigation=mitigation,
+        mitigation=mitigation, attention=config.train.attention, compile=config.train.compile,
     )  # fmt: skip
     module.fisher = fisher
     datamodule = stage_data(data, tokenizer, entry, config.train.steps, config.seed + index, config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -58,12 +58,17 @@ class StageModule(L.LightningModule):
         init_from: start from a previous stage's trained weights: a chain's run directory (its last stage),
             a stage-cache key or entry directory, or a ``.safetensors`` file.
         cache_dir: the stage cache that ``init_from`` keys and run directories refer to (default: user cache).
+        attention: the attention kernel while training (evaluation keeps the model's own): ``auto`` is
+            ``eager`` on CPU, whose fused-attention backward is slow, and the model's own elsewhere; or any
+            transformers ``attn_implementation``.
+        compile: train through ``torch.compile``d decoder blocks (about 1.6x the tokens/s on a CPU; the
+            first compile takes about a minute there, later processes reuse inductor's on-disk cache).
     """
 
     def __init__(
         self, model: ModelSpec | None = None, lr: float = 2e-4, warmup_ratio: float = 0.1, weight_decay: float = 0.0,
         seed: int = 0, mitigation: MitigationSpec | None = None, init_from: str | None = None,
-        cache_dir: str | None = None,
+        cache_dir: str | None = None, attention: str = "auto", compile: bool = False,
     ):  # fmt: skip
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -79,11 +84,12 @@ class StageModule(L.LightningModule):
         self.mitigation_total = 0.0
         self.curvature: dict | None = None
         self._step_started = 0.0
+        self._training_kernels = ExitStack()
         self.strict_loading = False  # checkpoints hold the trainable weights only
 
     @classmethod
-    def wrapping(cls, network, *, lr: float, warmup_ratio: float, weight_decay: float, mitigation: MitigationSpec | None = None):
-        module = cls(lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay, mitigation=mitigation)
+    def wrapping(cls, network, **hparams):
+        module = cls(**hparams)
         module.network = network
         return module
 
@@ -107,6 +113,15 @@ class StageModule(L.LightningModule):
             self.anchor = mitigations.snapshot(self.trainable())
         if name == "lwf" and self.teacher is None:
             self.teacher = self._teacher_logits()
+        attention = self.hparams.attention
+        if attention == "auto":
+            attention = "eager" if self.device.type == "cpu" else self.network.config._attn_implementation
+        self._training_kernels.enter_context(attention_kernel(self.network, attention))
+        if self.hparams.compile:
+            self._training_kernels.enter_context(compiled_blocks(self.network))
+
+    def on_train_end(self) -> None:
+        self._training_kernels.close()  # evaluation and the next stage get the model's own kernels back
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the trainable weights, plus what a resumed stage needs to continue bit for bit."""
@@ -244,7 +259,7 @@ class CurvatureCallback(L.Callback):
         parameters = list(pl_module.trainable().values())
         was_training = pl_module.network.training
         pl_module.network.eval()
-        with eager_attention(pl_module.network), torch.autocast(pl_module.device.type, enabled=False):
+        with attention_kernel(pl_module.network, "eager"), torch.compiler.set_stance("force_eager"), torch.autocast(pl_module.device.type, enabled=False):
             result = curvature.measure(
                 lambda: sum(answer_loss(pl_module.network, b) for b in batches) / len(batches), parameters,
                 max_iter=spec.max_iter, tol=spec.tol, trace_samples=spec.trace_samples, seed=spec.seed,
@@ -261,13 +276,31 @@ class CurvatureCallback(L.Callback):
 
 
 @contextmanager
-def eager_attention(network):
+def attention_kernel(network, name: str):
     previous = network.config._attn_implementation
-    network.set_attn_implementation("eager")
+    network.set_attn_implementation(name)
     try:
         yield
     finally:
         network.set_attn_implementation(previous)
+
+
+@contextmanager
+def compiled_blocks(network):
+    """``torch.compile`` on each of the model's repeated blocks (the classes transformers lists in
+    ``_no_split_modules``, e.g. the decoder layer): the layers share one compiled graph, so compiling
+    takes seconds to a minute rather than the many minutes a whole-model compile takes on a CPU."""
+    kinds = set(getattr(network, "_no_split_modules", None) or [])
+    blocks = [module for module in network.modules() if type(module).__name__ in kinds]
+    if not blocks:
+        raise ConfigError(f"train.compile: {type(network).__name__} lists no repeated blocks (_no_split_modules) to compile")
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 class StageDataModule(L.LightningDataModule):

@@ -121,6 +121,7 @@ CASES = [
     ("negative learning rate", CHAIN + ["--train.lr=-0.001"], None, "train.lr: -0.001 is not allowed"),
     ("zero steps", CHAIN + ["--train.steps=0"], None, "train.steps: 0 is not allowed"),
     ("negative checkpoint interval", CHAIN + ["--trainer.checkpoint_every=-5"], None, "trainer.checkpoint_every: -5 is not allowed"),
+    ("unknown attention kernel", CHAIN + ["--train.attention=fast"], None, "train.attention: 'fast' is not allowed; use one of auto, eager, "),
     ("steps not a number", CHAIN + ["--train.steps=ten"], None, 'Parser key "train.steps"'),
     ("warm-up ratio 1", CHAIN + ["--train.warmup_ratio=1.0"], None, "train.warmup_ratio: 1.0 is not allowed"),
     ("replay ratio above 1", CHAIN + ["--mitigation.name=replay_stage", "--mitigation.strength=1.5"], None, "replay ratio 1.5 is not allowed"),

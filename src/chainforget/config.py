@@ -81,6 +81,10 @@ class TrainSpec:
         weight_decay: AdamW weight decay.
         max_seq_len: prompts longer than this keep their last tokens (the choices and ``Answer:``).
         bucket: batch samples of similar length together (less padding; batch order stays seeded).
+        attention: attention kernel while training: ``auto`` (``eager`` on CPU, where the fused kernel's
+            backward is slow; the model's own on GPUs) or a transformers ``attn_implementation``.
+        compile: train through ``torch.compile``d decoder blocks (faster after a one-off compile; numerics
+            change slightly, so it is part of the stage's cache key).
     """
 
     steps: int = 100
@@ -90,6 +94,8 @@ class TrainSpec:
     weight_decay: float = 0.0
     max_seq_len: int = 384
     bucket: bool = True
+    attention: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_seq_len"):
@@ -99,6 +105,11 @@ class TrainSpec:
             raise ConfigError(f"train.lr: {self.lr} is not allowed; use a positive learning rate")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} is not allowed; use 0 <= value < 1")
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        kernels = ["auto", "eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+        if self.attention not in kernels:
+            raise ConfigError(f"train.attention: {self.attention!r} is not allowed; use one of {', '.join(kernels)}")
 
 
 @dataclass

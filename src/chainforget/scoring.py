@@ -4,9 +4,10 @@
 argmax of the next-token log-probability over the option letters (`` A``, `` B``, ...), one forward pass per
 question. ``text`` mode: each option's text is scored as a continuation of the question (``...\nAnswer:``
 + `` <option>``): summed log-probability (lm-eval's ``acc``) or divided by the option's length in bytes
-(its ``acc_norm``). Sequences are sorted by length and left-padded in batches (:func:`left_pad`, shared with
-training); explicit position ids make a padded row score like the same row alone, and only the positions
-that are scored reach the LM head.
+(its ``acc_norm``). Letter-mode prompts are sorted by length and left-padded in batches (:func:`left_pad`,
+shared with training); explicit position ids make a padded row score like the same row alone. Text mode packs
+each question with all its options into rows without padding (:func:`score_text`). Either way only the
+positions that are scored reach the LM head.
 """
 
 from __future__ import annotations

@@ -1,0 +1,59 @@
+"""The attention kernel and compiled decoder blocks a stage trains with belong to training alone: evaluation,
+curvature and the next stage see the model as loaded, and compiling changes the numbers only within rounding."""
+
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+
+from chainforget.config import CurvatureSpec
+from lightning_modules import chain as chain_module
+from lightning_modules.chain import run_chain
+from lightning_modules.stage import StageModule
+
+
+def run(config, name, **train):
+    config = replace(config, run_name=name, train=replace(config.train, steps=6, **train), wandb=replace(config.wandb, mode="disabled"))
+    return run_chain(config, progress=False)
+
+
+def kernels_seen(monkeypatch) -> dict[str, set]:
+    seen = {"train": set(), "eval": set(), "compiled blocks": set()}
+    original_step, original_scores = StageModule.training_step, chain_module.score_letters
+
+    def training_step(self, batch, batch_idx):
+        seen["train"].add(self.network.config._attn_implementation)
+        seen["compiled blocks"].add(sum("forward" in vars(m) for m in self.network.modules()))
+        return original_step(self, batch, batch_idx)
+
+    def score_letters(model, *args, **kwargs):
+        seen["eval"].add(model.config._attn_implementation)
+        seen["compiled blocks"].add(sum("forward" in vars(m) for m in model.modules()))
+        return original_scores(model, *args, **kwargs)
+
+    monkeypatch.setattr(StageModule, "training_step", training_step)
+    monkeypatch.setattr(chain_module, "score_letters", score_letters)
+    return seen
+
+
+def test_auto_attention_trains_eager_on_cpu_and_evaluates_with_the_models_own_kernel(smoke_config, monkeypatch):
+    seen = kernels_seen(monkeypatch)
+    run(smoke_config, "auto")
+    assert seen == {"train": {"eager"}, "eval": {"sdpa"}, "compiled blocks": {0}}
+
+
+def test_compiled_blocks_train_to_the_same_weights_within_rounding_and_are_undone_after(smoke_config, monkeypatch, tmp_path):
+    config = replace(smoke_config, curvature=CurvatureSpec(enabled=True, batches=1, max_iter=5, stages=[1]))
+    plain = run(config, "plain", attention="sdpa")
+    seen = kernels_seen(monkeypatch)
+    compiled = run(config, "compiled", attention="sdpa", compile=True)
+    # the tiny model has 2 decoder layers: compiled while training, plain for every evaluation
+    assert seen == {"train": {"sdpa"}, "eval": {"sdpa"}, "compiled blocks": {0, 2}}
+    for ours, theirs in zip(compiled["stages"], plain["stages"]):
+        assert ours["cache_key"] != theirs["cache_key"]  # compiled stages are cached apart
+        assert ours["train"]["final_loss"] == pytest.approx(theirs["train"]["final_loss"], rel=1e-3)
+    # curvature runs uncompiled (compiled graphs have no double backward)
+    assert compiled["stages"][0]["curvature"]["top_eigenvalue"] == pytest.approx(plain["stages"][0]["curvature"]["top_eigenvalue"], rel=1e-3)
+    runs = smoke_config.out
+    ours, theirs = (pd.read_parquet(f"{runs}/{name}/predictions.parquet") for name in ("compiled", "plain"))
+    assert (ours["pred"] == theirs["pred"]).mean() >= 0.95
