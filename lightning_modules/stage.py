@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from chainforget import curvature, mitigations
-from chainforget.config import CurvatureSpec, MitigationSpec, ModelSpec, TaskSpec, parse_stage
+from chainforget.config import CurvatureSpec, MitigationSpec, ModelSpec, TaskSpec, check_attention, parse_stage
 from chainforget.errors import ConfigError
 from chainforget.models import load_model, load_tokenizer, load_trainable, trainable_parameters
 from chainforget.records import read_record
@@ -71,6 +71,7 @@ class StageModule(L.LightningModule):
         cache_dir: str | None = None, attention: str = "auto", compile: bool = False,
     ):  # fmt: skip
         super().__init__()
+        check_attention(attention, "model.attention")
         self.save_hyperparameters(logger=False)
         self.spec = model or ModelSpec()
         self.mitigation = mitigation or MitigationSpec()

@@ -168,6 +168,8 @@ CASES = [
     # stage cache contents and analysis sources
     ("init from a missing cache entry", ["fit", "--config", str(ROOT / "sweeps/configs/stage_smoke.yaml"), "--model.init_from=0123abcd"],
      None, "model.init_from 0123abcd: no weights.safetensors"),
+    ("fit with an unknown attention kernel", ["fit", "--config", str(ROOT / "sweeps/configs/stage_smoke.yaml"), "--model.attention=fast"],
+     None, "model.attention: 'fast' is not allowed"),
     ("report of a directory without runs", ["report", "--out"], lambda tmp: [str(tmp / "report"), "--source", str(tmp / "empty")],
      "no such directory"),
     ("unreachable W&B project", ["report", "--out"], lambda tmp: [str(tmp / "report"), "--source", "wandb:nobody/no-such-project"],

@@ -105,11 +105,15 @@ class TrainSpec:
             raise ConfigError(f"train.lr: {self.lr} is not allowed; use a positive learning rate")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} is not allowed; use 0 <= value < 1")
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        check_attention(self.attention, "train.attention")
 
-        kernels = ["auto", "eager", *ALL_ATTENTION_FUNCTIONS.keys()]
-        if self.attention not in kernels:
-            raise ConfigError(f"train.attention: {self.attention!r} is not allowed; use one of {', '.join(kernels)}")
+
+def check_attention(kernel: str, field: str) -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    kernels = ["auto", "eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+    if kernel not in kernels:
+        raise ConfigError(f"{field}: {kernel!r} is not allowed; use one of {', '.join(kernels)}")
 
 
 @dataclass
