@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark's peak measurement
+from table import Row, print_table
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -66,49 +65,63 @@ def timed(function, repeats: int):
     return results, seconds
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bbq", type=int, default=200)
     parser.add_argument("--arc", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
+    return parser
+
+
+def measure(args) -> list[Row]:
     torch.set_num_threads(args.threads)
     from lm_eval.models.huggingface import HFLM
+    from training import matmul_peak
 
     from chainforget.config import ModelSpec
     from chainforget.models import load_model, load_tokenizer, smollm2_dir
     from chainforget.scoring import score_letters, score_text
     from chainforget.tasks import question_text
 
-    from training import matmul_peak
-
     peak = matmul_peak(torch.bfloat16)
     spec = ModelSpec(finetune="full")
     model, tokenizer = load_model(spec).eval(), load_tokenizer(spec)
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
     lm = HFLM(pretrained=str(smollm2_dir()), device="cpu", dtype="float32", batch_size=args.batch_size)
-    print(f"threads {args.threads}, batch {args.batch_size}, {args.repeats} repeats; items/s median [min, max]")
+    print(f"evaluation: threads {args.threads}, batch {args.batch_size}, {args.repeats} repeats; items/s median [min, max]")
     print(f"{'task':<14} {'side':<34} {'items/s':>8} {'spread':>16}")
+    rows = []
     for task, examples in items(args.bbq, args.arc).items():
         n = len(examples)
         (theirs, their_lp), their_s = timed(lambda: lm_eval_scores(lm, examples), args.repeats)
         ours, our_s = timed(lambda: score_text(model, tokenizer, examples, batch_size=args.batch_size), args.repeats)
         _, bf16_s = timed(lambda: score_text(model, tokenizer, examples, batch_size=args.batch_size, precision="bf16-mixed"), args.repeats)
         _, letter_s = timed(lambda: score_letters(model, tokenizer, examples, batch_size=args.batch_size, precision="bf16-mixed", progress=False), args.repeats)
+        rates = {}
         for side, seconds in (("lm-eval HFLM loglikelihood (fp32)", their_s), ("chainforget text (fp32)", our_s),
                               ("chainforget text (bf16 autocast)", bf16_s), ("chainforget letter (bf16 autocast)", letter_s)):  # fmt: skip
-            rates = [n / s for s in seconds]
-            print(f"{task:<14} {side:<34} {statistics.median(rates):>8.1f} [{min(rates):>6.1f}, {max(rates):>6.1f}]")
+            values = [n / s for s in seconds]
+            rates[side] = statistics.median(values)
+            print(f"{task:<14} {side:<34} {rates[side]:>8.1f} [{min(values):>6.1f}, {max(values):>6.1f}]")
         agree = float(np.mean(ours.pred == theirs))
         worst = max(abs(a - b) for row_a, row_b in zip(ours.option_logprobs, their_lp) for a, b in zip(row_a, row_b))
-        ratio = statistics.median(n / s for s in our_s) / statistics.median(n / s for s in their_s)
+        ours_rate, theirs_rate = rates["chainforget text (fp32)"], rates["lm-eval HFLM loglikelihood (fp32)"]
         tokens = sum(len(tokenizer.encode(question_text(e) + "\nAnswer:")) + sum(len(tokenizer.encode(f" {c}")) for c in e.choices) for e in examples)
         mfu = 2 * non_embedding * tokens / statistics.median(bf16_s) / peak
-        print(f"{task:<14} eval MFU, text bf16 (2 x non-embedding params x tokens processed): {100 * mfu:.1f}% of {peak / 1e12:.2f} TFLOP/s")
         print(f"{task:<14} agreement {100 * agree:.2f}% ({int(round((1 - agree) * n))} of {n} differ), max |dlogprob| {worst:.2e}")
-        print(f"{task:<14} ratio text fp32 / lm-eval: {ratio:.2f} (target >= 2: {ratio >= 2})")
+        rows += [
+            Row(f"{task} text fp32 items/s vs lm-eval", f"{ours_rate:.1f}", f"{theirs_rate:.1f}", ours_rate / theirs_rate, ">= 2", ours_rate / theirs_rate >= 2),
+            Row(f"{task} agreement with lm-eval", f"{100 * agree:.2f}%", "", None, ">= 99.5%", agree >= 0.995),
+            Row(f"{task} letter bf16 items/s", f"{rates['chainforget letter (bf16 autocast)']:.1f}"),
+            Row(f"{task} eval MFU, text bf16, of {peak / 1e12:.2f} TFLOP/s", f"{100 * mfu:.1f}%"),
+        ]  # fmt: skip
+    return rows
+
+
+def main() -> int:
+    print_table(measure(parser().parse_args()))
     return 0
 
 

@@ -12,25 +12,33 @@ import sys
 import tempfile
 from pathlib import Path
 
+from table import Row, print_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--eval", type=int, default=100)
-    args = parser.parse_args()
+    return parser
+
+
+def measure(args) -> list[Row]:
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "chainforget.cli", "chain", "--config", str(ROOT / "sweeps/configs/demo.yaml"),
                    f"--out={out}", f"--cache_dir={out}/cache", "--run_name=memory", f"--train.steps={args.steps}",
                    f"--tasks.bbq.max_eval={args.eval}", f"--tasks.csqa.max_eval={args.eval}", "--wandb.mode=disabled"]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        print(done.stderr[-2000:])
-        return done.returncode
+        raise RuntimeError(f"the measured chain failed:\n{done.stderr[-2000:]}")
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # Linux reports KiB
-    print(f"SmolLM2 chain (LoRA, 2 stages x {args.steps} steps, {args.eval} eval questions per task): peak RSS {peak_gb:.2f} GB "
-          f"(target <= 3 GB: {peak_gb <= 3})")
+    print(f"memory: SmolLM2 chain (LoRA, 2 stages x {args.steps} steps, {args.eval} eval questions per task): peak RSS {peak_gb:.2f} GB")
+    return [Row("peak RSS of a SmolLM2 chain", f"{peak_gb:.2f} GB", "", None, "<= 3 GB", peak_gb <= 3)]
+
+
+def main() -> int:
+    print_table(measure(parser().parse_args()))
     return 0
 
 

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from table import Row, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -52,20 +53,31 @@ def run_grid(seeds: int, steps: int, use_cache: bool) -> tuple[int, int, float]:
         return trained, total, time.perf_counter() - started
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
+    return parser
+
+
+def measure(args) -> list[Row]:
     torch.set_num_threads(1)
     os.environ.setdefault("CHAINFORGET_CACHE", tempfile.mkdtemp())
     without = run_grid(args.seeds, args.steps, use_cache=False)
     with_cache = run_grid(args.seeds, args.steps, use_cache=True)
-    print(f"order grid: {len(SAFETY) * len(CAPABILITY) * 2 * args.seeds} chains, {args.steps} steps per stage, 1 thread")
+    chains = len(SAFETY) * len(CAPABILITY) * 2 * args.seeds
+    print(f"stage cache: order grid, {chains} chains, {args.steps} steps per stage, 1 thread")
     print(f"{'':>12} {'stage trainings':>16} {'wall s':>8}")
     print(f"{'no cache':>12} {without[0]:>16} {without[2]:>8.1f}")
     print(f"{'cache':>12} {with_cache[0]:>16} {with_cache[2]:>8.1f}")
-    print(f"ratio cache/no cache: trainings {with_cache[0] / without[0]:.3f}, wall time {with_cache[2] / without[2]:.3f}")
+    return [
+        Row(f"stage trainings on the order grid ({chains} chains), cache vs none", str(with_cache[0]), str(without[0]), with_cache[0] / without[0]),
+        Row("wall time on the order grid, cache vs none", f"{with_cache[2]:.1f} s", f"{without[2]:.1f} s", with_cache[2] / without[2]),
+    ]  # fmt: skip
+
+
+def main() -> int:
+    print_table(measure(parser().parse_args()))
     return 0
 
 

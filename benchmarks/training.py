@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from table import Row, print_table
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 10) -> float:
@@ -97,15 +98,17 @@ def tokens_per_second(timings: list[tuple[float, int]]) -> float:
     return sum(tokens for _, tokens in timed) / sum(seconds for seconds, _ in timed)
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser
 
+
+def measure(args) -> list[Row]:
+    torch.set_num_threads(args.threads)
     from chainforget.config import ModelSpec
     from chainforget.models import load_model
 
@@ -117,14 +120,15 @@ def main() -> int:
         "  the same, SDPA attention": lambda model, dm, loader: lightning_fit(model, dm, attention="sdpa"),
         "  the same, compiled blocks": lambda model, dm, loader: lightning_fit(model, dm, compile=True),
     }
-    print(f"threads {args.threads}, {args.steps} steps (first 2 untimed), {args.repeats} repeats, median [min, max]")
+    print(f"training: threads {args.threads}, {args.steps} steps (first 2 untimed), {args.repeats} repeats, median [min, max]")
     print(f"matmul peak: bf16 {peak_bf16 / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s")
     print(f"{'batch':>5} {'side':<30} {'tokens/s':>9} {'spread':>14} {'MFU':>6}")
-    medians = {}
+    medians, padding = {}, {}
     for batch_size in args.batch_sizes:
         datamodule, loader = batches(args.steps, batch_size)
         real = sum(int(b["attention_mask"].sum()) for b in loader)
         padded = sum(b["attention_mask"].numel() for b in loader)
+        padding[batch_size] = (padded - real) / padded
         for name, run in variants.items():
             if batch_size != args.batch_sizes[0] and "plain" in name:
                 continue
@@ -132,12 +136,20 @@ def main() -> int:
             medians[batch_size, name] = rate = statistics.median(rates)
             mfu = rate * 4 * non_embedding / peak_bf16
             print(f"{batch_size:>5} {name:<30} {rate:>9.0f} [{min(rates):>5.0f}, {max(rates):>5.0f}] {100 * mfu:>5.1f}%", flush=True)
-        print(f"{batch_size:>5} padding {100 * (padded - real) / padded:.1f}% of tokens processed")
+        print(f"{batch_size:>5} padding {100 * padding[batch_size]:.1f}% of tokens processed")
     first = args.batch_sizes[0]
-    ratio = medians[first, "StageModule + Trainer.fit"] / medians[first, "plain loop (eager attention)"]
-    print(f"ratio Trainer.fit / plain loop (batch {first}): {ratio:.3f} (target >= 0.95: {ratio >= 0.95})")
-    best = max(medians.values()) * 4 * non_embedding / peak_bf16
-    print(f"best training MFU: {100 * best:.1f}% (target >= 30%: {best >= 0.30})")
+    ours, theirs = medians[first, "StageModule + Trainer.fit"], medians[first, "plain loop (eager attention)"]
+    rows = [Row(f"training tokens/s, Trainer.fit vs plain loop, batch {first}", f"{ours:.0f}", f"{theirs:.0f}", ours / theirs, ">= 0.95", ours / theirs >= 0.95)]
+    for batch_size in args.batch_sizes:
+        for name, label in (("StageModule + Trainer.fit", "default"), ("  the same, compiled blocks", "train.compile")):
+            mfu = medians[batch_size, name] * 4 * non_embedding / peak_bf16
+            rows.append(Row(f"training MFU of {peak_bf16 / 1e12:.2f} TFLOP/s, {label}, batch {batch_size}", f"{100 * mfu:.1f}%", "", None, ">= 30%", mfu >= 0.30))
+        rows.append(Row(f"padding share of training tokens, batch {batch_size}", f"{100 * padding[batch_size]:.1f}%", "", None, "< 10%", padding[batch_size] < 0.10))
+    return rows
+
+
+def main() -> int:
+    print_table(measure(parser().parse_args()))
     return 0
 
 
