@@ -33,7 +33,8 @@ def measure(args) -> list[Row]:
         # this child's own peak: RUSAGE_CHILDREN would also count every earlier child (benchmarks/all.py's
         # compile workers, forked from a parent holding two models)
         _, status, usage = os.wait4(child.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
             log.seek(0)
             raise RuntimeError(f"the measured chain failed:\n{log.read()[-2000:]}")
     peak_gb = usage.ru_maxrss / 1024**2  # Linux reports KiB
