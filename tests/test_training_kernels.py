@@ -42,7 +42,7 @@ def test_auto_attention_trains_eager_on_cpu_and_evaluates_with_the_models_own_ke
     assert seen == {"train": {"eager"}, "eval": {"sdpa"}, "compiled blocks": {0}}
 
 
-def test_compiled_blocks_train_to_the_same_weights_within_rounding_and_are_undone_after(smoke_config, monkeypatch, tmp_path):
+def test_compiled_blocks_train_to_the_same_weights_within_rounding_and_are_undone_after(smoke_config, monkeypatch):
     config = replace(smoke_config, curvature=CurvatureSpec(enabled=True, batches=1, max_iter=5, stages=[1]))
     plain = run(config, "plain", attention="sdpa")
     seen = kernels_seen(monkeypatch)
