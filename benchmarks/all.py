@@ -15,8 +15,11 @@ import stage_cache
 import training
 from table import print_table
 
+from chainforget import allocator
+
 
 def main() -> int:
+    allocator.reexec_on_tcmalloc()  # as the chainforget command does
     rows = []
     for part in (evaluation, training, memory, stage_cache):  # stage_cache last: it pins one thread
         rows += part.measure(part.parser().parse_args([]))

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from table import Row, print_table
 
+from chainforget import allocator
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -121,6 +123,7 @@ def measure(args) -> list[Row]:
 
 
 def main() -> int:
+    allocator.reexec_on_tcmalloc()  # as the chainforget command does
     print_table(measure(parser().parse_args()))
     return 0
 

@@ -1,38 +1,51 @@
 """Training throughput: StageModule under Trainer.fit vs a minimal PyTorch loop, side by side, against the
 machine's measured matmul peak.
 
-    python benchmarks/training.py [--steps 12] [--repeats 3] [--threads 2] [--batch-sizes 8 32]
+    python benchmarks/training.py [--steps 12] [--repeats 3] [--threads 2] [--batch-sizes 8 32] [--variants ...]
 
 Both sides: SmolLM2-135M-Instruct (the offline route), LoRA r=8 on q/k/v/o, BBQ-lite prompts, max_seq_len 256,
 bf16 autocast, AdamW, eager attention (what ``train.attention: auto`` picks on a CPU), the same batches in
 the same order. Beside them: Trainer.fit with the SDPA kernel (the model's own) and with compiled decoder
 blocks (``train.compile``), and at each batch size. Tokens/s counts real (non-pad) tokens; the first two
 steps of every run are warm-up (and compilation) and not timed. Model FLOPs per token for LoRA training are
-taken as 4 x (non-embedding parameters): 2N forward + 2N for the activation gradients (frozen weights get no
-weight gradients), the LM head only at the answer position.
+4 x (non-embedding parameters): 2N forward + 2N for the activation gradients (frozen weights get no weight
+gradients), the LM head only at the answer position; plus attention's own products (``flops_per_token``).
+Where the run is on tcmalloc (as the chainforget command is, when installed), Trainer.fit is measured again
+in a child process on the system's malloc.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 from table import Row, print_table
 
+from chainforget import allocator
 
-def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 10) -> float:
-    """The best FLOP/s of repeated square matmuls: the machine's attainable peak for this dtype."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.matmul(a, b)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - started)
-    return 2 * size**3 / min(times)
+
+PEAK_SHAPES = [(n, n, n) for n in (1024, 2048, 4096)] + [(4096, k, n) for k in (256, 512, 1024) for n in (512, 1024, 2048)]
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int = 8) -> float:
+    """The machine's attainable matmul FLOP/s for this dtype: the best of repeated ``torch.mm`` over square
+    and transformer-like shapes, each writing into a preallocated output (a fresh output is paged in by
+    the kernel on every call and measured the allocator, not the matmul: 1.4-2.8 TFLOP/s across runs)."""
+    best = 0.0
+    for m, k, n in PEAK_SHAPES:
+        a, b, out = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype), torch.empty(m, n, dtype=dtype)
+        torch.mm(a, b, out=out)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = max(best, 2 * m * k * n / (time.perf_counter() - started))
+    return best
 
 
 def batches(steps: int, batch_size: int):
@@ -93,6 +106,16 @@ def lightning_fit(model, datamodule, **kernels) -> list[tuple[float, int]]:
     return timer.timings
 
 
+def flops_per_token(config, non_embedding: int, loader_batches) -> float:
+    """Model FLOPs per real token of these batches: 4 x non-embedding parameters, plus the attention
+    products (QK^T and AV: 4 x layers x width x sequence length forward, twice that backward, over each
+    sequence's real length, as PaLM's MFU counts them)."""
+    lengths = torch.cat([b["attention_mask"].sum(dim=1) for b in loader_batches]).double()
+    width = config.num_attention_heads * config.head_dim
+    attention = 12 * config.num_hidden_layers * width * float((lengths**2).sum() / lengths.sum())
+    return 4 * non_embedding + attention
+
+
 def tokens_per_second(timings: list[tuple[float, int]]) -> float:
     timed = timings[2:]
     return sum(tokens for _, tokens in timed) / sum(seconds for seconds, _ in timed)
@@ -104,52 +127,100 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--json", action="store_true", help="print only the median tokens/s, as JSON (for a parent run)")
     return parser
+
+
+VARIANTS = {
+    "plain": ("plain loop (eager attention)", lambda model, dm, loader: plain_loop(model, loader)),
+    "fit": ("StageModule + Trainer.fit", lambda model, dm, loader: lightning_fit(model, dm)),
+    "sdpa": ("  the same, SDPA attention", lambda model, dm, loader: lightning_fit(model, dm, attention="sdpa")),
+    "compiled": ("  the same, compiled blocks", lambda model, dm, loader: lightning_fit(model, dm, compile=True)),
+}
+
+
+def training_rates(args, peak: float, quiet: bool = False) -> tuple[dict, dict, dict]:
+    """Median tokens/s per ``(batch size, variant)`` (the plain loop at the first batch size only), and per
+    batch size the padding share and the model FLOPs per token of the timed steps."""
+    from chainforget.config import ModelSpec
+    from chainforget.models import load_model
+
+    model = load_model(ModelSpec())
+    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    say = (lambda *a, **k: None) if quiet else print
+    say(f"{'batch':>5} {'side':<30} {'tokens/s':>9} {'spread':>14} {'MFU':>6}")
+    medians, padding, flops = {}, {}, {}
+    for batch_size in args.batch_sizes:
+        datamodule, loader = batches(args.steps, batch_size)
+        flops[batch_size] = flops_per_token(model.config, non_embedding, loader[2:])
+        real = sum(int(b["attention_mask"].sum()) for b in loader)
+        padded = sum(b["attention_mask"].numel() for b in loader)
+        padding[batch_size] = (padded - real) / padded
+        for variant in args.variants:
+            if batch_size != args.batch_sizes[0] and variant == "plain":
+                continue
+            name, run = VARIANTS[variant]
+            rates = [tokens_per_second(run(load_model(ModelSpec(), seed=0), datamodule, loader)) for _ in range(args.repeats)]
+            medians[batch_size, variant] = rate = statistics.median(rates)
+            mfu = rate * flops[batch_size] / peak
+            say(f"{batch_size:>5} {name:<30} {rate:>9.0f} [{min(rates):>5.0f}, {max(rates):>5.0f}] {100 * mfu:>5.1f}%", flush=True)
+        say(f"{batch_size:>5} padding {100 * padding[batch_size]:.1f}% of tokens processed; {flops[batch_size] / 1e6:.0f} MFLOP per token")
+    return medians, padding, flops
+
+
+def on_system_malloc(args) -> tuple[str, dict]:
+    """The Trainer.fit measurements again in a child process on glibc's malloc: (its allocator, medians)."""
+    variants = [v for v in ("fit", "compiled") if v in args.variants]
+    command = [sys.executable, __file__, "--json", "--variants", *variants, "--steps", str(args.steps),
+               "--repeats", str(args.repeats), "--threads", str(args.threads), "--batch-sizes", *map(str, args.batch_sizes)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {allocator.OPT_OUT: "system"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the system-malloc run failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.splitlines()[-1])
+    return result["allocator"], {(int(b), v): rate for b, v, rate in result["medians"]}
 
 
 def measure(args) -> list[Row]:
     torch.set_num_threads(args.threads)
-    from chainforget.config import ModelSpec
-    from chainforget.models import load_model
-
-    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
-    non_embedding = sum(p.numel() for n, p in load_model(ModelSpec()).named_parameters() if "embed" not in n)
-    variants = {
-        "plain loop (eager attention)": lambda model, dm, loader: plain_loop(model, loader),
-        "StageModule + Trainer.fit": lambda model, dm, loader: lightning_fit(model, dm),
-        "  the same, SDPA attention": lambda model, dm, loader: lightning_fit(model, dm, attention="sdpa"),
-        "  the same, compiled blocks": lambda model, dm, loader: lightning_fit(model, dm, compile=True),
-    }
-    print(f"training: threads {args.threads}, {args.steps} steps (first 2 untimed), {args.repeats} repeats, median [min, max]")
-    print(f"matmul peak: bf16 {peak_bf16 / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s")
-    print(f"{'batch':>5} {'side':<30} {'tokens/s':>9} {'spread':>14} {'MFU':>6}")
-    medians, padding = {}, {}
-    for batch_size in args.batch_sizes:
-        datamodule, loader = batches(args.steps, batch_size)
-        real = sum(int(b["attention_mask"].sum()) for b in loader)
-        padded = sum(b["attention_mask"].numel() for b in loader)
-        padding[batch_size] = (padded - real) / padded
-        for name, run in variants.items():
-            if batch_size != args.batch_sizes[0] and "plain" in name:
-                continue
-            rates = [tokens_per_second(run(load_model(ModelSpec(), seed=0), datamodule, loader)) for _ in range(args.repeats)]
-            medians[batch_size, name] = rate = statistics.median(rates)
-            mfu = rate * 4 * non_embedding / peak_bf16
-            print(f"{batch_size:>5} {name:<30} {rate:>9.0f} [{min(rates):>5.0f}, {max(rates):>5.0f}] {100 * mfu:>5.1f}%", flush=True)
-        print(f"{batch_size:>5} padding {100 * padding[batch_size]:.1f}% of tokens processed")
+    if args.json:
+        medians, _, _ = training_rates(args, peak=1.0, quiet=True)
+        print(json.dumps({"allocator": allocator.in_use(), "medians": [[b, v, rate] for (b, v), rate in medians.items()]}))
+        return []
+    peaks_bf16, peak_fp32 = [matmul_peak(torch.bfloat16)], matmul_peak(torch.float32)
+    print(f"training on {allocator.in_use()} malloc: threads {args.threads}, {args.steps} steps (first 2 untimed), "
+          f"{args.repeats} repeats, median [min, max]; MFU against the bf16 peak measured before training")  # fmt: skip
+    print(f"matmul peak before training: bf16 {peaks_bf16[0] / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s")
+    medians, padding, flops = training_rates(args, peaks_bf16[0])
+    peaks_bf16.append(matmul_peak(torch.bfloat16))
+    peak = max(peaks_bf16)
+    print(f"matmul peak after training: bf16 {peaks_bf16[1] / 1e12:.2f} TFLOP/s; the rows use the higher, {peak / 1e12:.2f}")
+    rows = []
     first = args.batch_sizes[0]
-    ours, theirs = medians[first, "StageModule + Trainer.fit"], medians[first, "plain loop (eager attention)"]
-    rows = [Row(f"training tokens/s, Trainer.fit vs plain loop, batch {first}", f"{ours:.0f}", f"{theirs:.0f}", ours / theirs, ">= 0.95", ours / theirs >= 0.95)]
+    if {"plain", "fit"} <= set(args.variants):
+        ours, theirs = medians[first, "fit"], medians[first, "plain"]
+        rows.append(Row(f"training tokens/s, Trainer.fit vs plain loop, batch {first}", f"{ours:.0f}", f"{theirs:.0f}", ours / theirs, ">= 0.95", ours / theirs >= 0.95))
     for batch_size in args.batch_sizes:
-        for name, label in (("StageModule + Trainer.fit", "default"), ("  the same, compiled blocks", "train.compile")):
-            mfu = medians[batch_size, name] * 4 * non_embedding / peak_bf16
-            rows.append(Row(f"training MFU of {peak_bf16 / 1e12:.2f} TFLOP/s, {label}, batch {batch_size}", f"{100 * mfu:.1f}%", "", None, ">= 30%", mfu >= 0.30))
+        for variant, label in (("fit", "default"), ("compiled", "train.compile")):
+            if (batch_size, variant) in medians:
+                mfu = medians[batch_size, variant] * flops[batch_size] / peak
+                rows.append(Row(f"training MFU of {peak / 1e12:.2f} TFLOP/s, {label}, batch {batch_size}", f"{100 * mfu:.1f}%", "", None, ">= 30%", mfu >= 0.30))
         rows.append(Row(f"padding share of training tokens, batch {batch_size}", f"{100 * padding[batch_size]:.1f}%", "", None, "< 10%", padding[batch_size] < 0.10))
+    if allocator.in_use() == "tcmalloc" and {"fit", "compiled"} & set(args.variants):
+        theirs_allocator, system = on_system_malloc(args)
+        for (batch_size, variant), rate in system.items():
+            label = VARIANTS[variant][0].strip().removeprefix("the same, ")
+            print(f"{batch_size:>5} {label:<30} {rate:>9.0f} on {theirs_allocator} malloc")
+            ours = medians[batch_size, variant]
+            rows.append(Row(f"training tokens/s, tcmalloc vs {theirs_allocator} malloc, {label}, batch {batch_size}", f"{ours:.0f}", f"{rate:.0f}", ours / rate))
     return rows
 
 
 def main() -> int:
-    print_table(measure(parser().parse_args()))
+    allocator.reexec_on_tcmalloc()
+    if rows := measure(parser().parse_args()):
+        print_table(rows)
     return 0
 
 

@@ -26,6 +26,14 @@ DEMO_ORDERS = (["bbq", "csqa"], ["csqa", "bbq"])
 USAGE = "usage: chainforget {demo,chain,fit,tasks,sweep,report} [--debug] [options]  (chainforget COMMAND --help for options)"
 
 
+def run() -> int:
+    """The console script: ``main`` on tcmalloc where it is installed (chainforget.allocator)."""
+    from chainforget.allocator import reexec_on_tcmalloc
+
+    reexec_on_tcmalloc()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -209,4 +217,4 @@ def _single_thread_if_asked() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -18,6 +18,7 @@ from pathlib import Path
 import jsonschema
 import pandas as pd
 
+from chainforget import allocator
 from chainforget.errors import DataError, WriteError
 
 SCHEMA_VERSION = 1
@@ -118,6 +119,7 @@ def environment(device: str, threads: int) -> dict:
         "git_sha": git_sha(),
         "device": device,
         "threads": threads,
+        "allocator": allocator.in_use(),
     }
 
 
