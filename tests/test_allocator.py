@@ -45,11 +45,18 @@ def test_a_failed_preload_does_not_re_execute_again(tmp_path):
     assert report(LD_PRELOAD=missing, **{allocator.CALLER_PRELOAD: ""}) == "system None"
 
 
+def chain_record(tmp_path: Path, name: str, **env) -> dict:
+    command = [sys.executable, "-m", "chainforget.cli", "chain", "--config", "sweeps/configs/smoke.yaml", f"--run_name={name}",
+               f"--out={tmp_path / 'runs'}", f"--cache_dir={tmp_path / name}", "--wandb.mode=disabled"]  # fmt: skip
+    environment = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.OPT_OUT)}
+    subprocess.run(command, env={**environment, "CHAINFORGET_THREADS": "1", **env}, cwd=ROOT, check=True, capture_output=True)
+    return json.loads((tmp_path / "runs" / name / "run.json").read_text())
+
+
 @needs_tcmalloc
-def test_a_chain_run_from_the_command_records_tcmalloc(tmp_path):
-    command = [sys.executable, "-m", "chainforget.cli", "chain", "--config", "sweeps/configs/smoke.yaml",
-               f"--out={tmp_path / 'runs'}", f"--cache_dir={tmp_path / 'stages'}", "--wandb.mode=disabled"]  # fmt: skip
-    environment = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    subprocess.run(command, env={**environment, "CHAINFORGET_THREADS": "1"}, cwd=ROOT, check=True, capture_output=True)
-    (record,) = (tmp_path / "runs").glob("*/run.json")
-    assert json.loads(record.read_text())["environment"]["allocator"] == "tcmalloc"
+def test_a_chain_run_from_the_command_records_tcmalloc_and_trains_exactly_as_on_the_system_malloc(tmp_path):
+    fast = chain_record(tmp_path, "tcmalloc")
+    system = chain_record(tmp_path, "system", **{allocator.OPT_OUT: "system"})
+    assert (fast["environment"]["allocator"], system["environment"]["allocator"]) == ("tcmalloc", "system")
+    assert [s["train"]["final_loss"] for s in fast["stages"][1:]] == [s["train"]["final_loss"] for s in system["stages"][1:]]
+    assert fast["eval"] == system["eval"]
