@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
 def measure(args) -> list[Row]:
     torch.set_num_threads(args.threads)
     from lm_eval.models.huggingface import HFLM
-    from training import matmul_peak
+    from training import matmul_peak, non_embedding_parameters
 
     from chainforget.config import ModelSpec
     from chainforget.models import load_model, load_tokenizer, smollm2_dir
@@ -90,7 +90,7 @@ def measure(args) -> list[Row]:
     peak = matmul_peak(torch.bfloat16)
     spec = ModelSpec(finetune="full")
     model, tokenizer = load_model(spec).eval(), load_tokenizer(spec)
-    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    non_embedding = non_embedding_parameters(model)
     lm = HFLM(pretrained=str(smollm2_dir()), device="cpu", dtype="float32", batch_size=args.batch_size)
     print(f"evaluation: threads {args.threads}, batch {args.batch_size}, {args.repeats} repeats; items/s median [min, max]")
     print(f"{'task':<14} {'side':<34} {'items/s':>8} {'spread':>16}")

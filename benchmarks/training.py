@@ -105,6 +105,10 @@ def lightning_fit(model, datamodule, **kernels) -> list[tuple[float, int]]:
     return timer.timings
 
 
+def non_embedding_parameters(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+
+
 def flops_per_token(config, non_embedding: int, loader_batches) -> float:
     """Model FLOPs per real token of these batches: 4 x non-embedding parameters, plus the attention
     products (QK^T and AV: 4 x layers x width x sequence length forward, twice that backward, over each
@@ -146,7 +150,7 @@ def training_rates(args, peak: float, quiet: bool = False) -> tuple[dict, dict, 
     from chainforget.models import load_model
 
     model = load_model(ModelSpec())
-    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    non_embedding = non_embedding_parameters(model)
     say = (lambda *a, **k: None) if quiet else print
     say(f"{'batch':>5} {'side':<30} {'tokens/s':>9} {'spread':>14} {'MFU':>6}")
     medians, padding, flops = {}, {}, {}
