@@ -294,7 +294,7 @@ def compiled_blocks(network):
     kinds = set(getattr(network, "_no_split_modules", None) or [])
     blocks = [module for module in network.modules() if type(module).__name__ in kinds]
     if not blocks:
-        raise ConfigError(f"train.compile: {type(network).__name__} lists no repeated blocks (_no_split_modules) to compile")
+        raise ConfigError(f"train.compile (fit: model.compile): {type(network).__name__} lists no repeated blocks (_no_split_modules) to compile; set it false")
     for block in blocks:
         block.forward = torch.compile(block.forward, dynamic=True)
     try:

@@ -6,10 +6,12 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from chainforget.config import CurvatureSpec
+from chainforget.config import CurvatureSpec, ModelSpec
+from chainforget.errors import ConfigError
+from chainforget.models import load_model
 from lightning_modules import chain as chain_module
 from lightning_modules.chain import run_chain
-from lightning_modules.stage import StageModule
+from lightning_modules.stage import StageModule, compiled_blocks
 
 
 def run(config, name, **train):
@@ -57,3 +59,12 @@ def test_compiled_blocks_train_to_the_same_weights_within_rounding_and_are_undon
     runs = smoke_config.out
     ours, theirs = (pd.read_parquet(f"{runs}/{name}/predictions.parquet") for name in ("compiled", "plain"))
     assert (ours["pred"] == theirs["pred"]).mean() >= 0.95
+
+
+def test_compiling_a_model_without_repeated_blocks_is_a_config_error_that_leaves_it_untouched():
+    model = load_model(ModelSpec(name="tiny", finetune="full"), seed=0)
+    model._no_split_modules = []
+    with pytest.raises(ConfigError, match=r"^train.compile \(fit: model.compile\): LlamaForCausalLM lists no repeated blocks"):
+        with compiled_blocks(model):
+            pass
+    assert not any("forward" in vars(m) for m in model.modules())
