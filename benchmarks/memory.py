@@ -1,14 +1,16 @@
 """Peak resident memory of a SmolLM2 chain (the demo config, shortened), measured on a child process.
 
-    python benchmarks/memory.py [--steps 10] [--eval 100]
+    python benchmarks/memory.py [--steps 10] [--eval 100] [--repeats 3]
 
-Run twice: as the chainforget command runs it (on tcmalloc where installed) and on the system malloc.
+Each chain runs ``repeats`` times, as the chainforget command runs it (on tcmalloc where installed) and on the
+system malloc, alternating; the peaks are medians with [min, max].
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--eval", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
     return parser
 
 
@@ -59,13 +62,25 @@ def chain_peak_gb(args, env: dict[str, str]) -> float:
 def measure(args) -> list[Row]:
     """The chain as the command runs it (on tcmalloc where installed), and on the system's malloc."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    default = chain_peak_gb(args, env)
-    print(f"memory: SmolLM2 chain (LoRA, 2 stages x {args.steps} steps, {args.eval} eval questions per task): peak RSS {default:.2f} GB")
-    if allocator.tcmalloc_library() is None:
+    sides = {"default": env}
+    if allocator.tcmalloc_library() is not None:
+        sides["system"] = env | {allocator.OPT_OUT: "system"}
+    peaks = {side: [] for side in sides}
+    for _ in range(args.repeats):
+        for side, side_env in sides.items():
+            peaks[side].append(chain_peak_gb(args, side_env))
+    default = statistics.median(peaks["default"])
+    chain = f"SmolLM2 chain (LoRA, 2 stages x {args.steps} steps, {args.eval} eval questions per task)"
+    print(f"memory: {chain}, {args.repeats} runs: peak RSS {default:.2f} GB {spread(peaks['default'])}")
+    if "system" not in sides:
         return [Row("peak RSS of a SmolLM2 chain", f"{default:.2f} GB", "", None, "<= 3 GB", default <= 3)]
-    system = chain_peak_gb(args, env | {allocator.OPT_OUT: "system"})
-    print(f"memory: the same chain on the system malloc: peak RSS {system:.2f} GB (the first was on tcmalloc)")
+    system = statistics.median(peaks["system"])
+    print(f"memory: the same chain on the system malloc: peak RSS {system:.2f} GB {spread(peaks['system'])} (the first was on tcmalloc)")
     return [Row("peak RSS of a SmolLM2 chain, tcmalloc vs system malloc", f"{default:.2f} GB", f"{system:.2f} GB", None, "<= 3 GB", default <= 3)]
+
+
+def spread(values: list[float]) -> str:
+    return f"[{min(values):.2f}, {max(values):.2f}]"
 
 
 def main() -> int:

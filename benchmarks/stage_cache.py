@@ -1,9 +1,10 @@
 """Stage cache on the paper's order grid: every safety x capability pair in both orders, on the tiny model
 and the test fixtures, run once with the cache and once without, side by side in one process.
 
-    python benchmarks/stage_cache.py [--seeds 1] [--steps 20]
+    python benchmarks/stage_cache.py [--seeds 1] [--steps 20] [--repeats 3]
 
-Prints stage trainings and wall time for both, and their ratios.
+Prints stage trainings and wall time for both (the grids alternate, ``repeats`` times each; wall time is the
+median with [min, max]), and their ratios.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -57,22 +59,28 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
     return parser
 
 
 def measure(args) -> list[Row]:
     torch.set_num_threads(1)
     os.environ.setdefault("CHAINFORGET_CACHE", tempfile.mkdtemp())
-    without = run_grid(args.seeds, args.steps, use_cache=False)
-    with_cache = run_grid(args.seeds, args.steps, use_cache=True)
+    runs = {"no cache": [], "cache": []}
+    for _ in range(args.repeats):
+        for side in runs:
+            runs[side].append(run_grid(args.seeds, args.steps, use_cache=side == "cache"))
+    trainings = {side: runs[side][0][0] for side in runs}  # the same every repeat
+    walls = {side: [wall for _, _, wall in runs[side]] for side in runs}
+    wall = {side: statistics.median(walls[side]) for side in runs}
     chains = len(SAFETY) * len(CAPABILITY) * 2 * args.seeds
-    print(f"stage cache: order grid, {chains} chains, {args.steps} steps per stage, 1 thread")
-    print(f"{'':>12} {'stage trainings':>16} {'wall s':>8}")
-    print(f"{'no cache':>12} {without[0]:>16} {without[2]:>8.1f}")
-    print(f"{'cache':>12} {with_cache[0]:>16} {with_cache[2]:>8.1f}")
+    print(f"stage cache: order grid, {chains} chains, {args.steps} steps per stage, 1 thread, {args.repeats} repeats")
+    print(f"{'':>12} {'stage trainings':>16} {'wall s':>8} {'spread':>14}")
+    for side in runs:
+        print(f"{side:>12} {trainings[side]:>16} {wall[side]:>8.1f} [{min(walls[side]):>5.1f}, {max(walls[side]):>5.1f}]")
     return [
-        Row(f"stage trainings on the order grid ({chains} chains), cache vs none", str(with_cache[0]), str(without[0]), with_cache[0] / without[0]),
-        Row("wall time on the order grid, cache vs none", f"{with_cache[2]:.1f} s", f"{without[2]:.1f} s", with_cache[2] / without[2]),
+        Row(f"stage trainings on the order grid ({chains} chains), cache vs none", str(trainings["cache"]), str(trainings["no cache"]), trainings["cache"] / trainings["no cache"]),
+        Row("wall time on the order grid, cache vs none", f"{wall['cache']:.1f} s", f"{wall['no cache']:.1f} s", wall["cache"] / wall["no cache"]),
     ]  # fmt: skip
 
 
