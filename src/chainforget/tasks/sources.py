@@ -129,11 +129,8 @@ def is_release_file(filename: str, name: str, version: str, sdist: bool) -> bool
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def extract_members(archive: Path, pattern: str, dest: Path) -> list[Path]:
