@@ -20,6 +20,7 @@ import pandas as pd
 
 from chainforget import allocator
 from chainforget.errors import DataError, WriteError
+from chainforget.tasks.sources import file_sha256
 
 SCHEMA_VERSION = 1
 CACHE_VERSION = 2  # 2: LoRA adapters initialised from the chain's seed
@@ -157,7 +158,7 @@ class StageCache:
             return None
         try:
             expected = json.loads(manifest.read_text())
-            intact = all(_sha256(entry / name) == digest for name, digest in expected.items())
+            intact = all(file_sha256(entry / name) == digest for name, digest in expected.items())
         except (OSError, ValueError):
             intact = False
         if not intact:
@@ -176,7 +177,7 @@ class StageCache:
             raise WriteError(f"{self.root}: could not create a stage cache entry ({exc.strerror or exc})") from None
         try:
             write(tmp)
-            digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            digests = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             (tmp / "manifest.json").write_text(json.dumps(digests, indent=1))
             entry = self.root / key
             if entry.exists() and not self.read:  # recomputed on request: replace the old entry
@@ -201,11 +202,6 @@ class StageCache:
         for tmp in self.root.glob(".*"):
             if tmp.is_dir() and time.time() - tmp.stat().st_mtime > older_than_s:
                 shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def read_record(run_dir: Path) -> dict:
