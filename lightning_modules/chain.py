@@ -33,6 +33,12 @@ from lightning_modules.checkpoint import SafetensorsCheckpointIO, StageCheckpoin
 from lightning_modules.stage import CurvatureCallback, StageDataModule, StageModule, answer_loss
 
 
+class ChainStopped(Exception):
+    """Raised by an ``on_stage`` callback to end a chain early on purpose (e.g. an Optuna trial pruned after a
+    stage): the W&B run ends as finished, tagged ``stopped``, no run record is written, and the exception is
+    raised again to the caller."""
+
+
 def run_name(config: ChainConfig) -> str:
     """The configured name, else the sweep agent's run id, else stages + seed + a hash of the config."""
     if config.run_name:
@@ -50,8 +56,8 @@ def run_chain(
     """Run one chain and return its run record (also written to ``config.out/<run name>``).
 
     ``on_stage(k, summary)`` is called after stage k's evaluation with the summary metrics of the chain so
-    far (stage k taken as the last), e.g. for pruning; an exception it raises ends the run (W&B run marked
-    failed). ``wandb_config`` is merged into the W&B run's config (e.g. an Optuna trial's parameters).
+    far (stage k taken as the last), e.g. for pruning; raising :class:`ChainStopped` ends the chain cleanly,
+    any other exception ends it as failed (W&B exit code 1). ``wandb_config`` is merged into the W&B run's config (e.g. an Optuna trial's parameters).
     """
     config = replace(config, run_name=run_name(config))
     cache = StageCache(Path(config.cache_dir) if config.cache_dir else cache_root() / "stages", read=config.cache)
@@ -67,6 +73,12 @@ def run_chain(
     run = start_wandb(config, run_dir, wandb_config)
     try:
         record, frame = run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cache, run, run_dir, progress, on_stage)
+    except ChainStopped as stop:
+        if run is not None:
+            run.tags = (*run.tags, "stopped")
+            run.summary["stopped"] = str(stop)
+            run.finish()
+        raise
     except BaseException:
         if run is not None:
             run.finish(exit_code=1)

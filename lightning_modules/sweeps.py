@@ -215,7 +215,8 @@ def optuna_study(
     import optuna
 
     from chainforget.cli import parse_chain
-    from lightning_modules.chain import run_chain
+    from chainforget.mitigations import apply_replay
+    from lightning_modules.chain import ChainStopped, run_chain
 
     spec = load_study_spec(path)
     name = spec["study_name"]
@@ -236,6 +237,7 @@ def optuna_study(
         study_name=name, storage=make_storage(storage_url, spec.get("heartbeat")), load_if_exists=True, directions=spec["directions"],
         sampler=make_sampler(spec), pruner=pruner,
     )  # fmt: skip
+    study.set_metric_names(list(spec["objectives"]))  # what optuna-dashboard and trials_dataframe() show
     base = [arg for config_file in [*spec["base"], *configs] for arg in ("--config", config_file)] + list(spec.get("overrides") or [])
     if out:
         base.append(f"--out={out}")
@@ -256,15 +258,23 @@ def optuna_study(
         config = parse_chain([*base, *(as_override(k, v) for k, v in params.items())], "chainforget sweep optuna")
         config = replace(config, run_name=f"{name}-trial{trial.number}", wandb=replace(config.wandb, group=name))
 
+        stages = len(apply_replay(config.order, config.mitigation))
+
         def report(stage: int, summary: dict) -> None:
+            # The last stage's value is the trial's result, not an intermediate one: pruning there would throw
+            # away a finished chain. Objectives that only exist at the end (cl/forgetting in a two-stage chain)
+            # therefore never prune.
             value = summary.get(spec["objectives"][0])
-            if multi or value is None:
+            if multi or value is None or stage >= stages:
                 return
             trial.report(value, stage)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after stage {stage}")
+                raise ChainStopped(f"pruned after stage {stage}")
 
-        record = run_chain(config, on_stage=report, wandb_config={"optuna": {"study": name, "trial": trial.number, "params": params}})
+        try:
+            record = run_chain(config, on_stage=report, wandb_config={"optuna": {"study": name, "trial": trial.number, "params": params}})
+        except ChainStopped as stop:
+            raise optuna.TrialPruned(str(stop)) from None
         summary = summary_metrics(record)
         missing = [o for o in spec["objectives"] if summary.get(o) is None]
         if missing:

@@ -1,4 +1,6 @@
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,3 +40,22 @@ def smoke_config(tmp_path, monkeypatch):
         ["--config", "sweeps/configs/smoke.yaml", f"--out={tmp_path / 'runs'}", f"--cache_dir={tmp_path / 'stages'}"],
         prog="test",
     )
+
+
+def wandb_inspect(run_dir: Path, summary: bool = False):
+    """An offline W&B run read back by the installed wandb's own reader of its transaction log
+    (``wandb leet inspect --json``): the summary object, or the list of records."""
+    wandb = Path(sys.executable).with_name("wandb")
+    done = subprocess.run([str(wandb), "leet", "inspect", "--json", *(["--summary"] if summary else []), str(run_dir)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout) if summary else [json.loads(line) for line in done.stdout.splitlines() if line]
+
+
+def wandb_summary(run_dir: Path) -> dict:
+    """State, exit code, project, tags, config and summary of an offline W&B run (wandb's own reader)."""
+    return wandb_inspect(run_dir, summary=True)
+
+
+def wandb_run_record(run_dir: Path) -> dict:
+    """The run record of an offline W&B run (project, group, sweep id, ...), read by wandb's own reader."""
+    return next(record["run"] for record in wandb_inspect(run_dir) if record.get("type") == "run")

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, wandb_summary
 
 from chainforget.cli import main
 from chainforget.errors import ConfigError
@@ -45,16 +45,36 @@ def test_grid_study_on_sqlite_runs_each_point_and_logs_trial_params(tmp_path):
         (log,) = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
         expected = {"study": "grid", "trial": trial.number, "params": trial.params}
         assert json.dumps(expected, separators=(",", ":")).encode() in log.read_bytes()
-        assert trial.intermediate_values == {2: trial.value}  # forgetting exists from stage 2 on
+        assert trial.intermediate_values == {}  # forgetting first exists at the last stage: nothing to prune on
 
 
-def test_threshold_pruning_stops_the_chain_after_the_first_reported_stage(tmp_path):
-    path = study_file(tmp_path, study_name="pruned", params={"train.lr": {"type": "float", "low": 1e-3, "high": 2e-3}},
-                      pruner={"name": "threshold", "upper": -1000.0}, n_trials=1)  # fmt: skip
-    study = optuna_study(path, out=str(tmp_path / "runs"))
+def test_threshold_pruning_stops_a_chain_between_stages_and_never_after_the_last(tmp_path):
+    three = study_file(tmp_path, study_name="pruned", overrides=[*OVERRIDES, "--order=[bbq,csqa,csqa]"],
+                       params={"train.lr": {"type": "float", "low": 1e-3, "high": 2e-3}},
+                       pruner={"name": "threshold", "upper": -1000.0}, n_trials=1)  # fmt: skip
+    study = optuna_study(three, out=str(tmp_path / "runs"))
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.PRUNED
-    assert not (tmp_path / "runs" / "pruned-trial0" / "run.json").exists()
+    assert list(trial.intermediate_values) == [2]  # forgetting/bbq first exists after stage 2 of 3
+    run_dir = tmp_path / "runs" / "pruned-trial0"
+    assert not (run_dir / "run.json").exists()
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    logged = wandb_summary(offline)
+    assert (logged["state"], logged["exit_code"]) == ("finished", 0)  # pruned on purpose: not a failed W&B run
+    assert logged["summary"]["stopped"] == "pruned after stage 2" and "stopped" in logged["tags"]
+
+    two = study_file(tmp_path, study_name="finished", params={"train.lr": {"type": "float", "low": 1e-3, "high": 2e-3}},
+                     pruner={"name": "threshold", "upper": -1000.0}, n_trials=1)  # fmt: skip
+    (trial,) = optuna_study(two, out=str(tmp_path / "runs")).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.intermediate_values == {}
+
+
+def test_objectives_are_named_in_the_study(tmp_path):
+    path = study_file(tmp_path, study_name="named", params={"train.lr": {"type": "categorical", "choices": [1e-3]}},
+                      sampler={"name": "grid"})  # fmt: skip
+    study = optuna_study(path, out=str(tmp_path / "runs"))
+    assert study.metric_names == ["forgetting/bbq"]
+    assert "value_forgetting/bbq" in study.trials_dataframe().columns
 
 
 def test_multi_objective_study_prints_its_pareto_front(tmp_path, capsys):
