@@ -6,10 +6,12 @@ stage cache) and evaluate, then derive metrics and write the run record, logging
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -24,9 +26,10 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from chainforget import metrics, mitigations, tasks
 from chainforget.config import ChainConfig, parse_stage, primary_order
+from chainforget.errors import ConfigError
 from chainforget.mitigations import apply_replay
-from chainforget.models import load_model, load_tokenizer, load_trainable, save_trainable, trainable_parameters
-from chainforget.records import SCHEMA_VERSION, StageCache, atomic_write_text, content_key, environment, score_values, summary_metrics, write_record
+from chainforget.models import load_model, load_tokenizer, load_trainable, save_pretrained, save_trainable, trainable_parameters
+from chainforget.records import PP, SCHEMA_VERSION, StageCache, atomic_write_text, content_key, environment, score_values, summary_metrics, write_record
 from chainforget.scoring import score_letters, score_text
 from chainforget.tasks.sources import cache_root
 from lightning_modules.checkpoint import SafetensorsCheckpointIO, StageCheckpoint
@@ -101,6 +104,7 @@ def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cach
         key = content_key(
             "stage", key, entry, asdict(config.train), fingerprints, config.seed + index, config.trainer.precision,
             asdict(mitigation) if mitigation else None, asdict(config.curvature) if config.curvature.applies_to(index) else None,
+            *([config.trainer.numerics()] if config.trainer.numerics() else []),
         )  # fmt: skip
         cached = cache.get(key)
         if cached is not None:
@@ -118,6 +122,7 @@ def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cach
 
             cache.put(key, store)
             shutil.rmtree(checkpoints, ignore_errors=True)  # the cache entry supersedes them
+        save_pretrained(model, tokenizer, run_dir / f"stage{index}")
         stages.append({"index": index, "name": entry, "tasks": mixture, **outcome, "cache_hit": cached is not None, "cache_key": key})
         predictions.append(evaluate(model, tokenizer, data, eval_tasks, index, key, cache, config, progress))
         log_stage_eval(run, predictions[-1], data)
@@ -140,6 +145,19 @@ def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cach
         "data": {name: {"fingerprint": d.fingerprint, "train": len(d.train), "eval": len(d.eval)} for name, d in data.items()},
     }
     return record, frame
+
+
+# The lightning.Trainer arguments the chain runner sets itself (every other one comes from the config's
+# ``trainer`` block; tests/test_chain.py checks that the two together are all of Trainer's arguments): the
+# stage's length is ``train.steps`` optimizer steps over a fixed draw of batches, the chain evaluates after each
+# stage instead of a validation loop, and logging, checkpoints and progress are the runner's.
+RUNNER_OWNED = (
+    "logger", "callbacks", "max_steps", "max_epochs", "min_epochs", "min_steps", "max_time", "fast_dev_run",
+    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches",
+    "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps", "reload_dataloaders_every_n_epochs",
+    "enable_checkpointing", "enable_progress_bar", "enable_model_summary", "default_root_dir", "plugins",
+    "barebones", "enable_autolog_hparams", "model_registry",
+)
 
 
 def eval_device(config: ChainConfig) -> torch.device:
@@ -178,7 +196,8 @@ def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher
         mitigation=mitigation, attention=config.train.attention, compile=config.train.compile,
     )  # fmt: skip
     module.fisher = fisher
-    datamodule = stage_data(data, tokenizer, entry, config.train.steps, config.seed + index, config)
+    batches = config.train.steps * config.trainer.accumulate_grad_batches
+    datamodule = stage_data(data, tokenizer, entry, batches, config.seed + index, config)
     loggers = [CSVLogger(run_dir, name="lightning_logs", version=f"stage{index}")]
     callbacks = [CurvatureCallback(config.curvature)] if config.curvature.applies_to(index) else []
     if config.trainer.checkpoint_every:
@@ -186,13 +205,12 @@ def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher
     resume = checkpoints / "last.ckpt"
     if run is not None:
         loggers.append(WandbLogger(experiment=run, prefix=f"stage{index}"))
+    options = {name: value for name, value in asdict(config.trainer).items() if name != "checkpoint_every"}
     trainer = L.Trainer(
-        max_steps=config.train.steps, accelerator=config.trainer.accelerator, devices=config.trainer.devices,
-        strategy=config.trainer.strategy, precision=config.trainer.precision, logger=loggers,
-        log_every_n_steps=config.trainer.log_every_n_steps, enable_checkpointing=False,
+        **options, max_steps=config.train.steps, logger=loggers, callbacks=callbacks, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=progress, default_root_dir=run_dir,
-        callbacks=callbacks, plugins=[SafetensorsCheckpointIO()],
-    )  # fmt: skip
+        plugins=[SafetensorsCheckpointIO()], limit_val_batches=0, num_sanity_val_steps=0,
+    )
     started = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=resume if resume.exists() else None)
     train = {
@@ -296,23 +314,67 @@ def start_wandb(config: ChainConfig, run_dir: Path, extra_config: dict | None = 
     """One W&B run per chain; ``stage`` is the step metric of every ``eval/*`` series."""
     import wandb
 
-    mode = config.wandb.mode or os.environ.get("WANDB_MODE") or "online"
+    mode = wandb_mode(config.wandb.mode)
     if mode == "disabled":
         return None
+    # Under `wandb agent` the run's id, project and entity are the sweep's (W&B ignores them with a warning)
+    in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
     # a re-run of a killed chain (same run directory) continues the same W&B run instead of starting another
     id_file = run_dir / "wandb_run_id"
     run_id = os.environ.get("WANDB_RUN_ID") or (id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12])
     atomic_write_text(id_file, run_id)
     run = wandb.init(
-        id=run_id, resume="allow", project=config.wandb.project, entity=config.wandb.entity,
+        id=None if in_sweep else run_id, resume="allow",
+        project=None if in_sweep else config.wandb.project or os.environ.get("WANDB_PROJECT") or "chainforget",
+        entity=None if in_sweep else config.wandb.entity,
         group=config.wandb.group or os.environ.get("WANDB_RUN_GROUP") or config.run_name,
         job_type="chain", name=config.run_name, dir=str(run_dir), config={**config.to_dict(), **(extra_config or {})},
-        tags=config.wandb.tags,
-        mode=mode, settings=wandb.Settings(silent=True, console="off"),
+        tags=config.wandb.tags, mode=mode, settings=wandb.Settings(silent=True, console="off"),
     )  # fmt: skip
     run.define_metric("stage")
     run.define_metric("eval/*", step_metric="stage")
     return run
+
+
+def wandb_mode(configured: str | None) -> str:
+    """The config's ``wandb.mode`` if set, else W&B's own (``$WANDB_MODE``, ``wandb offline``, a sweep agent's
+    environment); where that is online but no credentials exist, offline, said once per process on stderr."""
+    if configured:
+        return configured
+    import wandb
+
+    try:
+        mode = wandb.setup().settings.mode
+    except ValueError as exc:  # pydantic's ValidationError: a malformed WANDB_MODE
+        raise ConfigError(f"WANDB_MODE={os.environ.get('WANDB_MODE')!r}: not allowed; use online, offline or disabled") from exc
+    if mode in ("online", "run", "shared") and not wandb_credentials():
+        say_offline_once()
+        return "offline"
+    return mode
+
+
+@functools.cache
+def say_offline_once() -> None:
+    print("chainforget: no W&B login and no WANDB_MODE: W&B runs are logged offline in each run directory's wandb/ "
+          "(`wandb login`, then `wandb sync <dir>` uploads them; WANDB_MODE=disabled turns W&B off)",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def wandb_credentials() -> bool:
+    """Whether W&B finds credentials (``$WANDB_API_KEY``, ``.netrc`` from ``wandb login``, its settings) without
+    prompting. The lookup lives in a private module that moves between wandb releases: without it, wandb.init
+    decides."""
+    import wandb
+
+    try:
+        from wandb.sdk.lib.wbauth import authenticate_session
+    except ImportError:
+        return True
+    try:
+        host = wandb.setup().settings.base_url
+        return authenticate_session(host=host, source="chainforget", prompt=False, update_session=False) is not None
+    except Exception:  # a malformed key: let wandb.init report it in its own words
+        return True
 
 
 def stage_scores(predictions: pd.DataFrame) -> list[dict]:
@@ -332,7 +394,7 @@ def log_stage_eval(run, predictions: pd.DataFrame, data) -> None:
     history = {"stage": stage}
     for row in rows:
         suffix = "acc" if row["group_kind"] == metrics.ALL else f"{row['group_kind']}/{row['group']}/acc"
-        history[f"eval/{row['task']}/{suffix}"] = row["acc"]
+        history[f"eval/{row['task']}/{suffix}"] = PP * row["acc"]
     for row in stage_scores(predictions):
         for name, value in score_values(row).items():
             history[f"eval/{row['task']}/{row['group_kind']}/{row['group']}/{name}"] = value

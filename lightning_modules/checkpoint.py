@@ -90,5 +90,6 @@ class StageCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps == 0 and step < trainer.max_steps:
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0  # not midway through an accumulation
+        if stepped and step % self.every_n_steps == 0 and step < trainer.max_steps:
             trainer.save_checkpoint(self.path, weights_only=False)

@@ -7,11 +7,13 @@ per-stage objective reported for pruning, and grid points never run twice across
 ``wandb_local`` is for clusters with no W&B server: it asks W&B's sweep engine (``sweeps.next_run``) for the
 next parameters, builds the command exactly as ``wandb agent`` does (``create_sweep_command`` and
 ``create_sweep_command_args``), runs it as a subprocess with ``WANDB_MODE=offline`` and feeds the finished
-run's summary metrics back to the engine (bayes needs them). The runs sync later with ``wandb sync``.
+run's summary metrics back to the engine (bayes needs them). The runs sync later with ``wandb sync`` as
+ordinary runs of the chain config's project, grouped by the sweep's name.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -24,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from chainforget.errors import ConfigError
-from chainforget.records import read_record, summary_metrics
+from chainforget.records import atomic_write_text, read_record, summary_metrics
 
 
 def read_mapping(path: Path, kind: str, fields: str) -> dict:
@@ -81,36 +83,69 @@ def chain_run_dir(command: list[str], run_id: str) -> Path:
 
 
 def wandb_local(path: Path, *, count: int | None = None, sweep_id: str | None = None) -> list[dict]:
-    """Run the sweep in ``path`` to completion (grid) or for ``count`` runs; returns one summary per run."""
+    """Run the sweep in ``path`` to completion (grid) or for ``count`` more runs; returns one summary per run.
+
+    Like W&B's controller, a failed run or one whose summary lacks the sweep's metric is recorded and the sweep
+    goes on. Its state (every run's parameters, state and summary) is kept in ``<out>/sweeps/<sweep id>.json``,
+    so running the same command again continues the sweep: a run that was killed is run again under its id
+    (the chain resumes from its checkpoints), then the engine suggests the next.
+    """
     import sweeps
 
     sweep = load_sweep(path)
     if count is None and sweep.get("method") != "grid":
         raise ConfigError(f"{path}: method {sweep.get('method')!r} never runs out of suggestions; pass --count N")
-    sweep_id = sweep_id or f"local-{path.stem}"
+    sweep_id = sweep_id or path.stem
     metric = (sweep.get("metric") or {}).get("name")
-    history: list = []
+    state_file = chain_run_dir(agent_command(sweep, {}), "-").parent / "sweeps" / f"{sweep_id}.json"
+    runs = read_sweep_state(state_file, sweep, sweep_id)
     results = []
     while count is None or len(results) < count:
-        suggestion = sweeps.next_run(sweep, history, validate=True)
-        if suggestion is None:
-            break
-        parameters = {name: {"value": spec["value"]} for name, spec in suggestion.config.items()}
-        run_id = f"{sweep_id}-{uuid.uuid4().hex[:8]}"
+        pending = [run for run in runs if run["state"] == "running"]  # killed with the sweep process
+        if pending:
+            run = pending[0]
+        else:
+            history = [sweeps.SweepRun(name=r["run_id"], state=sweeps.RunState(r["state"]), config=r["config"],
+                                       summary_metrics=r["summary"]) for r in runs]  # fmt: skip
+            suggestion = sweeps.next_run(sweep, history, validate=True)
+            if suggestion is None:
+                break
+            run = {"run_id": f"{sweep_id}-{uuid.uuid4().hex[:8]}", "config": suggestion.config, "state": "running", "summary": {}}
+            runs.append(run)
+            atomic_write_text(state_file, json.dumps({"sweep": sweep, "runs": runs}, indent=1, default=str))
+        parameters = {name: {"value": spec["value"]} for name, spec in run["config"].items()}
         command = agent_command(sweep, parameters)
-        run_dir = chain_run_dir(command, run_id)
-        env = dict(os.environ, WANDB_MODE="offline", WANDB_RUN_ID=run_id, WANDB_SWEEP_ID=sweep_id, WANDB_RUN_GROUP=sweep_id)
-        print(f"[{sweep_id}] run {len(results) + 1}: {shlex.join(command)}", file=sys.stderr, flush=True)
+        run_dir = chain_run_dir(command, run["run_id"])
+        # No WANDB_SWEEP_ID: no W&B server knows this sweep, and W&B would send the run to a sweep that `wandb sync`
+        # cannot find. The runs are grouped by the sweep's name instead.
+        env = dict(os.environ, WANDB_MODE="offline", WANDB_RUN_ID=run["run_id"], WANDB_RUN_GROUP=sweep_id)
+        print(f"[{sweep_id}] run {run['run_id']}: {shlex.join(command)}", file=sys.stderr, flush=True)
         done = subprocess.run(command, env=env)
         finished = done.returncode == 0 and (run_dir / "run.json").exists()
-        summary = summary_metrics(read_record(run_dir)) if finished else {}
-        if finished and metric and metric not in summary:
-            raise ConfigError(f"{path}: metric.name {metric!r} is not in the run's summary (e.g. {', '.join(sorted(summary)[:4])})")
-        state = sweeps.RunState.finished if finished else sweeps.RunState.failed
-        history.append(sweeps.SweepRun(name=run_id, state=state, config=suggestion.config, summary_metrics=summary))
-        results.append({"run_id": run_id, "run_dir": str(run_dir), "returncode": done.returncode, "parameters": parameters,
-                        "objective": summary.get(metric) if metric else None})  # fmt: skip
+        run["summary"] = summary_metrics(read_record(run_dir)) if finished else {}
+        run["state"] = "finished" if finished else "failed"
+        atomic_write_text(state_file, json.dumps({"sweep": sweep, "runs": runs}, indent=1, default=str))
+        objective = run["summary"].get(metric) if metric else None
+        if finished and metric and objective is None:
+            print(f"[{sweep_id}] run {run['run_id']}: its summary has no {metric!r} (the sweep goes on without it; "
+                  f"summary keys are e.g. {', '.join(sorted(run['summary'])[:3])})", file=sys.stderr, flush=True)  # fmt: skip
+        results.append({"run_id": run["run_id"], "run_dir": str(run_dir), "returncode": done.returncode,
+                        "parameters": parameters, "objective": objective})  # fmt: skip
     return results
+
+
+def read_sweep_state(state_file: Path, sweep: dict, sweep_id: str) -> list[dict]:
+    """The runs of an earlier invocation of this sweep, or none; a sweep file edited since is refused."""
+    if not state_file.exists():
+        return []
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{state_file}: unreadable sweep state ({exc}); delete it to start the sweep over") from None
+    if json.loads(json.dumps(sweep, default=str)) != state.get("sweep"):
+        raise ConfigError(f"{state_file}: sweep {sweep_id!r} ran with a different sweep file; pass --sweep-id NEW "
+                          "to start a new sweep, or delete the file to start this one over")  # fmt: skip
+    return state["runs"]
 
 
 STUDY_KEYS = {"study_name", "base", "overrides", "objectives", "directions", "params", "sampler", "pruner", "n_trials", "heartbeat"}

@@ -121,3 +121,90 @@ def test_lora_adapters_depend_on_the_seed_alone_not_on_what_the_process_ran_befo
     other = trainable_state(load_model(spec, seed=4))
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_each_stage_is_saved_where_hugging_face_loaders_open_it(smoke_config, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chainforget.models import load_model, tiny_tokenizer
+
+    record = run_chain(replace(smoke_config, train=replace(smoke_config.train, steps=3)), progress=False)
+    run_dir = Path(smoke_config.out) / "smoke"
+    for stage in record["stages"]:  # full fine-tuning: the whole model, as trained, with its tokenizer
+        loaded = AutoModelForCausalLM.from_pretrained(run_dir / f"stage{stage['index']}")
+        cached = load_file(str(Path(smoke_config.cache_dir) / stage["cache_key"] / "weights.safetensors"))
+        assert all(torch.equal(p, cached[name]) for name, p in loaded.state_dict().items() if name in cached)
+        assert AutoTokenizer.from_pretrained(run_dir / "stage2").get_vocab() == tiny_tokenizer().get_vocab()
+
+    base = tmp_path / "base"  # LoRA on a local model directory: the adapter alone, on top of its base
+    load_model(smoke_config.model, seed=0).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    lora = replace(smoke_config.model, name=str(base), finetune="lora")
+    run_chain(replace(smoke_config, run_name="lora", model=lora, train=replace(smoke_config.train, steps=3)), progress=False)
+    adapter = Path(smoke_config.out) / "lora" / "stage2"
+    assert (adapter / "adapter_config.json").exists() and not (adapter / "model.safetensors").exists()
+    assert AutoPeftModelForCausalLM.from_pretrained(adapter).peft_config["default"].r == smoke_config.model.lora.rank
+
+
+def test_the_trainer_block_takes_every_trainer_argument_the_runner_does_not_set_itself():
+    import inspect
+    from dataclasses import fields
+
+    import lightning as L
+
+    from chainforget.config import TrainerSpec
+    from lightning_modules.chain import RUNNER_OWNED
+
+    configurable = {f.name for f in fields(TrainerSpec)} - {"checkpoint_every"}
+    arguments = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    assert configurable | set(RUNNER_OWNED) == arguments and not configurable & set(RUNNER_OWNED)
+
+
+def test_gradient_accumulation_and_clipping_reach_the_trainer(smoke_config):
+    base = replace(smoke_config, train=replace(smoke_config.train, steps=3))
+    plain = run_chain(replace(base, run_name="plain", order=["bbq"]), progress=False)
+    trainer = replace(base.trainer, accumulate_grad_batches=2, gradient_clip_val=0.5)
+    accumulated = run_chain(replace(base, run_name="accumulated", order=["bbq"], trainer=trainer), progress=False)
+    (first,), (second,) = plain["stages"], accumulated["stages"]
+    assert first["train"]["steps"] == second["train"]["steps"] == 3  # optimizer steps
+    assert second["train"]["tokens"] > first["train"]["tokens"]  # each over two batches
+    assert second["cache_key"] != first["cache_key"] and not second["cache_hit"]
+
+
+@pytest.mark.parametrize("mode", ["disabled", "offline"])
+def test_a_config_without_a_wandb_mode_follows_wandb_mode(smoke_config, monkeypatch, mode):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", mode)
+    wandb.teardown()  # W&B reads its environment once per process, as a new command would
+    config = replace(smoke_config, run_name=mode, train=replace(smoke_config.train, steps=2))
+    assert config.wandb.mode is None  # smoke.yaml says nothing about the mode
+    run_chain(config, progress=False)
+    runs = list((Path(config.out) / mode / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == (0 if mode == "disabled" else 1)
+
+
+def test_without_credentials_an_online_run_goes_offline_and_says_so_once(smoke_config, monkeypatch, tmp_path, capsys):
+    import wandb
+
+    from lightning_modules import chain
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: never logged in
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    wandb.teardown()  # W&B resolves its settings once per process: make it resolve them again
+    chain.say_offline_once.cache_clear()
+    try:
+        assert chain.wandb_credentials() is False
+        assert chain.wandb_mode(None) == chain.wandb_mode(None) == "offline"
+        assert chain.wandb_mode("disabled") == "disabled"  # a mode the config names is taken as it is
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 86)
+        wandb.teardown()
+        assert chain.wandb_credentials() is True and chain.wandb_mode(None) == "online"
+    finally:
+        wandb.teardown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no W&B login and no WANDB_MODE" in err[0]

@@ -214,30 +214,71 @@ class CurvatureSpec:
 
 @dataclass
 class TrainerSpec:
-    """Passed straight to ``lightning.Trainer``, except ``checkpoint_every``: optimizer steps between stage
-    checkpoints (``0``: none). A killed chain re-run with the same command resumes from the last one."""
+    """Passed straight to ``lightning.Trainer`` for every stage (same names, same meanings, Lightning's defaults
+    except ``precision`` and ``devices``), except ``checkpoint_every``: optimizer steps between stage checkpoints
+    (``0``: none); a killed chain re-run with the same command resumes from the last one.
+
+    The chain runner sets the Trainer's remaining arguments itself (its loggers, callbacks, the stage length
+    ``max_steps = train.steps``, no validation loop; see ``lightning_modules.chain.RUNNER_OWNED``).
+    ``accumulate_grad_batches`` keeps ``train.steps`` as optimizer steps, each over that many batches.
+    """
 
     accelerator: str = "auto"
-    devices: int | str = 1
     strategy: str = "auto"
+    devices: int | str | list[int] = 1
+    num_nodes: int = 1
     precision: str = "bf16-mixed"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: Literal["norm", "value"] | None = None
+    deterministic: bool | Literal["warn"] | None = None
+    benchmark: bool | None = None
+    inference_mode: bool = True
+    use_distributed_sampler: bool = True
+    sync_batchnorm: bool = False
+    detect_anomaly: bool = False
+    profiler: str | None = None
     log_every_n_steps: int = 10
     checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:
             raise ConfigError(f"trainer.checkpoint_every: {self.checkpoint_every} is not allowed; use steps >= 0 (0 = never)")
+        for name in ("num_nodes", "accumulate_grad_batches", "log_every_n_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}: {getattr(self, name)} is not allowed; use a positive integer")
+        if self.gradient_clip_val is not None and not (math.isfinite(self.gradient_clip_val) and self.gradient_clip_val >= 0):
+            raise ConfigError(f"trainer.gradient_clip_val: {self.gradient_clip_val} is not allowed; use a finite value >= 0 or null")
+
+    def numerics(self) -> dict:
+        """The settings, beyond precision, that change what a stage learns and differ from the defaults (part of
+        the stage cache key; empty for the defaults, so earlier cache entries stay valid)."""
+        defaults = TrainerSpec()
+        names = ("strategy", "devices", "num_nodes", "accumulate_grad_batches", "gradient_clip_val",
+                 "gradient_clip_algorithm", "deterministic")  # fmt: skip
+        return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(defaults, name)}
 
 
 @dataclass
 class WandbSpec:
-    """One W&B run per chain. ``mode: null`` follows ``WANDB_MODE``."""
+    """One W&B run per chain. Every field left ``null`` follows W&B's own resolution, so a run started by
+    ``wandb agent`` reports to its sweep.
 
-    project: str = "chainforget"
+    Args:
+        project: ``null``: ``$WANDB_PROJECT``, else ``chainforget`` (under a sweep agent, always the sweep's).
+        entity: ``null``: ``$WANDB_ENTITY`` or your default entity.
+        group: ``null``: ``$WANDB_RUN_GROUP``, else the run name.
+        tags: extra run tags.
+        mode: ``null``: W&B's setting (``$WANDB_MODE``, ``wandb offline`` / ``wandb disabled``), online by
+            default; with no W&B credentials (no ``wandb login``, no ``$WANDB_API_KEY``) the run is logged
+            offline instead and the command says so in one line.
+    """
+
+    project: str | None = None
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
-    mode: Literal["online", "offline", "disabled"] | None = "offline"
+    mode: Literal["online", "offline", "disabled"] | None = None
 
 
 @dataclass

@@ -158,6 +158,22 @@ def save_trainable(model, path: Path) -> None:
     save_file(trainable_state(model), str(path))
 
 
+def save_pretrained(model, tokenizer, directory: Path) -> None:
+    """The model as Hugging Face loaders open it: a LoRA adapter (``PeftModel.from_pretrained`` /
+    ``AutoPeftModelForCausalLM``) or the full model (``AutoModelForCausalLM.from_pretrained``), safetensors, with
+    its tokenizer. Written beside ``directory`` and renamed into place, so a reader never sees half of it."""
+    directory = Path(directory)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_trainable(model, path: Path) -> None:
     """Load weights saved by :func:`save_trainable`; every trainable parameter must be present."""
     state = load_file(str(path))

@@ -75,8 +75,9 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
     """The run's headline numbers under stable names: what W&B summaries hold and sweep objectives name.
 
     ``forgetting/<task>[/<group_kind>/<group>]``, ``biased_forgetting/<task>/<group_kind>`` (and ``.../worst_group``),
-    ``final/<task>/acc`` (fraction, last stage), ``cl/<metric>``, ``curvature/stage<k>/top_eigenvalue`` and
-    ``scores/<task>/<group_kind>/<group>/<score>`` (last stage). Forgetting and scores are in pp.
+    ``final/<task>/acc`` (last stage), ``cl/<metric>``, ``curvature/stage<k>/top_eigenvalue`` and
+    ``scores/<task>/<group_kind>/<group>/<score>`` (last stage). Everything but the eigenvalue is in percentage
+    points, accuracies included, so one sweep metric never mixes scales.
     """
     metrics = record["metrics"]
     last = max(row["stage"] for row in record["eval"])
@@ -89,7 +90,7 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
         summary[f"biased_forgetting/{row['task']}/{row['group_kind']}/worst_group"] = row["worst_group"]
     for row in record["eval"]:
         if row["stage"] == last and row["group_kind"] == "all":
-            summary[f"final/{row['task']}/acc"] = row["acc"]
+            summary[f"final/{row['task']}/acc"] = PP * row["acc"]
     summary.update({f"cl/{name}": value for name, value in metrics["cl"].items()})
     for stage in record["stages"]:
         if stage["curvature"]:
@@ -101,9 +102,18 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
     return summary
 
 
+PP = 100.0
+FRACTION_SCORES = ("acc", "acc_ambig", "balanced_acc")  # task scores stored as fractions (bias scores are x100)
+
+
 def score_values(row: dict) -> dict[str, float]:
-    """The scores of a task-score row (s_dis, s_amb, balanced_acc, ...), without its counts and labels."""
-    return {name: value for name, value in row.items() if isinstance(value, float) and not name.startswith("n_")}
+    """The scores of a task-score row (s_dis, s_amb, balanced_acc, ...) in percentage points, without its counts
+    and labels."""
+    return {
+        name: PP * value if name in FRACTION_SCORES else value
+        for name, value in row.items()
+        if isinstance(value, float) and not name.startswith("n_")
+    }
 
 
 def environment(device: str, threads: int) -> dict:
