@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -22,12 +25,15 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from chainforget import metrics, mitigations, tasks
 from chainforget.config import ChainConfig, parse_stage, primary_order
 from chainforget.errors import ConfigError
 from chainforget.mitigations import apply_replay
+from chainforget.progress import bar_options
 from chainforget.models import load_model, load_tokenizer, load_trainable, save_pretrained, save_trainable, trainable_parameters
 from chainforget.records import PP, SCHEMA_VERSION, StageCache, atomic_write_text, content_key, environment, score_values, summary_metrics, write_record
 from chainforget.scoring import score_letters, score_text
@@ -75,7 +81,8 @@ def run_chain(
     run_dir.mkdir(parents=True, exist_ok=True)
     run = start_wandb(config, run_dir, wandb_config)
     try:
-        record, frame = run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cache, run, run_dir, progress, on_stage)
+        with quiet_libraries():
+            record, frame = run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cache, run, run_dir, progress, on_stage)
     except ChainStopped as stop:
         if run is not None:
             run.tags = (*run.tags, "stopped")
@@ -187,6 +194,47 @@ def estimate_fisher(model, tokenizer, data, previous_entry: str, config: ChainCo
     return mitigations.diagonal_fisher(parameters, losses)
 
 
+class StageProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, named after the stage, on stderr like every other bar (stdout keeps the results);
+    one line per 30 s in a log file (chainforget.progress)."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def init_train_tqdm(self) -> Tqdm:
+        return Tqdm(desc=self.label, disable=self.is_disabled, leave=True, smoothing=0, bar_format=self.BAR_FORMAT, **bar_options())
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.set_description(self.label)  # not Lightning's "Epoch 0": a stage is a step count
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version, which a stage does not have
+        return metrics
+
+
+@contextmanager
+def quiet_libraries():
+    """Silence what a chain's user cannot act on: Lightning's per-fit notes (hardware summary, tips, "max_steps
+    reached"), a deprecation inside Lightning, transformers' bar while saving a stage. Warnings stay."""
+    from transformers.utils import logging as hf_logging
+
+    notes = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level, bars = notes.level, hf_logging.is_progress_bar_enabled()
+    notes.setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            yield
+    finally:
+        notes.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, checkpoints: Path, progress) -> dict:
     """Fit one stage, resuming from ``checkpoints/last.ckpt`` when an earlier attempt left one; returns its
     ``train``, ``mitigation`` and ``curvature`` summaries."""
@@ -199,7 +247,9 @@ def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher
     batches = config.train.steps * config.trainer.accumulate_grad_batches
     datamodule = stage_data(data, tokenizer, entry, batches, config.seed + index, config)
     loggers = [CSVLogger(run_dir, name="lightning_logs", version=f"stage{index}")]
-    callbacks = [CurvatureCallback(config.curvature)] if config.curvature.applies_to(index) else []
+    callbacks = [StageProgressBar(f"train stage {index} ({entry})")] if progress else []
+    if config.curvature.applies_to(index):
+        callbacks.append(CurvatureCallback(config.curvature))
     if config.trainer.checkpoint_every:
         callbacks.append(StageCheckpoint(checkpoints, config.trainer.checkpoint_every))
     resume = checkpoints / "last.ckpt"
@@ -408,6 +458,6 @@ def finish_wandb(run, record: dict, run_dir: Path) -> None:
 
     run.summary.update(summary_metrics(record))
     run.log({"eval_matrix": wandb.Table(dataframe=pd.DataFrame(record["eval"]))})
-    for name in ("run.json", "predictions.parquet"):
-        run.save(str(run_dir / name), base_path=str(run_dir), policy="now")
+    for name in ("run.json", "predictions.parquet"):  # the run's files folder is uploaded as it is at the end
+        shutil.copy2(run_dir / name, Path(run.dir) / name)
     run.finish()

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from chainforget.errors import ConfigError
+from chainforget.progress import bar_options
 from chainforget.tasks import LETTERS, Example, question_text
 
 
@@ -90,7 +91,7 @@ def score_letters(
     logprobs: list[list[float]] = [[] for _ in examples]
     was_training = model.training
     model.eval()
-    with tqdm(total=len(examples), desc=desc, unit="q", disable=not progress) as bar:
+    with tqdm(total=len(examples), desc=desc, unit="q", disable=not progress, **bar_options()) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             inputs = {k: v.to(device) for k, v in left_pad([encoded[i] for i in batch], pad).items()}
@@ -151,7 +152,7 @@ def score_text(
     totals = [[0.0] * len(e.choices) for e in examples]
     was_training = model.training
     model.eval()
-    with tqdm(total=len(pairs), desc="eval (text)", unit="option", disable=not progress) as bar:
+    with tqdm(total=len(pairs), desc="eval (text)", unit="option", disable=not progress, **bar_options()) as bar:
         for start in range(0, len(order), batch_size):
             batch = [pairs[k] for k in order[start : start + batch_size]]
             inputs = {k: v.to(device) for k, v in left_pad([p[2] for p in batch], tokenizer.pad_token_id).items()}
@@ -241,7 +242,7 @@ def _text_packed(model, tokenizer, examples, row_tokens, max_seq_len, precision,
     totals = [[0.0] * len(e.choices) for e in examples]
     was_training = model.training
     model.eval()
-    with tqdm(total=len(examples), desc="eval (text, packed)", unit="q", disable=not progress) as bar:
+    with tqdm(total=len(examples), desc="eval (text, packed)", unit="q", disable=not progress, **bar_options()) as bar:
         for row in rows:
             ids, positions, mask, triples = _pack_row([encoded[i] for i in row])
             predictors = sorted({p for p, _, _ in triples})

@@ -28,9 +28,10 @@ from packaging.utils import (
 )
 from packaging.version import Version
 from platformdirs import user_cache_dir
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from chainforget.errors import DataError
+from chainforget.progress import bar_options
 
 
 def cache_root() -> Path:
@@ -51,7 +52,7 @@ def fetch_url(url: str, dest: Path) -> Path:
         with urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp, tqdm(
-                total=total, unit="B", unit_scale=True, desc=f"fetch {dest.name}"
+                total=total, unit="B", unit_scale=True, desc=f"fetch {dest.name}", **bar_options()
             ) as bar:
                 while chunk := response.read(1 << 20):
                     tmp.write(chunk)
@@ -152,7 +153,7 @@ def extract_members(archive: Path, pattern: str, dest: Path) -> list[Path]:
                         shutil.copyfileobj(src, out)
                     found.append(name)
     else:
-        with tarfile.open(archive, "r|gz") as tf, tqdm(desc=f"scan {archive.name}", unit=" files") as bar:
+        with tarfile.open(archive, "r|gz") as tf, tqdm(desc=f"scan {archive.name}", unit=" files", **bar_options()) as bar:
             for member in tf:
                 bar.update(1)
                 if member.isfile() and fnmatch.fnmatch(member.name, pattern):
