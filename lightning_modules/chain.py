@@ -261,6 +261,8 @@ def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher
         enable_model_summary=False, enable_progress_bar=progress, default_root_dir=run_dir,
         plugins=[SafetensorsCheckpointIO()], limit_val_batches=0, num_sanity_val_steps=0,
     )
+    if resume.exists():
+        print(f"chainforget: stage {index} resumes from its checkpoint {resume}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=resume if resume.exists() else None)
     train = {

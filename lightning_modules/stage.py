@@ -1,13 +1,17 @@
 """One fine-tuning stage: ``StageModule`` (answer-only causal-LM loss, AdamW + linear warm-up/decay, one
-optional mitigation) and ``StageDataModule`` (a seeded mixture of task training examples), plus the
-``CurvatureCallback`` that measures the Hessian at the end of the stage. All run under LightningCLI ``fit``
-or inside the chain runner, which hands them an already loaded model, tokenizer and data.
+optional mitigation; letter-mode validation, test and prediction) and ``StageDataModule`` (a seeded mixture of
+task training examples, and the tasks' eval splits), plus the ``CurvatureCallback`` that measures the Hessian
+at the end of the stage. All run under LightningCLI (``fit``, ``validate``, ``test``, ``predict``) or inside the
+chain runner, which hands them an already loaded model, tokenizer and data.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import random
 import time
+import typing
 import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -16,17 +20,20 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LightningCLI, instantiate_class
+from lightning.pytorch.core.saving import load_hparams_from_yaml
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from chainforget import curvature, mitigations
 from chainforget.config import CurvatureSpec, MitigationSpec, ModelSpec, TaskSpec, check_attention, parse_stage
-from chainforget.errors import ConfigError
+from chainforget.errors import ConfigError, DataError
 from chainforget.models import load_model, load_tokenizer, load_trainable, trainable_parameters
 from chainforget.records import read_record
 from chainforget.scoring import autocast_for, encode_prompt, left_pad, letter_token_ids
 from chainforget.tasks import TaskData, load as load_task
 from chainforget.tasks.sources import cache_root
+from lightning_modules.checkpoint import SafetensorsCheckpointIO
 
 
 def answer_logits(network, batch) -> torch.Tensor:
@@ -44,7 +51,14 @@ def answer_loss(network, batch) -> torch.Tensor:
 
 class StageModule(L.LightningModule):
     """Fine-tunes a causal LM on the answer letter only: cross-entropy of the next token after the prompt,
-    the same distribution letter-mode scoring reads (prompt tokens carry no loss).
+    the same distribution letter-mode scoring reads (prompt tokens carry no loss). Validation and test score the
+    data module's eval split the same way (argmax of the next-token log-probability over the option letters) and
+    log ``val/loss`` and ``val/acc`` (``test/...``), also per task (``val/<task>/acc``) when the stage mixes
+    tasks; prediction returns one record per example (task, example id, label, prediction, option log-probs).
+
+    Hyper-parameters are kept as plain values (specs as dicts), so ``hparams.yaml`` and a checkpoint's
+    ``hyper_parameters`` read back without Python tags. Checkpoints are safetensors files (no pickle, so loading
+    one never runs code from it): :meth:`load_from_checkpoint` reads them through ``SafetensorsCheckpointIO``.
 
     Args:
         model: which model to load (ignored when the chain runner passes one in).
@@ -63,18 +77,40 @@ class StageModule(L.LightningModule):
             transformers ``attn_implementation``.
         compile: train through ``torch.compile``d decoder blocks (about 1.6x the tokens/s on a CPU; the
             first compile takes about a minute there, later processes reuse inductor's on-disk cache).
+        optimizer: ``{"class_path": ..., "init_args": {...}}`` of a ``torch.optim`` optimizer over the trainable
+            parameters in place of AdamW (``lr`` and ``weight_decay`` then do not apply); set by ``--optimizer``.
+        lr_scheduler: the same for a scheduler in place of the linear warm-up/decay (``warmup_ratio`` then does
+            not apply), returned to Lightning as ``LightningCLI.configure_optimizers`` does; set by
+            ``--lr_scheduler``.
     """
 
     def __init__(
         self, model: ModelSpec | None = None, lr: float = 2e-4, warmup_ratio: float = 0.1, weight_decay: float = 0.0,
         seed: int = 0, mitigation: MitigationSpec | None = None, init_from: str | None = None,
         cache_dir: str | None = None, attention: str = "auto", compile: bool = False,
+        optimizer: dict | None = None, lr_scheduler: dict | None = None,
     ):  # fmt: skip
         super().__init__()
         check_attention(attention, "model.attention")
-        self.save_hyperparameters(logger=False)
-        self.spec = model or ModelSpec()
-        self.mitigation = mitigation or MitigationSpec()
+        self.spec = as_spec(ModelSpec, model, "model.model") or ModelSpec()
+        self.mitigation = as_spec(MitigationSpec, mitigation, "model.mitigation") or MitigationSpec()
+        # plain values only (specs as dicts), so hparams.yaml and checkpoints read back without Python tags; given
+        # explicitly, as LightningCLI's own record of the arguments would otherwise take their place
+        hparams = {
+            "model": dataclasses.asdict(self.spec),
+            "lr": lr,
+            "warmup_ratio": warmup_ratio,
+            "weight_decay": weight_decay,
+            "seed": seed,
+            "mitigation": dataclasses.asdict(self.mitigation),
+            "init_from": init_from,
+            "cache_dir": cache_dir,
+            "attention": attention,
+            "compile": compile,
+            "optimizer": optimizer,
+            "lr_scheduler": lr_scheduler,
+        }
+        self.save_hyperparameters(hparams, logger=False)
         self.automatic_optimization = self.mitigation.name != "sam"
         self.network = None
         self.fisher: dict[str, torch.Tensor] | None = None
@@ -86,7 +122,47 @@ class StageModule(L.LightningModule):
         self.curvature: dict | None = None
         self._step_started = 0.0
         self._training_kernels = ExitStack()
+        self._tallies: torch.Tensor | None = None  # per eval task: loss sum, correct, count
         self.strict_loading = False  # checkpoints hold the trainable weights only
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path,
+        map_location=None,
+        hparams_file=None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs,
+    ) -> StageModule:
+        """Lightning's ``load_from_checkpoint`` for stage checkpoints, which are safetensors files (read through
+        ``SafetensorsCheckpointIO``, never unpickled): the module is rebuilt from the stored hyper-parameters,
+        ``configure_model`` loads the model and the checkpoint's trainable weights go into it.
+
+        Args:
+            checkpoint_path: a ``.ckpt`` written by ``chainforget fit`` (or a chain's stage checkpoint).
+            map_location: the device to move the module to (a ``str`` or ``torch.device``); tensors load on CPU.
+            hparams_file: a YAML of this class's arguments (such as fit's ``hparams.yaml``) used in place of the
+                checkpoint's hyper-parameters.
+            strict: also require every weight of the module (frozen ones included) in the checkpoint; by default
+                (``strict_loading``) only the trainable ones, which is what stage checkpoints hold.
+            weights_only: accepted for Lightning's signature; safetensors files hold tensors and JSON only.
+            **kwargs: arguments overriding the stored hyper-parameters (e.g. ``init_from=None``).
+        """
+        checkpoint = SafetensorsCheckpointIO().load_checkpoint(checkpoint_path)
+        hparams = load_hparams_from_yaml(hparams_file) if hparams_file else checkpoint.get("hyper_parameters", {})
+        arguments = inspect.signature(cls).parameters
+        module = cls(**{k: v for k, v in {**hparams, **kwargs}.items() if k in arguments})
+        module.configure_model()
+        strict = module.strict_loading if strict is None else strict
+        keys = module.load_state_dict(checkpoint["state_dict"], strict=strict)
+        missing = sorted({f"network.{name}" for name in module.trainable()} & set(keys.missing_keys))
+        if missing or keys.unexpected_keys:
+            raise DataError(
+                f"{checkpoint_path}: its weights do not fit model {module.spec.name!r} ({module.spec.finetune}): "
+                f"missing {missing[:3]}, unexpected {keys.unexpected_keys[:3]}"
+            )
+        return module if map_location is None else module.to(torch.device(map_location))
 
     @classmethod
     def wrapping(cls, network, **hparams):
@@ -187,7 +263,7 @@ class StageModule(L.LightningModule):
         self.tokens_seen += int(batch["attention_mask"].sum())
         self.final_loss = float(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/tokens", float(self.tokens_seen))
         return objective if self.automatic_optimization else None
 
@@ -202,7 +278,8 @@ class StageModule(L.LightningModule):
         mitigations.sam_descent(parameters, steps)
         optimizer.step()
         optimizer.zero_grad()
-        schedule.step()
+        if schedule is not None:
+            schedule.step()
         perturbation = float(torch.sqrt(sum((s.float() ** 2).sum() for s in steps)))
         self.mitigation_total += perturbation
         self.log("train/sam_perturbation", perturbation)
@@ -220,10 +297,81 @@ class StageModule(L.LightningModule):
 
     def configure_optimizers(self):
         parameters = list(self.trainable().values())
-        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.optimizer:
+            optimizer = instantiate_class(parameters, self.hparams.optimizer)
+        else:
+            optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_scheduler:
+            schedule = instantiate_class(optimizer, self.hparams.lr_scheduler)
+            return LightningCLI.configure_optimizers(self, optimizer, schedule)
         total = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches))
         schedule = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def score(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example of an eval batch: the answer token's cross-entropy and the option letters' next-token
+        log-probabilities (``-inf`` past an example's own options), as letter-mode scoring reads them."""
+        logits = answer_logits(self.network, batch).float()
+        losses = F.cross_entropy(logits, batch["answer"], reduction="none")
+        options = logits.log_softmax(-1)[:, batch["letters"]]
+        beyond = torch.arange(options.shape[1], device=options.device) >= batch["choices"][:, None]
+        return losses, options.masked_fill(beyond, float("-inf"))
+
+    def on_validation_epoch_start(self) -> None:
+        self._tallies = torch.zeros(len(self.trainer.datamodule.eval_tasks), 3, device=self.device)
+
+    def validation_step(self, batch, batch_idx) -> None:
+        losses, options = self.score(batch)
+        correct = (options.argmax(-1) == batch["label"]).float()
+        self._tallies.index_add_(0, batch["task"], torch.stack([losses, correct, torch.ones_like(losses)], dim=1))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_tallies("val")
+
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self.log_tallies("test")
+
+    def log_tallies(self, prefix: str) -> None:
+        """``<prefix>/loss`` and ``<prefix>/acc`` over every rank's examples, and per task when there are several."""
+        tallies = self.trainer.strategy.reduce(self._tallies, reduce_op="sum")
+        tasks = self.trainer.datamodule.eval_tasks
+        rows = {prefix: tallies.sum(0)}
+        if len(tasks) > 1:
+            rows.update({f"{prefix}/{task}": tallies[i] for i, task in enumerate(tasks)})
+        for name, (loss, correct, count) in rows.items():
+            self.log(f"{name}/loss", loss / count)
+            self.log(f"{name}/acc", correct / count)
+
+    def predict_step(self, batch, batch_idx) -> list[dict]:
+        _, options = self.score(batch)
+        labels, counts = batch["label"].tolist(), batch["choices"].tolist()
+        rows = zip(batch["task_name"], batch["example_id"], labels, options.cpu(), counts)
+        return [
+            {
+                "task": task,
+                "example_id": example_id,
+                "label": label,
+                "pred": int(values.argmax()),
+                "option_logprobs": values[:count].tolist(),
+            }
+            for task, example_id, label, values, count in rows
+        ]
+
+
+def as_spec(kind: type, value, field: str):
+    """``value`` as the dataclass ``kind``: the instance itself, or one built from the plain dict that hparams.yaml
+    and checkpoints hold (nested specs too); ``None`` stays ``None``."""
+    if value is None or isinstance(value, kind):
+        return value
+    hints = typing.get_type_hints(kind)
+    unknown = sorted(set(value) - set(hints))
+    if unknown:
+        raise ConfigError(f"{field}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(hints)}")
+    nested = {k: as_spec(hints[k], v, f"{field}.{k}") for k, v in value.items() if dataclasses.is_dataclass(hints[k])}
+    return kind(**{**value, **nested})
 
 
 def resolve_init(init_from: str, cache_dir: str | None) -> Path:
@@ -305,40 +453,50 @@ def compiled_blocks(network):
 
 
 class StageDataModule(L.LightningDataModule):
-    """Training examples for one stage: ``steps * batch_size`` draws from the stage's task mixture.
+    """Training examples for one stage: ``steps * accumulate_grad_batches * batch_size`` draws from the stage's task
+    mixture; validation, test and prediction run over the eval split of each of the stage's tasks.
 
     Args:
         tasks: task specs by registry name.
         stage: a task name or a mixture such as ``bbq:0.95+csqa:0.05``.
         model: the model whose tokenizer encodes the prompts.
-        batch_size: examples per step.
-        steps: optimizer steps the stage will take (link it to ``trainer.max_steps``).
+        batch_size: examples per batch (training and evaluation).
+        steps: optimizer steps the stage will take (under ``chainforget fit``: ``trainer.max_steps``).
         max_seq_len: prompts keep their last ``max_seq_len`` tokens.
         seed: drives splits, caps and the draw order.
         bucket: group samples of similar length into batches (within windows of 32 batches, batch order then
             shuffled by ``seed``), so little compute goes to padding.
+        accumulate_grad_batches: batches per optimizer step (under ``chainforget fit``: the trainer's).
     """
 
     def __init__(
         self, tasks: dict[str, TaskSpec] | None = None, stage: str = "bbq", model: ModelSpec | None = None,
         batch_size: int = 8, steps: int = 100, max_seq_len: int = 384, seed: int = 0, bucket: bool = True,
+        accumulate_grad_batches: int = 1,
     ):  # fmt: skip
         super().__init__()
         self.specs = tasks or {name: TaskSpec() for name in parse_stage(stage)}
         self.mixture = parse_stage(stage)
         self.model_spec = model or ModelSpec()
         self.batch_size, self.steps, self.max_seq_len, self.seed, self.bucket = batch_size, steps, max_seq_len, seed, bucket
+        self.accumulate_grad_batches = accumulate_grad_batches
         self.data: dict[str, TaskData] | None = None
         self.tokenizer = None
         self.samples: list[dict] = []
         self.letters: list[int] = []
         self.drawn_ids: dict[str, list[str]] = {}
         self.position = 0  # batches already trained on (a resumed stage starts after them)
+        self.eval_tasks = list(self.mixture)  # the tasks whose eval split validation, test and predict read
+        self.eval_samples: list[dict] = []
+        self.eval_letters: torch.Tensor | None = None
 
     @classmethod
     def prepared(cls, data, tokenizer, *, stage: str, batch_size: int, steps: int, max_seq_len: int, seed: int, bucket: bool = True):
+        """A module over already loaded data and tokenizer, drawing ``steps`` batches, without eval data: the chain
+        runner evaluates between stages itself."""
         module = cls(tasks={}, stage=stage, batch_size=batch_size, steps=steps, max_seq_len=max_seq_len, seed=seed, bucket=bucket)
         module.data, module.tokenizer = data, tokenizer
+        module.eval_tasks = []
         return module
 
     def setup(self, stage: str | None = None) -> None:
@@ -346,13 +504,42 @@ class StageDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(self.model_spec)
         if self.data is None:
             self.data = {name: load_task(name, self.specs[name], self.seed) for name in self.mixture}
-        drawn = draw_mixture({n: self.data[n].train for n in self.mixture}, self.mixture, self.steps * self.batch_size, self.seed)
+        if stage in (None, "fit"):
+            self.draw_training()
+        if stage is not None:
+            self.encode_eval()
+
+    def draw_training(self) -> None:
+        total = self.steps * self.accumulate_grad_batches * self.batch_size
+        drawn = draw_mixture({n: self.data[n].train for n in self.mixture}, self.mixture, total, self.seed)
         self.drawn_ids = {name: sorted({e.id for task, e in drawn if task == name}) for name in self.mixture}
         self.letters = letter_token_ids(self.tokenizer, max(len(e.choices) for _, e in drawn))
         self.samples = [
             {"index": i, "ids": encode_prompt(self.tokenizer, e.prompt, self.max_seq_len), "answer": self.letters[e.label]}
             for i, (_, e) in enumerate(drawn)
         ]
+
+    def encode_eval(self) -> None:
+        """The eval split of every task in ``eval_tasks``, longest prompts first (batches with little padding)."""
+        examples = [(t, e) for t, name in enumerate(self.eval_tasks) for e in self.data[name].eval]
+        self.eval_samples = []
+        if not examples:
+            return
+        letters = letter_token_ids(self.tokenizer, max(len(e.choices) for _, e in examples))
+        samples = [
+            {
+                "task": t,
+                "task_name": self.eval_tasks[t],
+                "example_id": e.id,
+                "label": e.label,
+                "choices": len(e.choices),
+                "answer": letters[e.label],
+                "ids": encode_prompt(self.tokenizer, e.prompt, self.max_seq_len),
+            }
+            for t, e in examples
+        ]
+        self.eval_letters = torch.tensor(letters, dtype=torch.long)
+        self.eval_samples = sorted(samples, key=lambda sample: -len(sample["ids"]))
 
     def train_dataloader(self) -> DataLoader:
         if self.position:
@@ -365,8 +552,26 @@ class StageDataModule(L.LightningDataModule):
         """The stage's batches from batch ``start`` on (the length stays that of the whole stage)."""
         return DataLoader(self.samples, batch_sampler=BatchesFrom(self.batches(), start), collate_fn=self.collate)
 
+    def eval_loader(self) -> DataLoader | list:
+        """Batches of the eval split (none for a module without eval tasks, so Lightning skips the loop)."""
+        if not self.eval_samples:
+            # a `prepared` module (the chain runner's, the benchmarks'): no eval data is meant, nothing to warn about
+            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+            return []
+        return DataLoader(self.eval_samples, batch_size=self.batch_size, collate_fn=self.collate_eval)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self.eval_loader()
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.eval_loader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.eval_loader()
+
     def state_dict(self) -> dict:
-        return {"position": int(self.trainer.global_step)}
+        # batches consumed: every optimizer step took `accumulate_grad_batches` of them
+        return {"position": int(self.trainer.global_step * self.trainer.accumulate_grad_batches)}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
@@ -388,6 +593,15 @@ class StageDataModule(L.LightningDataModule):
         batch = left_pad([s["ids"] for s in samples], self.tokenizer.pad_token_id)
         batch["answer"] = torch.tensor([s["answer"] for s in samples], dtype=torch.long)
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+        return batch
+
+    def collate_eval(self, samples: list[dict]) -> dict:
+        batch = left_pad([s["ids"] for s in samples], self.tokenizer.pad_token_id)
+        for key in ("answer", "label", "choices", "task"):
+            batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.long)
+        batch["letters"] = self.eval_letters
+        batch["task_name"] = [s["task_name"] for s in samples]
+        batch["example_id"] = [s["example_id"] for s in samples]
         return batch
 
 

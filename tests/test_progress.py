@@ -25,8 +25,8 @@ def test_a_bar_in_a_log_file_writes_its_first_state_then_timed_lines_and_its_las
 
 
 def test_a_chain_writes_progress_to_stderr_and_only_results_to_stdout(smoke_config, capsys):
-    code = main(["chain", "--config", "sweeps/configs/smoke.yaml", f"--out={smoke_config.out}",
-                 f"--cache_dir={smoke_config.cache_dir}", "--train.steps=3", "--wandb.mode=disabled"])  # fmt: skip
+    paths = [f"--out={smoke_config.out}", f"--cache_dir={smoke_config.cache_dir}"]
+    code = main(["chain", "--config", "sweeps/configs/smoke.yaml", *paths, "--train.steps=3", "--wandb.mode=disabled"])
     out, err = capsys.readouterr()
     assert code == 0
     assert out.startswith("Accuracy per stage") and "\n\n\n" not in out

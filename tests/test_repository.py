@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 from chainforget.cli import parse_chain
-from lightning_modules.sweeps import agent_command, load_study_spec, load_sweep
+from lightning_modules.sweeps import agent_command, as_override, load_study_spec, load_sweep
 
 NAMED = re.compile(r"(?:sweeps|src|analysis|lightning_modules|benchmarks|docs|tests)/[A-Za-z0-9_./-]+\.(?:ya?ml|py|ipynb|md|json|csv|png)")
 
@@ -41,12 +41,16 @@ def test_every_config_the_readme_names_loads(monkeypatch):
         sweep = load_sweep(ROOT / path)
         command = agent_command(sweep, {})
         parse_chain(command[command.index("chain") + 1 :], "test")
-    for path in kinds["optuna"]:
-        for base in load_study_spec(ROOT / path)["base"]:
-            parse_chain(["--config", base], "test")
+    for path in kinds["optuna"]:  # a study's base configs with its overrides and each parameter's first choice
+        spec = load_study_spec(ROOT / path)
+        bases = [arg for base in spec["base"] for arg in ("--config", base)]
+        first = [as_override(name, param.get("choices", [param.get("low")])[0]) for name, param in spec["params"].items()]
+        parse_chain([*bases, *spec.get("overrides", []), *first], "test")
     for path in kinds["configs"]:
-        if path != "sweeps/configs/stage_smoke.yaml":  # a LightningCLI config, read by tests/test_lightning_cli.py
-            parse_chain(["--config", path], "test")
+        if path == "sweeps/configs/stage_smoke.yaml":  # a LightningCLI config, read by tests/test_lightning_cli.py
+            continue
+        snippet = path.startswith("sweeps/configs/mitigations/")  # combines with a chain config
+        parse_chain([*(["--config", "sweeps/configs/smoke.yaml"] if snippet else []), "--config", path], "test")
 
 
 @pytest.mark.parametrize("folder", ["sweeps/wandb", "sweeps/optuna", "sweeps/configs", "sweeps/configs/mitigations"])

@@ -2,7 +2,8 @@
 
     chainforget demo  [--out runs/demo] [--config FILE] [overrides]   both orders of the default experiment
     chainforget chain --config FILE [--dotted.key=value ...]          one chain
-    chainforget fit   --config FILE [--print_config]                  one stage through LightningCLI
+    chainforget fit   --config FILE [--trainer.max_steps N] [...]     one stage through LightningCLI
+    chainforget validate|test|predict --config FILE [--ckpt_path C]   a stage scored on its eval split
     chainforget tasks [--config FILE [overrides]]                     registered tasks; with a chain
                                                                        config, their sizes and groups
     chainforget sweep wandb-local FILE [--count N]                    a W&B sweep YAML without a server
@@ -23,7 +24,10 @@ from chainforget.errors import ChainforgetError, ConfigError
 
 DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
 DEMO_ORDERS = (["bbq", "csqa"], ["csqa", "bbq"])
-USAGE = "usage: chainforget {demo,chain,fit,tasks,sweep,report} [--debug] [options]  (chainforget COMMAND --help for options)"
+USAGE = (
+    "usage: chainforget {demo,chain,fit,validate,test,predict,tasks,sweep,report} [--debug] [options]"
+    "  (chainforget COMMAND --help for options)"
+)
 
 
 def run() -> int:
@@ -43,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     commands = {"chain": chain, "demo": demo, "fit": fit, "tasks": list_tasks, "sweep": sweep, "report": report}
+    commands |= {name: lambda rest, name=name: fit(rest, name) for name in ("validate", "test", "predict")}
     if command not in commands:
         print(f"chainforget: unknown command {command!r}; use one of: {', '.join(commands)}", file=sys.stderr)
         return 2
@@ -125,10 +130,12 @@ def demo(argv: list[str]) -> int:
     return 0
 
 
-def fit(argv: list[str]) -> int:
-    from lightning_modules.cli import run_fit
+def fit(argv: list[str], subcommand: str = "fit") -> int:
+    """One stage through LightningCLI: ``fit`` it, or ``validate``/``test``/``predict`` it on its eval split."""
+    _single_thread_if_asked()
+    from lightning_modules.cli import run_stage
 
-    run_fit(argv)
+    run_stage(subcommand, argv)
     return 0
 
 
@@ -163,7 +170,8 @@ def sweep(argv: list[str]) -> int:
     local = engines.add_parser("wandb-local", help="run a W&B sweep YAML without a W&B server (offline runs)")
     local.add_argument("file", type=Path)
     local.add_argument("--count", type=int, default=None, help="runs to start (required for random and bayes)")
-    local.add_argument("--sweep-id", default=None, help="names the runs and their W&B group")
+    local.add_argument("--sweep-id", default=None, help="names the runs and their W&B group; running the same "
+                       "sweep id again continues it (default: the file's name)")
     study = engines.add_parser("optuna", help="run or join an Optuna study (start several workers to share it)")
     study.add_argument("file", type=Path)
     study.add_argument("--storage", default=None, help="Optuna RDB URL (default: sqlite:///<out>/optuna/<study>.db)")
@@ -178,7 +186,7 @@ def sweep(argv: list[str]) -> int:
     results = wandb_local(args.file, count=args.count, sweep_id=args.sweep_id)
     failed = [r for r in results if r["returncode"] != 0]
     for result in results:
-        status = "failed" if result["returncode"] else f"objective {result['objective']}"
+        status = "failed" if result["returncode"] else f"objective {result['objective']}"  # None: metric missing
         print(f"{result['run_id']}: {status}  {result['run_dir']}")
     return 1 if failed else 0
 
