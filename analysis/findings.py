@@ -17,8 +17,16 @@ import numpy as np
 import pandas as pd
 
 from analysis.report import write_report
-from analysis.runs import forgetting_frame, load_records, order_label
-from analysis.tables import curvature_forgetting, mean_interval, order_asymmetry, replay_recovery, seed_summary
+from analysis.runs import condition_labels, forgetting_frame, load_records
+from analysis.tables import (
+    DIFFERENCE_RANGE,
+    SPREAD_RANGE,
+    curvature_forgetting,
+    mean_interval,
+    order_asymmetry,
+    replay_recovery,
+    seed_summary,
+)
 
 
 def mitigation(record: dict) -> str:
@@ -43,9 +51,15 @@ def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
 
 
 def run_keys(records: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([{"run_name": r["run_name"], "order": ",".join(r["config"]["order"]), "seed": r["config"]["seed"],
-                          "converged": r["stages"][0]["curvature"]["converged"] if r["stages"][0]["curvature"] else None}
-                         for r in records])  # fmt: skip
+    """Per run: its condition without the mitigation (what SAM and plain runs are paired on, with the seed) and
+    whether the curvature estimate of its first stage converged."""
+    conditions = condition_labels(records, leave_out=("mitigation",))
+    rows = []
+    for record in records:
+        curvature = record["stages"][0]["curvature"] or {}
+        run = {"run_name": record["run_name"], "condition": conditions[record["run_name"]]}
+        rows.append(run | {"seed": record["config"]["seed"], "converged": curvature.get("converged")})
+    return pd.DataFrame(rows)
 
 
 def group_forgetting(records: list[dict]) -> pd.DataFrame:
@@ -59,54 +73,59 @@ def group_table(frame: pd.DataFrame) -> pd.DataFrame:
     groups = frame[frame["group_kind"] != "all"].copy()
     groups["beyond"] = (groups["BF_lo"] > 0) | (groups["BF_hi"] < 0)  # BF_g = F_g - F, one paired bootstrap
     summary = seed_summary(groups)
-    counts = groups.groupby(["order", "task", "group_kind", "group"])[["beyond", "small"]].agg({"beyond": "sum", "small": "any"})
-    return summary.merge(counts.reset_index().rename(columns={"beyond": "seeds_beyond_interval"}),
-                         on=["order", "task", "group_kind", "group"])  # fmt: skip
+    keys = ["condition", "task", "group_kind", "group"]
+    counts = groups.groupby(keys)[["beyond", "small"]].agg({"beyond": "sum", "small": "any"})
+    return summary.merge(counts.reset_index().rename(columns={"beyond": "seeds_beyond_interval"}), on=keys)
 
 
 def biased_forgetting(records: list[dict]) -> pd.DataFrame:
-    """Per order x task x group kind: the headline BF (worst group) and the spread over seeds, and how many of the
+    """Per condition x task x group kind: the headline BF (worst group) and the spread over seeds, and how many of the
     (run, group) pairs large enough to count have a ``BF_g`` interval that excludes 0 (about 5% would by chance
     if every group forgot alike)."""
     frame = forgetting_frame(records)
     table = group_table(frame)
     overall = frame[frame["group_kind"] == "all"].set_index("run_name")["F"]
+    labels = condition_labels(records)
     rows = []
     for record in records:
+        run = {"condition": labels[record["run_name"]], "seed": record["config"]["seed"]}
         for row in record["metrics"]["biased_forgetting"]:
-            rows.append({"order": order_label(record), "seed": record["config"]["seed"], **row,
-                         "F": overall[record["run_name"]]})  # fmt: skip
+            rows.append(run | row | {"F": overall[record["run_name"]]})
     if not rows:
         return pd.DataFrame()
     per_run = pd.DataFrame(rows)
     out = []
-    for (order, task, kind), part in per_run.groupby(["order", "task", "group_kind"], sort=True):
-        bf, bf_lo, bf_hi = mean_interval(part["BF"].dropna())
-        spread, spread_lo, spread_hi = mean_interval(part["spread"].dropna())
-        groups = table[(table["order"] == order) & (table["task"] == task) & (table["group_kind"] == kind) & ~table["small"]]
-        tested = int(groups["seeds"].sum())
-        out.append({"order": order, "task": task, "group_kind": kind, "seeds": len(part), "F": float(part["F"].mean()),
-                    "BF": bf, "BF_lo": bf_lo, "BF_hi": bf_hi, "spread": spread, "spread_lo": spread_lo,
-                    "spread_hi": spread_hi, "worst_groups": ";".join(sorted(part["worst_group"].dropna().unique())),
-                    "group_runs_tested": tested, "group_runs_beyond_interval": int(groups["seeds_beyond_interval"].sum()),
-                    "share_beyond": groups["seeds_beyond_interval"].sum() / tested if tested else None})  # fmt: skip
+    for (condition, task, kind), part in per_run.groupby(["condition", "task", "group_kind"], sort=True):
+        bf, bf_lo, bf_hi = mean_interval(part["BF"].dropna(), bounds=DIFFERENCE_RANGE)
+        spread, spread_lo, spread_hi = mean_interval(part["spread"].dropna(), bounds=SPREAD_RANGE)
+        chosen = (table["condition"] == condition) & (table["task"] == task) & (table["group_kind"] == kind)
+        groups = table[chosen & ~table["small"]]
+        tested, beyond = int(groups["seeds"].sum()), int(groups["seeds_beyond_interval"].sum())
+        row = {"condition": condition, "task": task, "group_kind": kind, "seeds": len(part), "F": part["F"].mean()}
+        row |= {"BF": bf, "BF_lo": bf_lo, "BF_hi": bf_hi}
+        row |= {"spread": spread, "spread_lo": spread_lo, "spread_hi": spread_hi}
+        row["worst_groups"] = ";".join(sorted(part["worst_group"].dropna().unique()))
+        row |= {"group_runs_tested": tested, "group_runs_beyond_interval": beyond}
+        out.append(row | {"share_beyond": beyond / tested if tested else None})
     return pd.DataFrame(out)
 
 
 def sam_vs_plain(points: pd.DataFrame) -> pd.DataFrame:
-    """For every order run with and without SAM in its first stage: top eigenvalue and F, paired by seed."""
+    """For every condition (without the mitigation) run with and without SAM in its first stage: top eigenvalue
+    and F, paired by seed."""
     rows = []
-    for order, part in points.groupby("order", sort=True):
-        sam, plain = part[part["mitigation"] == "sam"].set_index("seed"), part[part["mitigation"] == "none"].set_index("seed")
+    for condition, part in points.groupby("condition", sort=True):
+        sam = part[part["mitigation"] == "sam"].set_index("seed")
+        plain = part[part["mitigation"] == "none"].set_index("seed")
         seeds = sorted(set(sam.index) & set(plain.index))
         if not seeds:
             continue
-        row = {"order": order, "seeds": len(seeds)}
+        row = {"condition": condition, "seeds": len(seeds)}
         for column in ("top_eigenvalue", "F"):
             diff = np.array([sam.loc[s, column] - plain.loc[s, column] for s in seeds])
-            mean, lo, hi = mean_interval(diff)
-            row |= {f"{column}_plain": float(plain.loc[seeds, column].mean()), f"{column}_sam": float(sam.loc[seeds, column].mean()),
-                    f"{column}_diff": mean, f"{column}_diff_lo": lo, f"{column}_diff_hi": hi}  # fmt: skip
+            mean, lo, hi = mean_interval(diff, bounds=DIFFERENCE_RANGE if column == "F" else None)
+            means = {f"{column}_plain": plain.loc[seeds, column].mean(), f"{column}_sam": sam.loc[seeds, column].mean()}
+            row |= means | {f"{column}_diff": mean, f"{column}_diff_lo": lo, f"{column}_diff_hi": hi}
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -1,10 +1,13 @@
-"""Seaborn figures of chains: per-group forgetting per order, and accuracy across stages.
+"""Seaborn figures of chains: per-group forgetting per condition, accuracy across stages, order asymmetry, replay,
+curvature and Pareto fronts.
 
 Every figure has labelled axes in percentage points, interval bars where intervals exist, a caption-ready
 title and the colour-blind-safe palette.
 """
 
 from __future__ import annotations
+
+import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,65 +20,81 @@ PALETTE = "colorblind"
 
 
 def group_forgetting_figure(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None = None):
-    """Horizontal bars of per-group forgetting F_g (pp), one panel per order and forgotten task that has groups:
-    the mean over seeds with its 95% interval over seeds (a single run: its paired-bootstrap interval). The
-    dashed line is the task's overall F, so bars beyond it are groups forgotten more than the task as a whole.
-    Groups below the minimum eval size are left out (the tables keep them); ``kinds``: default all."""
+    """Horizontal bars of per-group forgetting F_g (pp), one panel per condition and forgotten task that has groups:
+    the mean over seeds, each seed's value as a dot, and the 95% Student-t interval over seeds clipped to F's range
+    (-100 to +100 pp; a single run: its paired-bootstrap interval). The dashed line is the task's overall F, so bars
+    beyond it are groups forgotten more than the task as a whole. Groups below the minimum eval size are left out
+    (the tables keep them); ``kinds``: default all."""
     kinds = tuple(kinds or group_kinds(forgetting))
     kept = forgetting[forgetting["group_kind"].isin(("all", *kinds)) & ~forgetting["small"].astype(bool)]
     summary = seed_summary(kept)
-    panels = [(key, part) for key, part in summary.groupby(["order", "task"], sort=True) if (part["group_kind"] != "all").any()]
+    groups = summary.groupby(["condition", "task"], sort=True)
+    panels = [(key, part) for key, part in groups if (part["group_kind"] != "all").any()]
     rows = max((len(part) for _, part in panels), default=1)
     columns = min(4, max(1, len(panels)))
     lines = -(-max(1, len(panels)) // columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(5.2 * columns, lines * (0.32 * rows + 1.6)), squeeze=False)
-    colours = dict(zip(kinds, sns.color_palette(PALETTE, len(kinds)))) | {"all": (0.45, 0.45, 0.45)}
-    for ax, ((order, task), panel) in zip(axes.flat, panels):
-        panel = pd.concat([panel[panel["group_kind"] == "all"], panel[panel["group_kind"] != "all"].sort_values(["group_kind", "F"], ascending=[True, False])])
+    fig, axes = plt.subplots(lines, columns, figsize=(5.2 * columns, lines * (0.32 * rows + 1.8) + 0.4), squeeze=False)
+    colours = dict(zip(sorted(kinds), sns.color_palette(PALETTE, len(kinds)))) | {"all": (0.45, 0.45, 0.45)}
+    for ax, ((condition, task), panel) in zip(axes.flat, panels):
+        groups = panel[panel["group_kind"] != "all"].sort_values(["group_kind", "F"], ascending=[True, False])
+        panel = pd.concat([panel[panel["group_kind"] == "all"], groups], ignore_index=True)
         names = panel["group_kind"] + ": " + panel["group"].astype(str).map(short)
         labels = np.where(panel["group_kind"] == "all", "all examples", names)
-        sns.barplot(x=panel["F"].to_numpy(), y=labels, hue=panel["group_kind"].to_numpy(), palette=colours, dodge=False,
-                    errorbar=None, ax=ax, legend=False)  # fmt: skip
+        hue = panel["group_kind"].to_numpy()
+        sns.barplot(x=panel["F"].to_numpy(), y=labels, hue=hue, palette=colours, dodge=False, errorbar=None, ax=ax,
+                    legend=False)
         lo = (panel["F"] - panel["F_lo"]).clip(lower=0).fillna(0)
         hi = (panel["F_hi"] - panel["F"]).clip(lower=0).fillna(0)
         ax.errorbar(panel["F"], np.arange(len(panel)), xerr=[lo, hi], fmt="none", ecolor="black", capsize=2, lw=1)
+        if panel["seeds"].max() > 1:
+            position = {key: y for y, key in enumerate(zip(panel["group_kind"], panel["group"]))}
+            runs = kept[(kept["condition"] == condition) & (kept["task"] == task)]
+            y = [position.get(key) for key in zip(runs["group_kind"], runs["group"])]
+            ax.scatter(runs["F"], y, s=9, color="black", alpha=0.6, zorder=3)
         overall = float(panel.loc[panel["group_kind"] == "all", "F"].iloc[0])
-        ax.axvline(overall, color="black", ls="--", lw=1, label=f"all: {overall:+.1f} pp")
+        ax.axvline(overall, color="black", ls="--", lw=1)
         ax.axvline(0, color="grey", lw=0.8)
-        ax.legend(loc="lower right", fontsize=8)
-        ax.set_title(f"{order}: forgetting of {task} ({int(panel['seeds'].max())} seeds)", fontsize=10)
-        ax.set_xlabel("forgetting F_g (pp, 95% CI)")
+        heading = wrap(f"{condition}: forgetting of {task}", 60)
+        seeds = int(panel["seeds"].max())
+        ax.set_title(f"{heading}\n(all: {overall:+.1f} pp, {seeds} seed{'s' if seeds > 1 else ''})", fontsize=10)
+        ax.set_xlabel("forgetting F_g (pp)")
         ax.set_ylabel("")
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle("Per-group forgetting of the first task after the second stage", fontsize=11)
-    fig.tight_layout()
+    how = "bars: mean over seeds; dots: single seeds; whiskers: 95% t-interval over seeds, clipped to the possible"
+    how += " -100..+100 pp (one run: its paired-bootstrap interval); dashed: F of all examples"
+    fig.suptitle(f"Per-group forgetting of the first task after the second stage\n{how}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # half an inch for the two-line title
     return fig
 
 
 def accuracy_figure(evals: pd.DataFrame):
-    """Accuracy (%) of each task after each stage (0 = base model), one panel per order. With several seeds the
-    band is seaborn's 95% interval over seeds; a single run gets 95% Wilson intervals over its eval examples."""
+    """Accuracy (%) of each task after each stage (0 = base model), one panel per condition: the mean over seeds
+    with the range over seeds as a band (with 2-3 seeds a bootstrap or t band would claim too much or too little);
+    a condition with a single run gets 95% Wilson intervals over its eval examples instead."""
     frame = evals[evals["group_kind"] == "all"]
-    single = frame.groupby(["order", "task", "stage"]).size().max() == 1
-    grid = sns.relplot(
-        data=frame, x="stage", y="acc_pp", hue="task", col="order", col_wrap=min(4, frame["order"].nunique()),
-        kind="line", marker="o", palette=PALETTE, height=3.2, aspect=1.1, facet_kws={"sharey": True},
-        errorbar=None if single else ("ci", 95),
-    )  # fmt: skip
+    one_run = frame.groupby(["condition", "task", "stage"]).size().groupby(level="condition").max() == 1
+    style = {"kind": "line", "marker": "o", "palette": PALETTE, "height": 3.2, "aspect": 1.1}
+    style["facet_kws"] = {"sharey": True}
+    conditions = sorted(frame["condition"].unique())
+    grid = sns.relplot(data=frame, x="stage", y="acc_pp", hue="task", col="condition", col_order=conditions,
+                       col_wrap=min(4, len(conditions)), errorbar=("pi", 100), **style)
     colours = dict(zip(sorted(frame["task"].unique()), sns.color_palette(PALETTE)))
-    if single:
-        for order, ax in grid.axes_dict.items():
-            for task, part in frame[frame["order"] == order].groupby("task"):
+    for condition, ax in grid.axes_dict.items():
+        ax.set_title(wrap(condition, 45), fontsize=10)
+        if one_run[condition]:
+            for task, part in frame[frame["condition"] == condition].groupby("task"):
                 lo, hi = wilson(part["correct"].to_numpy(), part["n"].to_numpy())
-                ax.errorbar(part["stage"], part["acc_pp"], yerr=[part["acc_pp"] - lo, hi - part["acc_pp"]], fmt="none",
-                            ecolor=colours[task], capsize=3)  # fmt: skip
+                yerr = [part["acc_pp"] - lo, hi - part["acc_pp"]]
+                ax.errorbar(part["stage"], part["acc_pp"], yerr=yerr, fmt="none", ecolor=colours[task], capsize=3)
     grid.set_axis_labels("stage (0 = base model)", "accuracy (%)")
-    grid.set_titles("{col_name}")
     for ax in grid.axes.flat:
         ax.set_xticks(sorted(frame["stage"].unique()))
-    grid.figure.suptitle("Accuracy on every task across the chain (95% intervals)", fontsize=11)
-    grid.figure.tight_layout()
+    how = [] if one_run.all() else ["line: mean over seeds, band: range over seeds"]
+    how += ["one run: 95% Wilson intervals over eval examples"] if one_run.any() else []
+    grid.figure.suptitle(f"Accuracy on every task across the chain ({'; '.join(how)})", fontsize=11)
+    grid.tight_layout()  # FacetGrid's own leaves room for the legend beside the panels; then room for the title
+    grid.figure.subplots_adjust(top=grid.figure.subplotpars.top - 0.3 / grid.figure.get_figheight())
     return grid.figure
 
 
@@ -93,16 +112,16 @@ def save(fig, path) -> None:
 
 
 def forgetting_heatmap(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None = None):
-    """Per-group forgetting F_g (pp, mean over seeds) as a group x order heatmap, each cell annotated with
-    its value and, where seeds or the bootstrap give one, its 95% interval; groups below the minimum eval size
-    are left out; ``None`` when no run has groups."""
+    """Per-group forgetting F_g (pp, mean over seeds) as a group x condition heatmap, each cell annotated with
+    its value and, where seeds or the bootstrap give one, its 95% interval (over seeds: Student-t, clipped to
+    -100..+100 pp); groups below the minimum eval size are left out; ``None`` when no run has groups."""
     chosen = forgetting["group_kind"].isin(kinds or group_kinds(forgetting)) & ~forgetting["small"].astype(bool)
     frame = forgetting[chosen].copy()
     if frame.empty:
         return None
     frame["group"] = frame["group_kind"] + ": " + frame["group"].astype(str).map(short)
     frame = seed_summary(frame)  # the interval is over seeds where there are several
-    frame["column"] = frame["order"] + "\n(forgets " + frame["task"] + ")"
+    frame["column"] = frame["condition"].map(lambda label: wrap(label, 26)) + "\n(forgets " + frame["task"] + ")"
     means = frame.pivot_table(index="group", columns="column", values="F", aggfunc="mean")
     low = frame.pivot_table(index="group", columns="column", values="F_lo", aggfunc="mean")
     high = frame.pivot_table(index="group", columns="column", values="F_hi", aggfunc="mean")
@@ -110,15 +129,18 @@ def forgetting_heatmap(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None =
     for row in means.index:
         for column in means.columns:
             value, lo, hi = means.loc[row, column], low.get(column, {}).get(row), high.get(column, {}).get(row)
-            interval = f"\n[{lo:+.0f}, {hi:+.0f}]" if lo is not None and pd.notna(lo) and pd.notna(hi) else ""
+            interval = f"\n[{round(lo):+d}, {round(hi):+d}]" if lo is not None and pd.notna(lo) and pd.notna(hi) else ""
             labels.loc[row, column] = "" if pd.isna(value) else f"{value:+.1f}{interval}"
-    fig, ax = plt.subplots(figsize=(2.4 * len(means.columns) + 3, 0.55 * len(means) + 1.8))
+    fig, ax = plt.subplots(figsize=(2.4 * len(means.columns) + 3, 0.55 * len(means) + 2.2))
     limit = float(np.nanmax(np.abs(means.to_numpy()))) or 1.0
+    colour_bar = {"label": "forgetting F_g (pp)"}
     sns.heatmap(means, annot=labels, fmt="", cmap="vlag", center=0, vmin=-limit, vmax=limit, ax=ax,
-                cbar_kws={"label": "forgetting F_g (pp)"}, annot_kws={"fontsize": 7})  # fmt: skip
-    ax.set_xlabel("order")
+                cbar_kws=colour_bar, annot_kws={"fontsize": 7})
+    ax.tick_params(axis="x", labelrotation=0, labelsize=8)  # the labels are wrapped to fit their column
+    ax.set_xlabel("condition")
     ax.set_ylabel("group")
-    ax.set_title("Per-group forgetting (pp; mean over seeds, 95% interval in brackets)", fontsize=10)
+    ax.set_title("Per-group forgetting (pp): mean over seeds; in brackets the 95% t-interval over seeds, clipped to "
+                 "-100..+100 pp\n(one run: its paired-bootstrap interval)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -127,59 +149,71 @@ def short(label: str, width: int = 28) -> str:
     return label if len(label) <= width else label[: width - 2] + "…"
 
 
+def wrap(label: str, width: int) -> str:
+    """A condition label over several lines of at most ``width`` characters, broken at spaces."""
+    return textwrap.fill(label, width, break_long_words=False, break_on_hyphens=False)
+
+
 def group_kinds(forgetting: pd.DataFrame) -> list[str]:
     return [kind for kind in dict.fromkeys(forgetting["group_kind"]) if kind != "all"]
 
 
-def asymmetry_figure(asymmetry: pd.DataFrame):
-    """Order asymmetry F_S(S→C) − F_C(C→S) per safety x capability pair (pp) with its 95% interval over seeds."""
-    fig, ax = plt.subplots(figsize=(1.2 * len(asymmetry) + 3, 3.4))
+def asymmetry_figure(asymmetry: pd.DataFrame, seeds: pd.DataFrame | None = None):
+    """Order asymmetry F_S(S→C) − F_C(C→S) per setting x safety x capability pair (pp): the mean over seeds with
+    its 95% t-interval over seeds (clipped to the possible range), and, given ``seeds`` (``asymmetry_seeds``), each
+    seed's difference as a dot."""
+    fig, ax = plt.subplots(figsize=(1.4 * len(asymmetry) + 3, 3.8))
+    condition = asymmetry.get("condition", pd.Series("", index=asymmetry.index)).fillna("")
     labels = asymmetry["safety"] + " / " + asymmetry["capability"]
-    colours = sns.color_palette(PALETTE, 1) * len(asymmetry)
-    ax.bar(labels, asymmetry["asymmetry"], color=colours)
+    labels += [f"\n{wrap(setting, 24)}" if setting else "" for setting in condition]
+    if "seeds" in asymmetry:
+        labels += [f"\n({n} seed{'s' if n != 1 else ''})" for n in asymmetry["seeds"]]
+    ax.bar(labels, asymmetry["asymmetry"], color=sns.color_palette(PALETTE, 1) * len(asymmetry))
     lo = (asymmetry["asymmetry"] - asymmetry["asymmetry_lo"]).fillna(0).clip(lower=0)
     hi = (asymmetry["asymmetry_hi"] - asymmetry["asymmetry"]).fillna(0).clip(lower=0)
     ax.errorbar(np.arange(len(asymmetry)), asymmetry["asymmetry"], yerr=[lo, hi], fmt="none", ecolor="black", capsize=3)
-    for x, (value, seeds) in enumerate(zip(asymmetry["asymmetry"], asymmetry.get("seeds", [None] * len(asymmetry)))):
-        if seeds is not None:
-            ax.annotate(f"{seeds} seed{'s' if seeds != 1 else ''}", (x, value), ha="center", va="bottom", fontsize=8)
+    if seeds is not None:
+        position = {key: x for x, key in enumerate(zip(condition, asymmetry["safety"], asymmetry["capability"]))}
+        x = [position.get(key) for key in zip(seeds["condition"].fillna(""), seeds["safety"], seeds["capability"])]
+        ax.scatter(x, seeds["asymmetry"], s=12, color="black", alpha=0.6, zorder=3, label="one seed")
+        ax.legend(fontsize=8)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("safety / capability pair")
     ax.set_ylabel("F_S(S→C) − F_C(C→S) (pp)")
-    ax.set_title("Order asymmetry: safety forgotten more than capability? (95% CI over seeds)", fontsize=10)
+    ax.set_title("Order asymmetry: safety forgotten more than capability?\nbars: mean over seeds; whiskers: 95% "
+                 "t-interval over seeds (clipped to ±200 pp); dots: single seeds", fontsize=10)
     fig.tight_layout()
     return fig
 
 
 def replay_figure(recovery: pd.DataFrame):
     """Replay ratio r vs the safety accuracy the replay stage recovered and the capability accuracy it cost (pp),
-    one panel per chain."""
-    panels = list(recovery.groupby("order", sort=True))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False, sharey=True)
-    colours = sns.color_palette(PALETTE, 2)
-    for ax, (order, part) in zip(axes[0], panels):
-        for (column, lo, hi, label), colour in zip(
-            [("safety_recovered_pp", "recovered_lo", "recovered_hi", "safety accuracy recovered"),
-             ("capability_change_pp", "capability_lo", "capability_hi", "capability accuracy change")], colours,
-        ):  # fmt: skip
+    one panel per condition (without the ratio), with 95% t-intervals over seeds clipped to -100..+100 pp."""
+    panels = list(recovery.groupby("condition", sort=True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.0), squeeze=False, sharey=True)
+    series = [("safety_recovered_pp", "recovered_lo", "recovered_hi", "safety accuracy recovered"),
+              ("capability_change_pp", "capability_lo", "capability_hi", "capability accuracy change")]
+    for ax, (condition, part) in zip(axes[0], panels):
+        for (column, lo, hi, label), colour in zip(series, sns.color_palette(PALETTE, 2)):
             low = (part[column] - part[lo]).fillna(0).clip(lower=0)
             high = (part[hi] - part[column]).fillna(0).clip(lower=0)
             ax.errorbar(part["ratio"], part[column], yerr=[low, high], marker="o", capsize=3, color=colour, label=label)
         ax.axhline(0, color="grey", lw=0.8)
         lost = part["safety_lost_pp"].mean()
-        ax.set_title(f"{order} → replay stage (safety lost before it: {lost:+.1f} pp)", fontsize=9)
+        heading = wrap(f"{condition} → replay stage", 60)
+        ax.set_title(f"{heading}\n(safety lost before it: {lost:+.1f} pp)", fontsize=9)
         ax.set_xlabel("replay ratio r (share of safety data in the last stage)")
     axes[0][0].set_ylabel("accuracy change in the replay stage (pp)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Replay: safety recovered vs capability kept (95% CI over seeds)", fontsize=10)
+    fig.suptitle("Replay: safety recovered vs capability kept (mean over seeds, 95% t-interval over seeds)", fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def curvature_figure(points: pd.DataFrame, correlation: dict):
     """Top Hessian eigenvalue after the first stage vs that task's forgetting, coloured by task (marked by
-    mitigation where there are several), with a least-squares fit over all points and its 95% band; the title
-    gives Spearman's rho with its bootstrap interval."""
+    mitigation where there are several), with a least-squares fit over all points and its 95% band (drawn within
+    the range forgetting can take); the title gives Spearman's rho with its bootstrap interval."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     sns.regplot(data=points, x="top_eigenvalue", y="F", ax=ax, color="0.4", ci=95, scatter=False)
     style = "mitigation" if "mitigation" in points and points["mitigation"].nunique() > 1 else None
@@ -188,7 +222,11 @@ def curvature_figure(points: pd.DataFrame, correlation: dict):
     interval = f" [{correlation['lo']:.2f}, {correlation['hi']:.2f}]" if correlation.get("lo") is not None else ""
     ax.set_xlabel("top Hessian eigenvalue at the end of stage 1")
     ax.set_ylabel("forgetting of the stage-1 task (pp)")
-    title = f"Sharper minima, more forgetting? Spearman rho = {rho:.2f}{interval}, n = {correlation['n']}" if rho is not None else "Curvature vs forgetting"
+    bottom, top = ax.get_ylim()  # the fit's band can run past what a forgetting can be on few points
+    ax.set_ylim(max(bottom, -105.0), min(top, 105.0))
+    title = "Curvature vs forgetting"
+    if rho is not None:
+        title = f"Sharper minima, more forgetting? Spearman rho = {rho:.2f}{interval}, n = {correlation['n']}"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

@@ -12,10 +12,17 @@ import pandas as pd
 import yaml
 
 from analysis import plots
-from analysis.runs import Runs, evals_frame, forgetting_frame, load_runs, runs_frame
+from analysis.runs import Runs, forgetting_frame, load_runs, varying_keys
 from analysis.tables import (
-    accuracy_table, curvature_forgetting, forgetting_summary, order_asymmetry, replay_recovery, score_changes, seed_summary,
-)  # fmt: skip
+    accuracy_table,
+    asymmetry_seeds,
+    curvature_forgetting,
+    forgetting_summary,
+    order_asymmetry,
+    replay_recovery,
+    score_changes,
+    seed_summary,
+)
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -34,29 +41,40 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
     """``(title, caption, table, (figure file, figure))`` for everything these runs support."""
     records = runs.records
     forgetting = forgetting_frame(records)
+    accuracy = (
+        "Stage 0 is the base model; accuracy on each task's eval split, the mean over the condition's seeds (figure: "
+        "the band is the range over seeds). A condition is one value of every config key that can change results; "
+        "its runs differ only in the seed."
+    )
+    per_run = (
+        "One row per run. F = Acc(stage that trained the task) − Acc(last stage); BF = max over groups of (F_g − F), "
+        "worst group in brackets; 95% paired-bootstrap intervals over eval examples in parentheses. Figure: bars are "
+        "means over seeds, dots single seeds, whiskers 95% t-intervals over seeds clipped to ±100 pp."
+    )
     out = [
-        ("Accuracy per stage (%)", "Stage 0 is the base model; accuracy on each task's eval split.",
-         accuracy_table(records), ("accuracy_by_stage.png", plots.accuracy_figure(runs.evals))),
-        ("Forgetting and biased forgetting (pp)",
-         "F = Acc(stage that trained the task) − Acc(last stage); BF = max over groups of (F_g − F), worst group in "
-         "brackets; 95% paired-bootstrap intervals over eval examples in parentheses.",
-         forgetting_summary(records), ("group_forgetting.png", plots.group_forgetting_figure(forgetting))),
-    ]  # fmt: skip
+        ("Accuracy per stage (%)", accuracy, accuracy_table(records),
+         ("accuracy_by_stage.png", plots.accuracy_figure(runs.evals))),
+        ("Forgetting and biased forgetting (pp)", per_run, forgetting_summary(records),
+         ("group_forgetting.png", plots.group_forgetting_figure(forgetting))),
+    ]
     heatmap = plots.forgetting_heatmap(forgetting)
     if heatmap is not None:
-        out.append(("Per-group forgetting across orders (pp)", "Mean over seeds; the interval is over seeds where there "
-                    "are several, else the paired bootstrap of the single run.", seed_summary(forgetting).round(2),
-                    ("forgetting_heatmap.png", heatmap)))  # fmt: skip
+        caption = "Mean over seeds; the interval is the 95% t-interval over seeds where there are several (clipped to "
+        caption += "the possible range: ±100 pp for F, ±200 pp for BF), else the paired bootstrap of the single run."
+        out.append(("Per-group forgetting across conditions (pp)", caption, seed_summary(forgetting).round(2),
+                    ("forgetting_heatmap.png", heatmap)))
     asymmetry = order_asymmetry(records)
     if not asymmetry.empty:
-        out.append(("Order asymmetry (pp)", "F of the safety task in safety→capability minus F of the capability task "
-                    "in capability→safety, paired by seed; paired t-test across seeds.",
-                    asymmetry.round(3), ("order_asymmetry.png", plots.asymmetry_figure(asymmetry))))  # fmt: skip
+        caption = "F of the safety task in safety→capability minus F of the capability task in capability→safety, "
+        caption += "paired by seed within one setting (the condition without its order); paired t-test across seeds."
+        figure = plots.asymmetry_figure(asymmetry, asymmetry_seeds(records))
+        out.append(("Order asymmetry (pp)", caption, asymmetry.round(3), ("order_asymmetry.png", figure)))
     recovery = replay_recovery(records)
     if not recovery.empty:
-        out.append(("Replay recovery (pp)", "What the replay stage won back of the first task's lost accuracy, and "
-                    "what it cost the last task, by replay ratio r.", recovery.round(2),
-                    ("replay_recovery.png", plots.replay_figure(recovery))))  # fmt: skip
+        caption = "What the replay stage won back of the first task's lost accuracy, and what it cost the last task, "
+        caption += "by replay ratio r; 95% t-intervals over seeds, clipped to ±100 pp."
+        figure = plots.replay_figure(recovery)
+        out.append(("Replay recovery (pp)", caption, recovery.round(2), ("replay_recovery.png", figure)))
     points, correlation = curvature_forgetting(records)
     if correlation["spearman"] is not None:
         out.append(("Curvature and forgetting", f"Spearman rho {correlation['spearman']:.2f} (95% bootstrap interval "
@@ -77,8 +95,7 @@ def write_report(source: str | Path, out_dir: Path, keep: Callable[[dict], bool]
     ``keep`` accepts (default: all); return the HTML path."""
     runs = load_runs(source)
     if keep is not None:
-        records = [record for record in runs.records if keep(record)]
-        runs = Runs(records, runs_frame(records), evals_frame(records), runs.predictions)
+        runs = runs.select(keep)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = sections(runs)
     figures = {}
@@ -86,7 +103,8 @@ def write_report(source: str | Path, out_dir: Path, keep: Callable[[dict], bool]
         if figure is not None:
             plots.save(figure[1], out_dir / figure[0])
             figures[figure[0]] = base64.b64encode((out_dir / figure[0]).read_bytes()).decode()
-    run_list = runs.runs.reindex(columns=["run_name", "order", "seed", "model.name", "model.finetune", "mitigation.name", "mitigation.strength"])
+    columns = ["run_name", "condition", "seed", *varying_keys(runs.records), "model.name", "model.finetune"]
+    run_list = runs.runs.reindex(columns=list(dict.fromkeys(columns)))  # the keys that vary, as columns
     title = f"chainforget report: {len(runs.records)} runs from {source}"
 
     markdown = [f"# {title}", ""]
@@ -106,6 +124,11 @@ def write_report(source: str | Path, out_dir: Path, keep: Callable[[dict], bool]
             page.append(shown.to_html(index=not isinstance(table.index, pd.RangeIndex)))
     markdown += ["## Runs", "", markdown_table(run_list), ""]
     page += ["<h2>Runs</h2>", run_list.astype(object).where(run_list.notna(), "").to_html(index=False)]
+    if not runs.skipped.empty:
+        caption = "Runs of the source that have no run record (crashed or stopped chains, runs that are not chains)."
+        markdown += ["## Skipped runs", "", caption, "", markdown_table(runs.skipped), ""]
+        skipped = runs.skipped.astype(object).where(runs.skipped.notna(), "").to_html(index=False)
+        page += ["<h2>Skipped runs</h2>", f"<p>{html.escape(caption)}</p>", skipped]
     for record in runs.records:
         config = yaml.safe_dump(record["config"], sort_keys=False)
         markdown += [f"<details><summary>config of {record['run_name']}</summary>", "", "```yaml", config, "```", "</details>", ""]

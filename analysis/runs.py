@@ -7,52 +7,158 @@
 - ``wandb:<entity>/<project>``: the W&B Public API (``wandb.Api().runs``), with optional filters, reading each
   run's ``run.json`` and (lazily) ``predictions.parquet`` run files into a local cache, so a notebook re-run
   does not refetch.
+
+W&B runs without a ``run.json`` run file (a crashed chain, a pruned Optuna trial, a ``chainforget fit`` run, any
+other run of the project) are skipped and listed in ``Runs.skipped``, with one warning.
+
+Runs are pooled across seeds only within a **condition**: runs whose resolved configs are identical apart from
+``seed`` and the keys in ``NON_RESULT_KEYS``. A condition's label is its order plus the config keys that vary
+across the loaded runs, e.g. ``bbq → csqa (train.lr=0.001)``; every frame, table and figure is keyed by it.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from chainforget.config import parse_stage
 from chainforget.errors import DataError
 from chainforget.records import read_record, validate_record
+
+# Config keys (and key prefixes) that never change a run's numbers: its name, where its files go, the stage cache
+# (content-addressed: a hit restores the weights the same stage would train), W&B bookkeeping, and how often it logs
+# or checkpoints. Every other key, data paths and eval batch size included, is part of the run's condition, except
+# where ``inactive_keys`` finds it cannot act (a knob of a mitigation the run does not use, say).
+NON_RESULT_KEYS = (
+    "run_name", "out", "cache_dir", "cache", "wandb", "trainer.log_every_n_steps", "trainer.checkpoint_every",
+)
+SKIPPED_COLUMNS = ["id", "name", "state", "reason", "where"]
 
 
 @dataclass
 class Runs:
-    """``runs``: one row per run (config flattened to dotted columns, environment); ``evals``: one row per
-    run x stage x task x group. ``predictions()`` reads the per-example tables only when asked."""
+    """``runs``: one row per run (``condition``, ``seed``, the config keys that vary across the runs, then the whole
+    config flattened to dotted columns and the environment); ``evals``: one row per run x stage x task x group;
+    ``skipped``: the W&B runs that have no run record (id, name, W&B state, reason, where). ``predictions()``
+    reads the per-example tables only when asked."""
 
     records: list[dict]
     runs: pd.DataFrame
     evals: pd.DataFrame
-    _predictions: dict[str, Callable[[], Path]] = field(default_factory=dict, repr=False)
+    _predictions: dict[str, Callable[[], Path | None]] = field(default_factory=dict, repr=False)
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIPPED_COLUMNS))
 
     def predictions(self, run_names: list[str] | None = None) -> pd.DataFrame:
-        """One row per run x stage x example (fetched on first use for W&B sources)."""
+        """One row per run x stage x example (fetched on first use for W&B sources); a DataError names the runs
+        whose source has no ``predictions.parquet`` (e.g. the committed findings keep only run records)."""
         names = run_names or list(self._predictions)
-        frames = [pd.read_parquet(self._predictions[name]()).assign(run_name=name) for name in names]
+        paths = {name: self._predictions[name]() for name in names}
+        missing = [name for name, path in paths.items() if path is None or not path.exists()]
+        if missing:
+            raise DataError(f"no predictions.parquet for run(s) {', '.join(missing)}")
+        frames = [pd.read_parquet(path).assign(run_name=name) for name, path in paths.items()]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
+    def select(self, keep: Callable[[dict], bool]) -> Runs:
+        """The runs whose record ``keep`` accepts; conditions are labelled afresh over them."""
+        records = [record for record in self.records if keep(record)]
+        return Runs(records, runs_frame(records), evals_frame(records), self._predictions, self.skipped)
 
-def order_label(record: dict) -> str:
-    """``bbq → csqa``, with the mitigation when there is one (``bbq → csqa (replay_stage 0.05)``), so runs of one
-    order with and without a mitigation are never pooled."""
-    label = " → ".join(record["config"]["order"])
-    mitigation = record["config"].get("mitigation") or {}
-    if mitigation.get("name", "none") != "none":
-        label += f" ({mitigation['name']} {mitigation['strength']:g})"
-    return label
+
+# the MitigationSpec knobs each mitigation reads; a mitigation missing here has all of them count
+MITIGATION_KNOBS = {
+    "none": (), "replay_stage": ("strength",), "replay_mix": ("strength", "stages"), "l2sp": ("strength", "stages"),
+    "ewc": ("strength", "stages", "fisher_batches"), "lwf": ("strength", "stages", "temperature"),
+    "sam": ("strength", "stages"),
+}
+
+
+def inactive_keys(config: dict) -> tuple[str, ...]:
+    """Key prefixes of the settings that cannot act in this config: the tasks the chain neither trains nor probes,
+    the mitigation knobs its mitigation does not read, LoRA's with full fine-tuning, and curvature's when it is
+    off."""
+    used = [name for entry in config["order"] for name in parse_stage(entry)] + config.get("eval", {}).get("probes", [])
+    prefixes = [f"tasks.{name}" for name in config.get("tasks", {}) if name not in used]
+    mitigation, curvature = config.get("mitigation", {}), config.get("curvature", {})
+    knobs = MITIGATION_KNOBS.get(mitigation.get("name", "none"), tuple(mitigation))
+    prefixes += [f"mitigation.{key}" for key in mitigation if key != "name" and key not in knobs]
+    if not curvature.get("enabled", False):
+        prefixes += [f"curvature.{key}" for key in curvature if key != "enabled"]
+    if config.get("model", {}).get("finetune") == "full":
+        prefixes.append("model.lora")
+    return tuple(prefixes)
+
+
+def result_config(record: dict, leave_out: tuple[str, ...] = ()) -> dict:
+    """The settings that determine the run's results: its config flattened to dotted keys (lists as tuples)
+    without ``seed``, ``NON_RESULT_KEYS``, the ``inactive_keys`` and the keys (or prefixes) in ``leave_out``."""
+    dropped = ("seed", *NON_RESULT_KEYS, *inactive_keys(record["config"]), *leave_out)
+    return {key: value for key, value in _flatten(record["config"]).items() if not _under(key, dropped)}
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {key: leaf for name, item in value.items() for key, leaf in _flatten(item, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: tuple(value) if isinstance(value, list) else value}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
+UNSET = "unset"  # how a key that one run's config lacks (e.g. written by an older version) shows in labels
+
+
+def varying_keys(records: list[dict], leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The result-relevant config keys, other than ``order``, whose value differs between the runs where the key
+    can act, in config order."""
+    configs = [result_config(record, leave_out) for record in records]
+    inactive = [inactive_keys(record["config"]) for record in records]
+
+    def values(key: str) -> set[str]:
+        return {repr(c.get(key, UNSET)) for c, off in zip(configs, inactive) if not _under(key, off)}
+
+    return [key for key in dict.fromkeys(k for c in configs for k in c) if key != "order" and len(values(key)) > 1]
+
+
+def condition_labels(records: list[dict], leave_out: tuple[str, ...] = ()) -> dict[str, str]:
+    """Run name -> condition label: the order, then the varying keys that act in this run with its values
+    (``bbq → csqa (train.lr=0.001, mitigation.name=l2sp, mitigation.strength=0.1)``). Two runs share a label exactly
+    when their result configs are identical: a key only shows where it acts, and whether it acts depends on keys
+    that show. With ``"order"`` in ``leave_out`` the label is the settings alone ("" when nothing else varies), e.g.
+    to pair the two orders of one setting."""
+    keys = varying_keys(records, leave_out)
+    labels = {}
+    for record in records:
+        config, inactive = result_config(record, leave_out), inactive_keys(record["config"])
+        shown = [key for key in keys if not _under(key, inactive)]
+        settings = ", ".join(f"{key}={_show(config.get(key, UNSET))}" for key in shown)
+        order = "" if "order" in leave_out else " → ".join(record["config"]["order"])
+        labels[record["run_name"]] = f"{order} ({settings})" if order and settings else order or settings
+    return labels
+
+
+def _show(value) -> str:
+    """A config value as YAML writes it: ``null``, ``true``, ``[q_proj, v_proj]``, ``0.001``."""
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(_show, value)) + "]"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
 
 
 def runs_frame(records: list[dict]) -> pd.DataFrame:
+    labels, keys = condition_labels(records), varying_keys(records)
     rows = []
     for record in records:
-        row = {"run_name": record["run_name"], "order": order_label(record), "stages": len(record["stages"])}
+        name, config = record["run_name"], result_config(record)
+        row = {"run_name": name, "condition": labels[name], "seed": record["config"]["seed"]}
+        row |= {key: config.get(key) for key in keys} | {"stages": len(record["stages"])}  # the full config follows
         row.update(pd.json_normalize(record["config"], sep=".").iloc[0].to_dict())
         row.update({f"env.{k}": v for k, v in record["environment"].items() if not isinstance(v, dict)})
         rows.append(row)
@@ -60,25 +166,39 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
 
 
 def evals_frame(records: list[dict]) -> pd.DataFrame:
-    """Eval-matrix rows of every run, with ``run_name``, ``order`` and ``seed``; ``acc_pp`` in percentage points."""
+    """Eval-matrix rows of every run, with ``run_name``, ``condition``, ``order`` and ``seed``; ``acc_pp`` in
+    percentage points."""
+    labels = condition_labels(records)
     frames = [
-        pd.DataFrame(r["eval"]).assign(run_name=r["run_name"], order=order_label(r), seed=r["config"]["seed"])
+        pd.DataFrame(r["eval"]).assign(
+            run_name=r["run_name"], condition=labels[r["run_name"]], order=" → ".join(r["config"]["order"]),
+            seed=r["config"]["seed"],
+        )
         for r in records
     ]
     frame = pd.concat(frames, ignore_index=True)
     return frame.assign(acc_pp=100.0 * frame["acc"])
 
 
+FORGETTING_COLUMNS = [
+    *("run_name", "condition", "order", "seed", "task", "group_kind", "group", "n"),
+    *("F", "F_lo", "F_hi", "BF", "BF_lo", "BF_hi", "small"),
+]
+
+
 def forgetting_frame(records: list[dict]) -> pd.DataFrame:
-    """Forgetting rows (F, BF in pp, with interval bounds) of every run, with ``run_name``, ``order``, ``seed``."""
+    """Forgetting rows (F, BF in pp, with interval bounds) of every run, with ``run_name``, ``condition``,
+    ``order`` and ``seed``."""
+    labels = condition_labels(records)
     rows = []
     for record in records:
+        name, config = record["run_name"], record["config"]
+        run = {"run_name": name, "condition": labels[name], "order": " → ".join(config["order"])}
+        run["seed"] = config["seed"]
         for row in record["metrics"]["forgetting"]:
             f_ci, bf_ci = row["F_ci"] or (None, None), row["BF_ci"] or (None, None)
-            rows.append({**row, "F_lo": f_ci[0], "F_hi": f_ci[1], "BF_lo": bf_ci[0], "BF_hi": bf_ci[1],
-                         "run_name": record["run_name"], "order": order_label(record), "seed": record["config"]["seed"]})  # fmt: skip
-    columns = ["run_name", "order", "seed", "task", "group_kind", "group", "n", "F", "F_lo", "F_hi", "BF", "BF_lo", "BF_hi", "small"]
-    return pd.DataFrame(rows, columns=columns)
+            rows.append({**row, **run, "F_lo": f_ci[0], "F_hi": f_ci[1], "BF_lo": bf_ci[0], "BF_hi": bf_ci[1]})
+    return pd.DataFrame(rows, columns=FORGETTING_COLUMNS)
 
 
 def load_records(root: str | Path) -> list[dict]:
@@ -86,7 +206,11 @@ def load_records(root: str | Path) -> list[dict]:
     return sorted(_local_runs(Path(root))[0], key=lambda r: r["run_name"])
 
 
-def _local_runs(root: Path) -> tuple[list[dict], dict[str, Callable[[], Path]]]:
+# what a source adapter returns: records, run name -> where its predictions are (None: nowhere), skipped runs
+Loaded = tuple[list[dict], dict[str, Callable[[], Path | None]], list[dict]]
+
+
+def _local_runs(root: Path) -> Loaded:
     if not root.exists():
         raise DataError(f"{root}: no such directory")
     if (root / "run.json").exists():
@@ -100,47 +224,88 @@ def _local_runs(root: Path) -> tuple[list[dict], dict[str, Callable[[], Path]]]:
         record = read_record(folder)
         records.append(record)
         predictions[record["run_name"]] = lambda folder=folder: folder / "predictions.parquet"
-    return records, predictions
+    return records, predictions, []
 
 
-def _offline_runs(root: Path) -> tuple[list[dict], dict[str, Callable[[], Path]]]:
-    files = sorted(root.rglob("offline-run-*/files/run.json"))
-    if not files:
-        raise DataError(f"{root}: no offline W&B run with a run.json (expected wandb/offline-run-*/files/run.json)")
-    records, predictions = [], {}
-    for path in files:
-        record = read_record(path.parent)
-        records.append(record)
-        predictions[record["run_name"]] = lambda folder=path.parent: folder / "predictions.parquet"
-    return records, predictions
+def _offline_runs(root: Path) -> Loaded:
+    """Every ``offline-run-*`` folder under ``root``: its ``files/run.json``, or, without one, a skipped row made
+    from its transaction log."""
+    from analysis.wandb_logs import run_metadata
+
+    if not root.exists():
+        raise DataError(f"{root}: no such directory")
+    folders = sorted(p for p in root.rglob("offline-run-*") if p.is_dir())
+    if not folders:
+        raise DataError(f"{root}: no offline W&B run found (expected wandb/offline-run-*/ folders)")
+    records, predictions, skipped = [], {}, []
+    for folder in folders:
+        files = folder / "files"
+        if (files / "run.json").exists():
+            record = read_record(files)
+            records.append(record)
+            predictions[record["run_name"]] = lambda files=files: files / "predictions.parquet"
+            continue
+        meta = run_metadata(folder)
+        reason = skip_reason(meta["job_type"], meta["summary"].get("stopped"))
+        skipped.append(dict(zip(SKIPPED_COLUMNS, (meta["id"], meta["name"], meta["state"], reason, str(folder)))))
+    return records, predictions, skipped
 
 
-def _api_runs(path: str, api, cache_dir: Path, filters: dict | None) -> tuple[list[dict], dict[str, Callable[[], Path]]]:
+def skip_reason(job_type: str | None, stopped: str | None) -> str:
+    """Why a W&B run has no run record, from its job type and the ``stopped`` summary key of a chain ended on
+    purpose (``lightning_modules.chain.ChainStopped``, e.g. a pruned Optuna trial)."""
+    if job_type != "chain":
+        return f"not a chainforget chain (job type {job_type or 'unset'})"
+    if stopped:
+        return f"chain stopped early ({stopped})"
+    return "chain ended without a run record (see state)"
+
+
+def _api_runs(path: str, api, cache_dir: Path, filters: dict | None) -> Loaded:
     """The W&B Public API adapter: ``api.runs(path, filters=...)``; each run's files fetched once into ``cache_dir``."""
     try:
         remote_runs = list(api.runs(path, filters=filters or {}))
     except Exception as exc:  # the API raises its own types for unknown projects and network errors
         raise DataError(f"wandb:{path}: cannot list runs ({type(exc).__name__}: {exc})".split("\n")[0]) from None
-    records, predictions = [], {}
+    if not remote_runs:
+        raise DataError(f"wandb:{path}: no runs match the filters {filters or {}}")
+    records, predictions, skipped = [], {}, []
     for remote in remote_runs:
-        folder = cache_dir / remote.id
 
-        def fetch(name: str, remote=remote, folder=folder) -> Path:
+        def fetch(name: str, remote=remote, folder=cache_dir / remote.id) -> Path | None:
+            """The run file, downloaded on first use; None when the run has no file by that name."""
             target = folder / name
             if not target.exists():
-                remote.file(name).download(root=str(folder), replace=True)
+                try:
+                    file = remote.file(name)
+                except Exception as exc:
+                    if _missing_file(exc):
+                        return None
+                    raise
+                file.download(root=str(folder), replace=True).close()  # it returns the file, opened
             return target
 
+        local = fetch("run.json")
+        if local is None:
+            stopped = remote.summary.get("stopped") if "stopped" in (remote.tags or []) else None
+            reason = skip_reason(getattr(remote, "job_type", None), stopped)
+            where = f"{path}/{remote.id}"
+            skipped.append(dict(zip(SKIPPED_COLUMNS, (remote.id, remote.name, remote.state, reason, where))))
+            continue
         try:
-            record = json.loads(fetch("run.json").read_text(encoding="utf-8"))
-        except Exception as exc:  # a run without the file (crashed, or not a chainforget run)
-            raise DataError(f"wandb:{path}/{remote.id}: no readable run.json run file ({type(exc).__name__}: {exc})") from None
+            record = json.loads(local.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"wandb:{path}/{remote.id}/run.json: not a valid run record ({exc})") from None
         validate_record(record, f"wandb:{path}/{remote.id}/run.json")
         records.append(record)
         predictions[record["run_name"]] = lambda fetch=fetch: fetch("predictions.parquet")
-    if not records:
-        raise DataError(f"wandb:{path}: no runs match the filters {filters or {}}")
-    return records, predictions
+    return records, predictions, skipped
+
+
+def _missing_file(exc: Exception) -> bool:
+    """``wandb.apis.public.Run.file(name)`` takes the first of the run's files by that name: without one it raises
+    IndexError, which wandb's ``normalize_exceptions`` wraps in a CommError (unless ``WANDB_DEBUG`` is set)."""
+    return isinstance(exc, IndexError) or isinstance(getattr(exc, "exc", None), IndexError)
 
 
 def load_runs(
@@ -149,7 +314,8 @@ def load_runs(
     """Load runs from a local directory, ``wandb-offline:<dir>`` or ``wandb:<entity>/<project>``.
 
     For W&B, ``filters`` is a W&B API filter (e.g. ``{"sweep": "<id>"}``, ``{"group": "demo"}``,
-    ``{"tags": {"$in": ["paper"]}}``, ``{"config.seed": 0}``); ``api`` defaults to ``wandb.Api()``.
+    ``{"tags": {"$in": ["paper"]}}``, ``{"config.seed": 0}``); ``api`` defaults to ``wandb.Api()``. W&B runs without
+    a run record are skipped with one warning and listed in ``Runs.skipped``; a DataError if no run has one.
     """
     text = str(source)
     if text.startswith("wandb:"):
@@ -160,13 +326,24 @@ def load_runs(
         path = text.removeprefix("wandb:")
         cache = Path(cache_dir) if cache_dir else cache_root() / "analysis" / path.replace("/", "_")
         try:
-            records, predictions = _api_runs(path, api or wandb.Api(), cache, filters)
+            records, predictions, skipped = _api_runs(path, api or wandb.Api(), cache, filters)
         except (wandb.errors.Error, OSError, ValueError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{text}: could not read runs from W&B ({reason}); check the entity/project name, the network and `wandb login`") from None
+            advice = "check the entity/project name, the network and `wandb login`"
+            raise DataError(f"{text}: could not read runs from W&B ({reason}); {advice}") from None
     elif text.startswith("wandb-offline:"):
-        records, predictions = _offline_runs(Path(text.removeprefix("wandb-offline:")))
+        records, predictions, skipped = _offline_runs(Path(text.removeprefix("wandb-offline:")))
     else:
-        records, predictions = _local_runs(Path(text))
+        records, predictions, skipped = _local_runs(Path(text))
+    skipped = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
+    if not records:
+        reasons = "; ".join(f"{count} × {reason}" for reason, count in skipped["reason"].value_counts().items())
+        raise DataError(f"{text}: none of the {len(skipped)} runs has a run.json run file ({reasons})")
+    if len(skipped):
+        warnings.warn(
+            f"{text}: skipped {len(skipped)} of {len(records) + len(skipped)} runs that have no run.json run file "
+            "(crashed or stopped chains, runs that are not chains); Runs.skipped lists them with the reason",
+            stacklevel=2,
+        )
     records = sorted(records, key=lambda r: r["run_name"])
-    return Runs(records, runs_frame(records), evals_frame(records), predictions)
+    return Runs(records, runs_frame(records), evals_frame(records), predictions, skipped)

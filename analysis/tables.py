@@ -1,49 +1,70 @@
-"""Plain-text and Markdown tables of chains: accuracy per stage, forgetting, biased forgetting."""
+"""Plain-text and Markdown tables of chains: accuracy per stage, forgetting, biased forgetting.
+
+Runs are pooled across seeds only within a condition (``analysis.runs.condition_labels``). Intervals over seeds are
+Student-t intervals clipped to the range the quantity can take: over 2-3 seeds the t quantile (12.7 for two) can
+carry an interval past it, and the true mean lies inside the range, so clipping keeps the interval's coverage.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from analysis.runs import evals_frame, order_label
+from analysis.runs import condition_labels, evals_frame
 from chainforget.config import parse_stage, primary_order
 from chainforget.metrics import trained_stages
 
+# ranges (pp) of the quantities averaged over seeds: a difference of two accuracies (F, F_g, accuracy changes),
+# a difference of two such differences (BF_g = F_g - F, order asymmetry), and the spread max_g F_g - min_g F_g
+FORGETTING_RANGE = (-100.0, 100.0)
+DIFFERENCE_RANGE = (-200.0, 200.0)
+SPREAD_RANGE = (0.0, 200.0)
+
 
 def accuracy_table(records: list[dict]) -> pd.DataFrame:
-    """Accuracy (pp) of each task after each stage, one row per run x stage (stage 0 = base model)."""
+    """Accuracy (pp) of each task after each stage, one row per condition x stage (stage 0 = base model), the mean
+    over the condition's seeds."""
     frame = evals_frame(records)
     frame = frame[frame["group_kind"] == "all"]
-    table = frame.pivot_table(index=["order", "stage"], columns="task", values="acc_pp").round(1)
+    table = frame.pivot_table(index=["condition", "stage"], columns="task", values="acc_pp").round(1)
     table.columns.name = None
     return table
 
 
 def forgetting_summary(records: list[dict]) -> pd.DataFrame:
-    """One row per run x forgotten task: F with its interval, and the worst-hit group of each group kind."""
+    """One row per run x forgotten task, by condition and seed: F with its interval, and the worst-hit group of each
+    group kind."""
+    labels = condition_labels(records)
     rows = []
     for record in records:
         metrics = record["metrics"]
         for row in metrics["forgetting"]:
             if row["group_kind"] != "all":
                 continue
-            summary = {"order": order_label(record), "task": row["task"], "F (pp)": _with_ci(row["F"], row["F_ci"])}
+            summary = {"condition": labels[record["run_name"]], "seed": record["config"]["seed"], "task": row["task"]}
+            summary["F (pp)"] = _with_ci(row["F"], row["F_ci"])
             for bf in metrics["biased_forgetting"]:
                 if bf["task"] == row["task"] and bf["worst_group"] is not None:
-                    summary[f"BF by {bf['group_kind']} (pp)"] = f"{_with_ci(bf['BF'], bf['BF_ci'])} [{bf['worst_group']}]"
+                    worst = f"{_with_ci(bf['BF'], bf['BF_ci'])} [{bf['worst_group']}]"
+                    summary[f"BF by {bf['group_kind']} (pp)"] = worst
             rows.append(summary)
-    return pd.DataFrame(rows).fillna("")
+    frame = pd.DataFrame(rows).fillna("")
+    return frame.sort_values(["condition", "seed"], kind="stable", ignore_index=True) if rows else frame
 
 
 SCORE_CHANGES = {"s_amb": "s_AMB", "s_dis": "s_DIS", "balanced_acc": "balanced acc"}
+SCORE_COLUMNS = ["condition", "seed", "task", "group_kind", "group", "score", "from_stage", "before", "after", "change"]
 
 
 def score_changes(records: list[dict]) -> pd.DataFrame:
-    """How each task-specific safety score moved from the stage that trained the task (the base model for
-    probes never trained) to the last stage; tasks trained in the last stage have nothing to forget yet.
+    """How each task-specific safety score of each run (by condition and seed) moved from the stage that trained the
+    task (the base model for probes never trained) to the last stage; tasks trained in the last stage have nothing to
+    forget yet.
     Safety can be lost as a rising bias score at constant accuracy."""
+    labels = condition_labels(records)
     rows = []
     for record in records:
+        run = {"condition": labels[record["run_name"]], "seed": record["config"]["seed"]}
         order = primary_order(record["config"]["order"], record["config"].get("mitigation", {}).get("name", "none"))
         trained = trained_stages([parse_stage(entry) for entry in order])
         last = max(row["stage"] for row in record["eval"])
@@ -56,14 +77,15 @@ def score_changes(records: list[dict]) -> pd.DataFrame:
             if start == last:
                 continue
             for column, label in SCORE_CHANGES.items():
-                if column not in by_stage or pd.isna(by_stage.loc[start, column]) or pd.isna(by_stage.loc[last, column]):
+                if column not in by_stage or by_stage.loc[[start, last], column].isna().any():
                     continue
                 before, after = by_stage.loc[start, column], by_stage.loc[last, column]
                 scale = 100.0 if column == "balanced_acc" else 1.0
-                rows.append({"order": order_label(record), "task": task, "group_kind": kind, "group": group,
-                             "score": label, "from_stage": start, "before": scale * before, "after": scale * after,
-                             "change": scale * (after - before)})  # fmt: skip
-    return pd.DataFrame(rows, columns=["order", "task", "group_kind", "group", "score", "from_stage", "before", "after", "change"])
+                change = {"task": task, "group_kind": kind, "group": group, "score": label, "from_stage": start}
+                change |= {"before": scale * before, "after": scale * after, "change": scale * (after - before)}
+                rows.append(run | change)
+    changes = pd.DataFrame(rows, columns=SCORE_COLUMNS)
+    return changes.sort_values(["condition", "seed"], kind="stable", ignore_index=True)
 
 
 def _with_ci(value: float | None, ci) -> str:
@@ -88,8 +110,11 @@ def summary_text(records: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def mean_interval(values, level: float = 0.95) -> tuple[float, float | None, float | None]:
-    """Mean and Student-t interval over seeds (no interval from a single seed)."""
+def mean_interval(
+    values, level: float = 0.95, bounds: tuple[float, float] | None = None
+) -> tuple[float, float | None, float | None]:
+    """Mean and Student-t interval over seeds (no interval from a single seed), clipped to ``bounds``, the range the
+    quantity can take, when given."""
     from scipy import stats
 
     values = np.asarray([v for v in values if v is not None and not pd.isna(v)], dtype=float)
@@ -99,81 +124,94 @@ def mean_interval(values, level: float = 0.95) -> tuple[float, float | None, flo
     if values.size < 2:
         return mean, None, None
     half = float(stats.t.ppf(0.5 + level / 2, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size))
-    return mean, mean - half, mean + half
+    low, high = bounds or (-np.inf, np.inf)
+    return mean, max(mean - half, low), min(mean + half, high)
 
 
 def seed_summary(forgetting: pd.DataFrame) -> pd.DataFrame:
-    """Forgetting F and BF per order x task x group, averaged over seeds with a 95% interval over seeds; a
-    single run keeps its paired-bootstrap interval."""
+    """Forgetting F and BF per condition x task x group, averaged over seeds with a 95% interval over seeds
+    (clipped to the range of F and BF); a single run keeps its paired-bootstrap interval."""
     rows = []
-    for (order, task, kind, group), frame in forgetting.groupby(["order", "task", "group_kind", "group"], sort=True):
-        f_mean, f_lo, f_hi = mean_interval(frame["F"])
-        bf_mean, bf_lo, bf_hi = mean_interval(frame["BF"])
+    keys = ["condition", "task", "group_kind", "group"]
+    for key, frame in forgetting.groupby(keys, sort=True):
+        f_mean, f_lo, f_hi = mean_interval(frame["F"], bounds=FORGETTING_RANGE)
+        bf_mean, bf_lo, bf_hi = mean_interval(frame["BF"], bounds=DIFFERENCE_RANGE)
         if len(frame) == 1:
             f_lo, f_hi, bf_lo, bf_hi = frame[["F_lo", "F_hi", "BF_lo", "BF_hi"]].iloc[0]
-        rows.append({"order": order, "task": task, "group_kind": kind, "group": group, "seeds": int(frame["seed"].nunique()),
-                     "F": f_mean, "F_lo": f_lo, "F_hi": f_hi, "BF": bf_mean, "BF_lo": bf_lo, "BF_hi": bf_hi})  # fmt: skip
+        row = dict(zip(keys, key)) | {"seeds": int(frame["seed"].nunique()), "F": f_mean, "F_lo": f_lo, "F_hi": f_hi}
+        rows.append(row | {"BF": bf_mean, "BF_lo": bf_lo, "BF_hi": bf_hi})
     return pd.DataFrame(rows).astype({c: float for c in ("F_lo", "F_hi", "BF_lo", "BF_hi")})
 
 
-def order_asymmetry(records: list[dict]) -> pd.DataFrame:
-    """For each safety S and capability C run in both orders: ``F_S(S→C)`` vs ``F_C(C→S)`` per seed, their
-    mean difference with a 95% interval, and a paired t-test across seeds (paired by seed)."""
-    from scipy import stats
-
+def asymmetry_seeds(records: list[dict]) -> pd.DataFrame:
+    """One row per setting x safety task S x capability task C x seed that ran in both orders: ``F_safety`` =
+    F_S(S→C), ``F_capability`` = F_C(C→S) and their difference ``asymmetry``. ``condition`` is the setting, the
+    runs' condition without the order ("" when only the order varies), so runs differing in anything but the
+    order and the seed are never paired."""
     from chainforget import tasks
 
+    settings = condition_labels(records, leave_out=("order",))
     first = {}
     for record in records:
         order = record["config"]["order"]
         if len(order) != 2:
             continue
-        (row,) = [r for r in record["metrics"]["forgetting"] if r["task"] == order[0] and r["group_kind"] == "all"] or [None]
-        if row is not None:
-            first[(order[0], order[1], record["config"]["seed"])] = row["F"]
-    pairs = sorted({(a, b) for a, b, _ in first if tasks.get(a).role == "safety" and tasks.get(b).role == "capability"})
+        for row in record["metrics"]["forgetting"]:
+            if row["task"] == order[0] and row["group_kind"] == "all":
+                first[(settings[record["run_name"]], *order, record["config"]["seed"])] = row["F"]
     rows = []
-    for a, b in pairs:
-        seeds = sorted(s for x, y, s in first if (x, y) == (a, b) and (b, a, s) in first)
-        if not seeds:
-            continue
-        safety = np.array([first[(a, b, s)] for s in seeds])
-        capability = np.array([first[(b, a, s)] for s in seeds])
-        mean, lo, hi = mean_interval(safety - capability)
-        p_value = float(stats.ttest_rel(safety, capability).pvalue) if len(seeds) > 1 else None
-        rows.append({"safety": a, "capability": b, "seeds": len(seeds), "F_safety (S→C)": float(safety.mean()),
-                     "F_capability (C→S)": float(capability.mean()), "asymmetry": mean, "asymmetry_lo": lo,
-                     "asymmetry_hi": hi, "p_paired_t": p_value})  # fmt: skip
+    for (setting, a, b, seed), f_safety in sorted(first.items()):
+        partner = (setting, b, a, seed)
+        if partner in first and tasks.get(a).role == "safety" and tasks.get(b).role == "capability":
+            pair = {"condition": setting, "safety": a, "capability": b, "seed": seed}
+            rows.append(pair | {"F_safety": f_safety, "F_capability": first[partner]})
+    frame = pd.DataFrame(rows, columns=["condition", "safety", "capability", "seed", "F_safety", "F_capability"])
+    return frame.assign(asymmetry=frame["F_safety"] - frame["F_capability"])
+
+
+def order_asymmetry(records: list[dict]) -> pd.DataFrame:
+    """For each setting and each safety S and capability C run in both orders: ``F_S(S→C)`` vs ``F_C(C→S)``
+    averaged over seeds, their mean difference with a 95% interval, and a paired t-test across seeds (paired by
+    seed; see ``asymmetry_seeds``)."""
+    from scipy import stats
+
+    rows = []
+    for (setting, a, b), part in asymmetry_seeds(records).groupby(["condition", "safety", "capability"], sort=True):
+        mean, lo, hi = mean_interval(part["asymmetry"], bounds=DIFFERENCE_RANGE)
+        p_value = float(stats.ttest_rel(part["F_safety"], part["F_capability"]).pvalue) if len(part) > 1 else None
+        pair = {"condition": setting, "safety": a, "capability": b, "seeds": len(part)}
+        forgotten = {"F_safety (S→C)": part["F_safety"].mean(), "F_capability (C→S)": part["F_capability"].mean()}
+        difference = {"asymmetry": mean, "asymmetry_lo": lo, "asymmetry_hi": hi, "p_paired_t": p_value}
+        rows.append(pair | forgotten | difference)
     return pd.DataFrame(rows)
 
 
 def replay_recovery(records: list[dict]) -> pd.DataFrame:
-    """Replay-stage runs by chain and ratio r: how much of the first task's lost accuracy the replay stage won back
-    (``recovered = (Acc3 - Acc2) / (Acc1 - Acc2)``) and how the last task's accuracy moved (pp), over seeds."""
+    """Replay-stage runs by condition (without the ratio) and ratio r: how much of the first task's lost accuracy
+    the replay stage won back (``recovered = (Acc3 - Acc2) / (Acc1 - Acc2)``) and how the last task's accuracy moved
+    (pp), over seeds."""
+    replayed = [record for record in records if record["config"].get("mitigation", {}).get("name") == "replay_stage"]
+    settings = condition_labels(replayed, leave_out=("mitigation.strength",))
     rows = []
-    for record in records:
-        mitigation = record["config"].get("mitigation", {})
-        if mitigation.get("name") != "replay_stage":
-            continue
+    for record in replayed:
         first, last = record["config"]["order"][0], record["config"]["order"][-1]
         acc = {(r["stage"], r["task"]): 100.0 * r["acc"] for r in record["eval"] if r["group_kind"] == "all"}
         before = len(record["config"]["order"])  # the last stage before the replay stage
         after = before + 1
-        lost = acc[(1, first)] - acc[(before, first)]
-        rows.append({"order": " → ".join(record["config"]["order"]), "ratio": mitigation["strength"], "seed": record["config"]["seed"], "safety_task": first,
-                     "safety_lost": lost, "safety_recovered_pp": acc[(after, first)] - acc[(before, first)],
-                     "recovered_share": (acc[(after, first)] - acc[(before, first)]) / lost if lost > 0 else None,
-                     "capability_change_pp": acc[(after, last)] - acc[(before, last)]})  # fmt: skip
+        lost, recovered = acc[(1, first)] - acc[(before, first)], acc[(after, first)] - acc[(before, first)]
+        run = {"condition": settings[record["run_name"]], "ratio": record["config"]["mitigation"]["strength"]}
+        run |= {"seed": record["config"]["seed"], "safety_task": first, "safety_lost": lost}
+        run |= {"safety_recovered_pp": recovered, "recovered_share": recovered / lost if lost > 0 else None}
+        rows.append(run | {"capability_change_pp": acc[(after, last)] - acc[(before, last)]})
     if not rows:
         return pd.DataFrame()
-    frame = pd.DataFrame(rows)
     summary = []
-    for (order, ratio), part in frame.groupby(["order", "ratio"], sort=True):
-        recovered, lo, hi = mean_interval(part["safety_recovered_pp"])
-        kept, kept_lo, kept_hi = mean_interval(part["capability_change_pp"])
-        summary.append({"order": order, "ratio": ratio, "seeds": len(part), "safety_lost_pp": float(part["safety_lost"].mean()),
-                        "safety_recovered_pp": recovered, "recovered_lo": lo, "recovered_hi": hi,
-                        "capability_change_pp": kept, "capability_lo": kept_lo, "capability_hi": kept_hi})  # fmt: skip
+    for (condition, ratio), part in pd.DataFrame(rows).groupby(["condition", "ratio"], sort=True):
+        recovered, lo, hi = mean_interval(part["safety_recovered_pp"], bounds=FORGETTING_RANGE)
+        kept, kept_lo, kept_hi = mean_interval(part["capability_change_pp"], bounds=FORGETTING_RANGE)
+        row = {"condition": condition, "ratio": ratio, "seeds": len(part), "safety_lost_pp": part["safety_lost"].mean()}
+        row |= {"safety_recovered_pp": recovered, "recovered_lo": lo, "recovered_hi": hi}
+        summary.append(row | {"capability_change_pp": kept, "capability_lo": kept_lo, "capability_hi": kept_hi})
     return pd.DataFrame(summary)
 
 

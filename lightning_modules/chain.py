@@ -48,6 +48,28 @@ class ChainStopped(Exception):
     raised again to the caller."""
 
 
+@contextmanager
+def quiet_libraries():
+    """Silence what a chain's user cannot act on: Lightning's per-fit notes (hardware summary, tips, "max_steps
+    reached"), deprecations between the libraries (Lightning's own, peft calling transformers), transformers'
+    bars for loading and saving weights. Other warnings stay."""
+    from transformers.utils import logging as hf_logging
+
+    notes = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level, bars = notes.level, hf_logging.is_progress_bar_enabled()
+    notes.setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")
+            yield
+    finally:
+        notes.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def run_name(config: ChainConfig) -> str:
     """The configured name, else the sweep agent's run id, else stages + seed + a hash of the config."""
     if config.run_name:
@@ -58,6 +80,7 @@ def run_name(config: ChainConfig) -> str:
     return f"{stages}-seed{config.seed}-{content_key(config.to_dict())[:8]}"
 
 
+@quiet_libraries()
 def run_chain(
     config: ChainConfig, *, progress: bool = True, on_stage: Callable[[int, dict], None] | None = None,
     wandb_config: dict | None = None,
@@ -81,8 +104,7 @@ def run_chain(
     run_dir.mkdir(parents=True, exist_ok=True)
     run = start_wandb(config, run_dir, wandb_config)
     try:
-        with quiet_libraries():
-            record, frame = run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cache, run, run_dir, progress, on_stage)
+        record, frame = run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cache, run, run_dir, progress, on_stage)
     except ChainStopped as stop:
         if run is not None:
             run.tags = (*run.tags, "stopped")
@@ -213,26 +235,6 @@ class StageProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)  # the logger's version, which a stage does not have
         return metrics
-
-
-@contextmanager
-def quiet_libraries():
-    """Silence what a chain's user cannot act on: Lightning's per-fit notes (hardware summary, tips, "max_steps
-    reached"), a deprecation inside Lightning, transformers' bar while saving a stage. Warnings stay."""
-    from transformers.utils import logging as hf_logging
-
-    notes = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level, bars = notes.level, hf_logging.is_progress_bar_enabled()
-    notes.setLevel(logging.WARNING)
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-            yield
-    finally:
-        notes.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, checkpoints: Path, progress) -> dict:

@@ -1,4 +1,3 @@
-import json
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def two_orders(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     base = parse_chain(["--config", str(ROOT / "sweeps/configs/smoke.yaml"), f"--out={out}",
-                        f"--cache_dir={out / '.cache'}", "--train.steps=8",
+                        f"--cache_dir={out / '.cache'}", "--train.steps=8", "--wandb.mode=offline",
                         f"--tasks.bbq.path={ROOT / 'tests/fixtures/bbq'}", f"--tasks.csqa.path={ROOT / 'tests/fixtures/csqa'}"],
                        prog="test")  # fmt: skip
     records = [run_chain(replace(base, order=order, run_name="-".join(order)), progress=False)
@@ -36,6 +35,7 @@ def test_frames_and_tables_agree_with_the_records(two_orders):
     assert [r["run_name"] for r in loaded] == ["bbq-csqa", "csqa-bbq"]
     evals = evals_frame(loaded)
     assert set(evals["order"]) == {"bbq → csqa", "csqa → bbq"}
+    assert set(evals["condition"]) == {"bbq → csqa", "csqa → bbq"}  # only the order differs: nothing else to show
     table = accuracy_table(loaded)
     for record in records:
         order = " → ".join(record["config"]["order"])
@@ -54,7 +54,7 @@ def test_report_writes_markdown_and_self_contained_html(two_orders, capsys):
     assert main(["report", "--source", str(out), "--out", str(out / "report")]) == 0
     text = (out / "report" / "report.md").read_text()
     assert "![Accuracy per stage (%)](accuracy_by_stage.png)" in text
-    assert "| bbq → csqa | bbq |" in text
+    assert "| bbq → csqa | 0 | bbq |" in text  # condition, seed, task
     for name in ("accuracy_by_stage.png", "group_forgetting.png", "forgetting_heatmap.png", "order_asymmetry.png"):
         data = (out / "report" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -79,7 +79,7 @@ def test_score_changes_compare_the_trained_stage_with_the_last():
         return {"task": task, "stage": stage, "group_kind": "category" if task == "bbq" else "target", "group": group, **values}
 
     record = {
-        "run_name": "r", "config": {"order": ["bbq", "csqa"]},
+        "run_name": "r", "config": {"order": ["bbq", "csqa"], "seed": 0},
         "eval": [{"stage": k} for k in (0, 1, 2)],
         "metrics": {
             "task_scores": [
@@ -107,48 +107,99 @@ def test_local_and_offline_wandb_sources_give_identical_frames(two_orders):
     assert local.runs.loc[0, "train.steps"] == 8 and local.runs.loc[0, "model.name"] == "tiny"
 
 
-class FakeFile:
-    def __init__(self, source, downloads):
-        self.source, self.downloads = source, downloads
+class FakeServiceApi:
+    """The two calls wandb.apis.public.Run and File make to fetch run files, answered from local run folders: the
+    RunFiles GraphQL query (a run's files by name) and the download request wandb-core would carry out."""
 
-    def download(self, root, replace=False):
-        self.downloads.append(self.source.name)
-        Path(root).mkdir(parents=True, exist_ok=True)
-        shutil.copy(self.source, Path(root) / self.source.name)
+    def __init__(self, folders: dict[str, Path]):
+        self.folders, self.downloads = folders, []
 
+    def execute_graphql(self, query, variables=None, **_):
+        folder = self.folders[variables["name"]]
+        names = [name for name in variables["fileNames"] if (folder / name).is_file()]
+        edges = []
+        for name in names:
+            node = {"id": name, "name": name, "url": str(folder / name), "sizeBytes": (folder / name).stat().st_size}
+            edges.append({"cursor": name, "node": node | dict.fromkeys(("directUrl", "mimetype", "updatedAt", "md5"))})
+        page = {"edges": edges, "pageInfo": {"endCursor": None, "hasNextPage": False}}
+        return {"project": {"internalId": "1", "run": {"fileCount": len(edges), "files": page}}}
 
-class FakeRun:
-    """The part of wandb.apis.public.Run the adapter uses: .id, .config, .summary, .file(name).download()."""
-
-    def __init__(self, run_dir, downloads):
-        record = json.loads((run_dir / "run.json").read_text())
-        self.id, self.config, self.summary = record["run_name"], record["config"], {}
-        self.run_dir, self.downloads = run_dir, downloads
-
-    def file(self, name):
-        return FakeFile(self.run_dir / name, self.downloads)
+    def send_api_request(self, request):
+        download = request.download_file_request
+        Path(download.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(download.url, download.path)
+        self.downloads.append(Path(download.path).name)
 
 
 class FakeApi:
-    def __init__(self, run_dirs):
-        self.run_dirs, self.downloads, self.calls = run_dirs, [], []
+    """``wandb.Api().runs(path, filters)``: the runs as wandb.apis.public.Run objects built from their attributes,
+    as the API builds them from a GraphQL page."""
+
+    def __init__(self, runs: dict[str, tuple[Path, dict]]):
+        self.service = FakeServiceApi({run_id: folder for run_id, (folder, _) in runs.items()})
+        self.runs_attrs, self.calls = {run_id: attrs for run_id, (_, attrs) in runs.items()}, []
 
     def runs(self, path, filters=None):
+        from wandb.apis.public import Run
+
         self.calls.append((path, filters))
-        return [FakeRun(d, self.downloads) for d in self.run_dirs]
+        entity, project = path.split("/")
+        attrs = self.runs_attrs.items()
+        return [Run(self.service, entity, project, run_id, attrs={"name": run_id, **a}) for run_id, a in attrs]
+
+
+def chain_attrs(name: str, state: str = "finished", **attrs) -> dict:
+    return {"displayName": name, "state": state, "jobType": "chain", "tags": [], **attrs}
 
 
 def test_wandb_api_source_downloads_once_and_matches_the_local_frames(two_orders, tmp_path):
     out, _ = two_orders
-    api = FakeApi([out / "bbq-csqa", out / "csqa-bbq"])
+    api = FakeApi({"r1": (out / "bbq-csqa", chain_attrs("bbq-csqa")), "r2": (out / "csqa-bbq", chain_attrs("csqa-bbq"))})
     first = load_runs("wandb:team/chainforget", filters={"group": "g"}, api=api, cache_dir=tmp_path)
     assert api.calls == [("team/chainforget", {"group": "g"})]
-    assert api.downloads == ["run.json", "run.json"]  # predictions are lazy
+    assert api.service.downloads == ["run.json", "run.json"]  # predictions are lazy
     pd.testing.assert_frame_equal(first.evals, load_runs(out).evals)
+    assert first.skipped.empty
     first.predictions()
     again = load_runs("wandb:team/chainforget", filters={"group": "g"}, api=api, cache_dir=tmp_path)
     again.predictions()
-    assert api.downloads == ["run.json", "run.json", "predictions.parquet", "predictions.parquet"]  # cached since
+    assert api.service.downloads == ["run.json", "run.json", "predictions.parquet", "predictions.parquet"]  # cached
+
+
+def test_wandb_runs_without_a_run_record_are_skipped_and_reported_once(two_orders, tmp_path):
+    out, _ = two_orders
+    empty = tmp_path / "no-files"
+    empty.mkdir()
+    stopped = chain_attrs("trial-3", tags=["stopped"], summaryMetrics='{"stopped": "pruned after stage 1"}')
+    fit = {"displayName": "fit", "state": "finished", "jobType": None, "tags": []}
+    project = {
+        "r1": (out / "bbq-csqa", chain_attrs("bbq-csqa")),
+        "r2": (empty, chain_attrs("crashed-chain", "failed")),
+        "r3": (empty, stopped),
+        "r4": (empty, fit),
+    }
+    api = FakeApi(project)
+    with pytest.warns(UserWarning, match="skipped 3 of 4 runs that have no run.json") as caught:
+        runs = load_runs("wandb:team/p", api=api, cache_dir=tmp_path / "cache")
+    assert len(caught) == 1 and [r["run_name"] for r in runs.records] == ["bbq-csqa"]
+    skipped = runs.skipped
+    assert skipped[["id", "name", "state"]].values.tolist() == [
+        ["r2", "crashed-chain", "failed"], ["r3", "trial-3", "finished"], ["r4", "fit", "finished"]
+    ]
+    assert skipped["reason"].tolist() == [
+        "chain ended without a run record (see state)", "chain stopped early (pruned after stage 1)",
+        "not a chainforget chain (job type unset)",
+    ]
+    assert skipped["where"].tolist() == ["team/p/r2", "team/p/r3", "team/p/r4"]
+    api = FakeApi({"r2": (empty, chain_attrs("crashed-chain", "failed"))})
+    with pytest.raises(DataError, match=r"none of the 1 runs has a run.json run file \(1 × chain ended without"):
+        load_runs("wandb:team/p", api=api, cache_dir=tmp_path / "cache")
+
+
+def test_predictions_of_a_source_without_them_are_a_clear_error():
+    runs = load_runs(ROOT / "docs" / "results" / "runs")
+    with pytest.raises(DataError, match="no predictions.parquet for run\\(s\\) findings-order-trial0"):
+        runs.predictions(["findings-order-trial0"])
 
 
 def test_unreachable_wandb_project_is_a_clear_error(tmp_path):
@@ -158,25 +209,3 @@ def test_unreachable_wandb_project_is_a_clear_error(tmp_path):
 
     with pytest.raises(DataError, match=r"wandb:team/x: cannot list runs \(ConnectionError: no route to host\)"):
         load_runs("wandb:team/x", api=Offline(), cache_dir=tmp_path)
-
-
-def test_notebook_runs_top_to_bottom_on_tiny_model_runs(two_orders, tmp_path, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-
-    out, _ = two_orders
-    study = tmp_path / "pareto.db"
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pareto = optuna.create_study(storage=f"sqlite:///{study}", directions=["minimize", "maximize"])
-    for x, y in ((1.0, 0.2), (2.0, 0.5), (3.0, 0.4)):
-        pareto.add_trial(optuna.trial.create_trial(values=[x, y], params={}, distributions={}))
-    monkeypatch.setenv("CHAINFORGET_RUNS", str(out))
-    monkeypatch.setenv("CHAINFORGET_STUDY", f"sqlite:///{study}")
-    notebook = nbformat.read(ROOT / "analysis" / "notebooks" / "biased_forgetting.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    images = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # accuracy, group bars, heatmap, asymmetry, Pareto front
-    errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
-    assert errors == []

@@ -28,7 +28,7 @@ def test_every_study_is_published():
 
 def test_sam_vs_plain_pairs_runs_by_seed():
     points = pd.DataFrame([
-        {"order": "bbq,csqa", "seed": s, "mitigation": m, "top_eigenvalue": lam, "F": f}
+        {"condition": "bbq → csqa", "seed": s, "mitigation": m, "top_eigenvalue": lam, "F": f}
         for s, m, lam, f in [(0, "none", 10.0, 6.0), (1, "none", 12.0, 8.0), (0, "sam", 4.0, 3.0), (1, "sam", 8.0, 5.0),
                              (2, "none", 99.0, 99.0)]  # seed 2 has no SAM run: left out of the pairing
     ])  # fmt: skip
@@ -65,3 +65,5 @@ def test_groups_count_as_unequal_only_when_their_paired_bf_interval_excludes_zer
     (row,) = biased_forgetting(records).to_dict("records")
     assert (row["group_runs_tested"], row["group_runs_beyond_interval"], row["share_beyond"]) == (4, 2, 0.5)
     assert row["BF"] == 12.0 and row["spread"] == 17.0 and row["worst_groups"] == "a"
+    # spreads 15 and 19: 17 -+ 12.706 * 2.828 / 1.414 = 17 -+ 25.4; a spread is never below 0
+    assert row["spread_lo"] == 0.0 and row["spread_hi"] == pytest.approx(17 + 12.7062047 * 2, rel=1e-6)

@@ -9,20 +9,20 @@ from analysis import plots
 
 def forgetting_rows():
     rows = []
-    for order, task in (("bbq → csqa", "bbq"), ("csqa → bbq", "csqa")):
+    for condition, task in (("bbq → csqa", "bbq"), ("csqa → bbq", "csqa")):
         for group, f in (("Age", 10.0), ("Religion", -4.0), ("SES", 22.0)):
-            rows.append({"order": order, "task": task, "group_kind": "category", "group": group, "F": f, "F_lo": f - 5, "F_hi": f + 5,
+            rows.append({"condition": condition, "task": task, "group_kind": "category", "group": group, "F": f, "F_lo": f - 5, "F_hi": f + 5,
                          "BF": f - 6.0, "BF_lo": f - 12.0, "BF_hi": f, "small": False, "seed": 0})  # fmt: skip
-        rows.append({"order": order, "task": task, "group_kind": "all", "group": "all", "F": 6.0, "F_lo": 1.0, "F_hi": 11.0,
+        rows.append({"condition": condition, "task": task, "group_kind": "all", "group": "all", "F": 6.0, "F_lo": 1.0, "F_hi": 11.0,
                      "BF": None, "BF_lo": None, "BF_hi": None, "small": False, "seed": 0})  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def test_heatmap_has_a_cell_per_group_and_order_with_its_interval():
+def test_heatmap_has_a_cell_per_group_and_condition_with_its_interval():
     fig = plots.forgetting_heatmap(forgetting_rows(), kinds=("category",))
     ax = fig.axes[0]
     assert ax.collections[0].get_array().size == 3 * 2
-    assert ax.get_xlabel() == "order" and ax.get_ylabel() == "group"
+    assert ax.get_xlabel() == "condition" and ax.get_ylabel() == "group"
     assert fig.axes[1].get_ylabel() == "forgetting F_g (pp)"
     assert "+22.0\n[+17, +27]" in [t.get_text() for t in ax.texts]
 
@@ -40,7 +40,7 @@ def test_replay_curve_has_two_series_over_the_ratios():
     table = pd.DataFrame({"ratio": [0.0, 0.05, 0.2], "safety_recovered_pp": [0.0, 4.0, 6.0], "recovered_lo": [-1, 2, 3],
                           "recovered_hi": [1, 6, 9], "capability_change_pp": [0.5, -0.5, -2.0], "capability_lo": [0, -1, -3],
                           "capability_hi": [1, 0, -1], "safety_lost_pp": [8.0, 8.0, 8.0]})  # fmt: skip
-    two_chains = pd.concat([table.assign(order="bbq → csqa"), table.assign(order="toxigen → csqa")], ignore_index=True)
+    two_chains = pd.concat([table.assign(condition="bbq → csqa"), table.assign(condition="toxigen → csqa")])
     fig = plots.replay_figure(two_chains)
     assert len(fig.axes) == 2 and "toxigen → csqa" in fig.axes[1].get_title() and "+8.0 pp" in fig.axes[1].get_title()
     ax = fig.axes[0]
@@ -81,7 +81,7 @@ def test_wilson_interval_by_hand():
 
 def test_accuracy_figure_draws_a_line_and_intervals_per_task():
     evals = pd.DataFrame([
-        {"order": "bbq → csqa", "task": t, "stage": k, "group_kind": "all", "acc_pp": 100 * a, "correct": int(10 * a), "n": 10}
+        {"condition": "bbq → csqa", "task": t, "stage": k, "group_kind": "all", "acc_pp": 100 * a, "correct": int(10 * a), "n": 10}
         for t, accs in (("bbq", (0.3, 0.7, 0.4)), ("csqa", (0.2, 0.2, 0.5))) for k, a in enumerate(accs)
     ])  # fmt: skip
     fig = plots.accuracy_figure(evals)
@@ -95,7 +95,7 @@ def test_group_bars_average_seeds_and_leave_out_small_groups_and_groupless_tasks
     rows = forgetting_rows()
     second_seed = rows.assign(seed=1, F=rows["F"] + 2.0)
     small = rows.iloc[[0]].assign(group="tiny", small=True, F=90.0)
-    groupless = pd.DataFrame([{"order": "csqa → toxigen", "task": "csqa", "group_kind": "all", "group": "all", "F": 3.0,
+    groupless = pd.DataFrame([{"condition": "csqa → toxigen", "task": "csqa", "group_kind": "all", "group": "all", "F": 3.0,
                                "F_lo": 0.0, "F_hi": 6.0, "BF": None, "BF_lo": None, "BF_hi": None, "small": False, "seed": 0}])  # fmt: skip
     fig = plots.group_forgetting_figure(pd.concat([rows, second_seed, small, groupless], ignore_index=True))
     panels = [ax for ax in fig.axes if ax.get_visible()]
@@ -103,3 +103,48 @@ def test_group_bars_average_seeds_and_leave_out_small_groups_and_groupless_tasks
     widths = sorted(round(p.get_width(), 6) for p in panels[0].patches if p.get_height() > 0)
     assert widths == [-3.0, 7.0, 11.0, 23.0]  # means over the two seeds; the small group (90) is left out
     assert "2 seeds" in panels[0].get_title()
+
+
+def test_group_bars_draw_each_seed_and_clip_intervals_to_the_range_of_forgetting():
+    rows = forgetting_rows()
+    seeds = pd.concat([rows, rows.assign(seed=1, F=rows["F"] + 90.0)], ignore_index=True)  # seeds 90 pp apart
+    panel = plots.group_forgetting_figure(seeds).axes[0]
+    (dots,) = [c for c in panel.collections if type(c).__name__ == "PathCollection"]
+    assert len(dots.get_offsets()) == 8  # 2 seeds x (3 groups + all examples)
+    # 2 seeds 90 pp apart: a t-interval of +-572 pp around the mean, drawn clipped to -100..+100
+    (whiskers,) = [c for c in panel.collections if type(c).__name__ == "LineCollection"]
+    ends = np.concatenate([segment[:, 0] for segment in whiskers.get_segments()])
+    assert ends.min() == -100.0 and ends.max() == 100.0
+    assert "clipped" in panel.figure.texts[0].get_text()
+
+
+def test_asymmetry_draws_each_seed_as_a_dot_and_names_the_setting():
+    pairs = {"condition": ["train.lr=0.001", ""], "safety": ["bbq", "bbq"], "capability": ["csqa", "arc"]}
+    table = pd.DataFrame(pairs | {"seeds": [2, 1], "asymmetry": [9.0, 1.0]})
+    table = table.assign(asymmetry_lo=[-3.7, None], asymmetry_hi=[21.7, None])
+    seeds = pd.DataFrame({"condition": ["train.lr=0.001", "train.lr=0.001", ""], "safety": ["bbq"] * 3})
+    seeds = seeds.assign(capability=["csqa", "csqa", "arc"], asymmetry=[8.0, 10.0, 1.0])
+    ax = plots.asymmetry_figure(table, seeds).axes[0]
+    (dots,) = [c for c in ax.collections if type(c).__name__ == "PathCollection"]
+    assert sorted(map(tuple, dots.get_offsets().tolist())) == [(0.0, 8.0), (0.0, 10.0), (1.0, 1.0)]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["bbq / csqa\ntrain.lr=0.001\n(2 seeds)", "bbq / arc\n(1 seed)"]
+
+
+def test_curvature_fit_band_stays_within_the_range_of_forgetting():
+    points = pd.DataFrame({"top_eigenvalue": [33.0, 36.0, 37.0, 47.5], "F": [80.0, 100.0, 87.5, 80.0], "task": "bbq"})
+    ax = plots.curvature_figure(points, {"spearman": -0.1, "lo": -1.0, "hi": 1.0, "n": 4}).axes[0]
+    bottom, top = ax.get_ylim()
+    assert -105.0 <= bottom and top == 105.0  # 4 points: the fit's 95% band alone would reach past +150 pp
+
+
+def test_accuracy_figure_gives_wilson_intervals_only_to_a_condition_with_one_run():
+    rows = []
+    for condition, seeds in (("a", (0, 1)), ("b", (0,))):
+        for seed in seeds:
+            for k in range(3):
+                row = {"condition": condition, "task": "bbq", "stage": k, "group_kind": "all", "seed": seed}
+                rows.append(row | {"acc_pp": 10.0 * (k + seed), "correct": k + seed, "n": 10})
+    fig = plots.accuracy_figure(pd.DataFrame(rows))
+    assert [len(ax.containers) for ax in fig.axes[:2]] == [0, 1]  # "a": a band over its two seeds; "b": Wilson bars
+    assert "band: range over seeds; one run: 95% Wilson" in fig.texts[0].get_text()

@@ -4,17 +4,26 @@ import math
 
 import pytest
 
-from analysis.runs import forgetting_frame
-from analysis.tables import curvature_forgetting, mean_interval, order_asymmetry, replay_recovery, seed_summary
+from analysis.runs import condition_labels, forgetting_frame, runs_frame
+from analysis.tables import (
+    asymmetry_seeds,
+    curvature_forgetting,
+    mean_interval,
+    order_asymmetry,
+    replay_recovery,
+    seed_summary,
+)
 
 T_975_DF1 = 12.706204736  # Student t quantile, 1 degree of freedom
 
 
-def record(order, seed, forgetting=None, acc=None, mitigation=None, curvature=None):
-    """A run record with just the fields the tables read."""
+def record(order, seed, forgetting=None, acc=None, mitigation=None, curvature=None, **config):
+    """A run record with just the fields the tables read; ``config`` adds config blocks (``train={"lr": 0.001}``)."""
+    mitigation = mitigation or {"name": "none", "strength": 0.0}
     return {
-        "run_name": f"{'-'.join(order)}-s{seed}-{(mitigation or {}).get('strength', '')}",
-        "config": {"order": order, "seed": seed, "mitigation": mitigation or {"name": "none", "strength": 0.0}},
+        "run_name": f"{'-'.join(order)}-s{seed}-{mitigation['strength']}-{config}",
+        "config": {"order": order, "seed": seed, "mitigation": mitigation, **config},
+        "environment": {},
         "eval": [{"stage": k, "task": t, "group_kind": "all", "group": "all", "n": 10, "correct": 0, "acc": a}
                  for (k, t), a in (acc or {}).items()],  # fmt: skip
         "stages": [{"index": 1, "curvature": {"top_eigenvalue": curvature} if curvature is not None else None}],
@@ -28,6 +37,9 @@ def test_mean_interval_over_seeds():
     mean, lo, hi = mean_interval([10.0, 14.0])
     assert mean == 12.0 and lo == pytest.approx(12 - T_975_DF1 * 2) and hi == pytest.approx(12 + T_975_DF1 * 2)
     assert mean_interval([3.0]) == (3.0, None, None)
+    # two seeds 90 pp apart: 45 +- 12.706 * 63.64 / 1.414 = 45 +- 571.8, far beyond what a forgetting can be
+    assert mean_interval([0.0, 90.0], bounds=(-100.0, 100.0)) == (45.0, -100.0, 100.0)
+    assert mean_interval([10.0, 14.0], bounds=(0.0, 200.0))[1:] == (0.0, pytest.approx(12 + T_975_DF1 * 2))
 
 
 def test_seed_summary_averages_each_group_over_seeds():
@@ -56,7 +68,7 @@ def test_replay_recovery_by_ratio():
     runs = [record(["bbq", "csqa"], 0, acc=acc, mitigation={"name": "replay_stage", "strength": 0.05}),
             record(["bbq", "csqa"], 0, acc={**acc, (3, "bbq"): 0.4}, mitigation={"name": "replay_stage", "strength": 0.0})]  # fmt: skip
     table = replay_recovery(runs).set_index("ratio")
-    assert set(table["order"]) == {"bbq → csqa"}  # chains are kept apart
+    assert set(table["condition"]) == {"bbq → csqa"}  # the ratio is the x axis, not part of the condition
     assert table.loc[0.05, "safety_lost_pp"] == pytest.approx(20.0)
     assert table.loc[0.05, "safety_recovered_pp"] == pytest.approx(10.0)
     assert table.loc[0.05, "capability_change_pp"] == pytest.approx(-2.0)
@@ -70,3 +82,77 @@ def test_curvature_forgetting_spearman_by_hand():
     assert correlation["spearman"] == pytest.approx(0.8) and correlation["n"] == 4  # 1 - 6 * 2 / (4 * 15)
     assert correlation["lo"] <= 0.8 <= correlation["hi"]
     assert curvature_forgetting(runs[:2])[1]["spearman"] is None  # too few runs for a correlation
+
+
+LR = {0.001: {0: 10.0, 1: 14.0}, 0.002: {0: 30.0, 1: 34.0}}  # F of bbq in bbq → csqa by learning rate and seed
+LR_BACK = {0.001: {0: 2.0, 1: 4.0}, 0.002: {0: 20.0, 1: 22.0}}  # F of csqa in csqa → bbq
+
+
+def two_learning_rates():
+    """Both orders at two learning rates x two seeds; the runs also differ in keys that cannot change results."""
+    runs = []
+    for lr in LR:
+        for seed in (0, 1):
+            for order, values in ((["bbq", "csqa"], LR), (["csqa", "bbq"], LR_BACK)):
+                run = record(order, seed, forgetting=values[lr][seed], train={"lr": lr, "steps": 40})
+                run["config"] |= {"out": f"runs/{seed}", "wandb": {"group": f"g{seed}"}}  # keys that change no result
+                run["config"]["trainer"] = {"log_every_n_steps": seed}
+                runs.append(run)
+    return runs
+
+
+def test_two_learning_rates_are_two_conditions_of_two_seeds_each_never_one_of_four():
+    runs = two_learning_rates()
+    labels = condition_labels(runs)
+    assert sorted(set(labels.values())) == [
+        "bbq → csqa (train.lr=0.001)", "bbq → csqa (train.lr=0.002)", "csqa → bbq (train.lr=0.001)",
+        "csqa → bbq (train.lr=0.002)",
+    ]
+    summary = seed_summary(forgetting_frame(runs)).set_index("condition")
+    assert summary["seeds"].tolist() == [2, 2, 2, 2]
+    assert summary.loc["bbq → csqa (train.lr=0.001)", "F"] == 12.0  # (10 + 14) / 2, not (10 + 14 + 30 + 34) / 4
+    assert summary.loc["bbq → csqa (train.lr=0.002)", "F"] == 32.0
+    table = runs_frame(runs)
+    assert list(table.columns[:4]) == ["run_name", "condition", "seed", "train.lr"]  # the swept key is a column
+
+
+def test_order_asymmetry_pairs_the_orders_of_one_setting_only():
+    runs = two_learning_rates()
+    seeds = asymmetry_seeds(runs)
+    assert len(seeds) == 4 and set(seeds["condition"]) == {"train.lr=0.001", "train.lr=0.002"}
+    table = order_asymmetry(runs).set_index("condition")
+    # lr 0.001: differences 10 - 2 = 8 and 14 - 4 = 10; lr 0.002: 30 - 20 = 10 and 34 - 22 = 12
+    assert table["seeds"].tolist() == [2, 2]
+    assert table.loc["train.lr=0.001", "asymmetry"] == 9.0 and table.loc["train.lr=0.002", "asymmetry"] == 11.0
+    # paired t over differences (10, 12): t = 11 / (sqrt(2) / sqrt(2)) = 11 with 1 df
+    assert table.loc["train.lr=0.002", "p_paired_t"] == pytest.approx(1 - 2 * math.atan(11) / math.pi)
+
+
+def test_condition_labels_show_only_keys_that_vary_and_can_act():
+    sam = {"name": "sam", "strength": 0.05, "stages": [1]}
+    plain = {"name": "none", "strength": 0.0, "stages": None}
+    tasks = {"bbq": {"path": "a"}, "csqa": {"path": "b"}, "toxigen": {"path": "x"}}
+    runs = [
+        record(["bbq", "csqa"], 0, mitigation=plain, tasks=tasks, run_name="p", out="runs/a"),
+        record(["bbq", "csqa"], 0, mitigation=sam, tasks=tasks, run_name="s", out="runs/b"),
+        # another toxigen path, but this chain neither trains nor probes toxigen
+        record(["csqa", "bbq"], 1, mitigation=plain, tasks={**tasks, "toxigen": {"path": "y"}}),
+        record(["bbq", "csqa"], 2, mitigation={**sam, "strength": 0.1}, tasks=tasks, train={"lr": 0.1}),
+    ]
+    assert list(condition_labels(runs).values()) == [
+        "bbq → csqa (mitigation.name=none, train.lr=unset)",  # no mitigation: its strength cannot act
+        "bbq → csqa (mitigation.name=sam, mitigation.strength=0.05, train.lr=unset)",  # stages: [1] wherever it acts
+        "csqa → bbq (mitigation.name=none, train.lr=unset)",  # the config lacks train (an older record, say)
+        "bbq → csqa (mitigation.name=sam, mitigation.strength=0.1, train.lr=0.1)",
+    ]
+    assert list(condition_labels(runs[:2], leave_out=("mitigation",)).values()) == ["bbq → csqa", "bbq → csqa"]
+    assert list(condition_labels(runs[:2], leave_out=("order", "mitigation")).values()) == ["", ""]
+
+
+def test_replay_recovery_keeps_runs_of_other_settings_apart():
+    acc = {(1, "bbq"): 0.6, (2, "bbq"): 0.4, (3, "bbq"): 0.5, (2, "csqa"): 0.30, (3, "csqa"): 0.28}
+    replay = {"name": "replay_stage", "strength": 0.05}
+    runs = [record(["bbq", "csqa"], 0, acc=acc, mitigation=replay, train={"lr": lr}) for lr in (0.001, 0.002)]
+    table = replay_recovery(runs)
+    assert table["condition"].tolist() == ["bbq → csqa (train.lr=0.001)", "bbq → csqa (train.lr=0.002)"]
+    assert table["seeds"].tolist() == [1, 1]
