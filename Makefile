@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test smoke findings clean
+.PHONY: setup demo test lint smoke findings clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
@@ -34,6 +34,11 @@ findings: setup
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
+
+# ruff: pycodestyle errors (lines up to 120 characters), pyflakes, import order, and the formatter's layout
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs

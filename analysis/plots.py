@@ -41,8 +41,9 @@ def group_forgetting_figure(forgetting: pd.DataFrame, kinds: tuple[str, ...] | N
         names = panel["group_kind"] + ": " + panel["group"].astype(str).map(short)
         labels = np.where(panel["group_kind"] == "all", "all examples", names)
         hue = panel["group_kind"].to_numpy()
-        sns.barplot(x=panel["F"].to_numpy(), y=labels, hue=hue, palette=colours, dodge=False, errorbar=None, ax=ax,
-                    legend=False)
+        sns.barplot(
+            x=panel["F"].to_numpy(), y=labels, hue=hue, palette=colours, dodge=False, errorbar=None, ax=ax, legend=False
+        )
         lo = (panel["F"] - panel["F_lo"]).clip(lower=0).fillna(0)
         hi = (panel["F_hi"] - panel["F"]).clip(lower=0).fillna(0)
         ax.errorbar(panel["F"], np.arange(len(panel)), xerr=[lo, hi], fmt="none", ecolor="black", capsize=2, lw=1)
@@ -77,8 +78,17 @@ def accuracy_figure(evals: pd.DataFrame):
     style = {"kind": "line", "marker": "o", "palette": PALETTE, "height": 3.2, "aspect": 1.1}
     style["facet_kws"] = {"sharey": True}
     conditions = sorted(frame["condition"].unique())
-    grid = sns.relplot(data=frame, x="stage", y="acc_pp", hue="task", col="condition", col_order=conditions,
-                       col_wrap=min(4, len(conditions)), errorbar=("pi", 100), **style)
+    grid = sns.relplot(
+        data=frame,
+        x="stage",
+        y="acc_pp",
+        hue="task",
+        col="condition",
+        col_order=conditions,
+        col_wrap=min(4, len(conditions)),
+        errorbar=("pi", 100),
+        **style,
+    )
     colours = dict(zip(sorted(frame["task"].unique()), sns.color_palette(PALETTE)))
     for condition, ax in grid.axes_dict.items():
         ax.set_title(wrap(condition, 45), fontsize=10)
@@ -134,13 +144,26 @@ def forgetting_heatmap(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None =
     fig, ax = plt.subplots(figsize=(2.4 * len(means.columns) + 3, 0.55 * len(means) + 2.2))
     limit = float(np.nanmax(np.abs(means.to_numpy()))) or 1.0
     colour_bar = {"label": "forgetting F_g (pp)"}
-    sns.heatmap(means, annot=labels, fmt="", cmap="vlag", center=0, vmin=-limit, vmax=limit, ax=ax,
-                cbar_kws=colour_bar, annot_kws={"fontsize": 7})
+    sns.heatmap(
+        means,
+        annot=labels,
+        fmt="",
+        cmap="vlag",
+        center=0,
+        vmin=-limit,
+        vmax=limit,
+        ax=ax,
+        cbar_kws=colour_bar,
+        annot_kws={"fontsize": 7},
+    )
     ax.tick_params(axis="x", labelrotation=0, labelsize=8)  # the labels are wrapped to fit their column
     ax.set_xlabel("condition")
     ax.set_ylabel("group")
-    ax.set_title("Per-group forgetting (pp): mean over seeds; in brackets the 95% t-interval over seeds, clipped to "
-                 "-100..+100 pp\n(one run: its paired-bootstrap interval)", fontsize=10)
+    ax.set_title(
+        "Per-group forgetting (pp): mean over seeds; in brackets the 95% t-interval over seeds, clipped to "
+        "-100..+100 pp\n(one run: its paired-bootstrap interval)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -180,8 +203,11 @@ def asymmetry_figure(asymmetry: pd.DataFrame, seeds: pd.DataFrame | None = None)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("safety / capability pair")
     ax.set_ylabel("F_S(S→C) − F_C(C→S) (pp)")
-    ax.set_title("Order asymmetry: safety forgotten more than capability?\nbars: mean over seeds; whiskers: 95% "
-                 "t-interval over seeds (clipped to ±200 pp); dots: single seeds", fontsize=10)
+    ax.set_title(
+        "Order asymmetry: safety forgotten more than capability?\nbars: mean over seeds; whiskers: 95% "
+        "t-interval over seeds (clipped to ±200 pp); dots: single seeds",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -191,8 +217,10 @@ def replay_figure(recovery: pd.DataFrame):
     one panel per condition (without the ratio), with 95% t-intervals over seeds clipped to -100..+100 pp."""
     panels = list(recovery.groupby("condition", sort=True))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.0), squeeze=False, sharey=True)
-    series = [("safety_recovered_pp", "recovered_lo", "recovered_hi", "safety accuracy recovered"),
-              ("capability_change_pp", "capability_lo", "capability_hi", "capability accuracy change")]
+    series = [
+        ("safety_recovered_pp", "recovered_lo", "recovered_hi", "safety accuracy recovered"),
+        ("capability_change_pp", "capability_lo", "capability_hi", "capability accuracy change"),
+    ]
     for ax, (condition, part) in zip(axes[0], panels):
         for (column, lo, hi, label), colour in zip(series, sns.color_palette(PALETTE, 2)):
             low = (part[column] - part[lo]).fillna(0).clip(lower=0)

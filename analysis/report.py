@@ -52,17 +52,31 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
         "means over seeds, dots single seeds, whiskers 95% t-intervals over seeds clipped to ±100 pp."
     )
     out = [
-        ("Accuracy per stage (%)", accuracy, accuracy_table(records),
-         ("accuracy_by_stage.png", plots.accuracy_figure(runs.evals))),
-        ("Forgetting and biased forgetting (pp)", per_run, forgetting_summary(records),
-         ("group_forgetting.png", plots.group_forgetting_figure(forgetting))),
+        (
+            "Accuracy per stage (%)",
+            accuracy,
+            accuracy_table(records),
+            ("accuracy_by_stage.png", plots.accuracy_figure(runs.evals)),
+        ),
+        (
+            "Forgetting and biased forgetting (pp)",
+            per_run,
+            forgetting_summary(records),
+            ("group_forgetting.png", plots.group_forgetting_figure(forgetting)),
+        ),
     ]
     heatmap = plots.forgetting_heatmap(forgetting)
     if heatmap is not None:
         caption = "Mean over seeds; the interval is the 95% t-interval over seeds where there are several (clipped to "
         caption += "the possible range: ±100 pp for F, ±200 pp for BF), else the paired bootstrap of the single run."
-        out.append(("Per-group forgetting across conditions (pp)", caption, seed_summary(forgetting).round(2),
-                    ("forgetting_heatmap.png", heatmap)))
+        out.append(
+            (
+                "Per-group forgetting across conditions (pp)",
+                caption,
+                seed_summary(forgetting).round(2),
+                ("forgetting_heatmap.png", heatmap),
+            )
+        )
     asymmetry = order_asymmetry(records)
     if not asymmetry.empty:
         caption = "F of the safety task in safety→capability minus F of the capability task in capability→safety, "
@@ -77,16 +91,27 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
         out.append(("Replay recovery (pp)", caption, recovery.round(2), ("replay_recovery.png", figure)))
     points, correlation = curvature_forgetting(records)
     if correlation["spearman"] is not None:
-        out.append(("Curvature and forgetting", f"Spearman rho {correlation['spearman']:.2f} (95% bootstrap interval "
-                    f"{correlation['lo']:.2f} to {correlation['hi']:.2f}, n = {correlation['n']} runs).", points.round(3),
-                    ("curvature_forgetting.png", plots.curvature_figure(points, correlation))))  # fmt: skip
+        out.append(
+            (
+                "Curvature and forgetting",
+                f"Spearman rho {correlation['spearman']:.2f} (95% bootstrap interval "
+                f"{correlation['lo']:.2f} to {correlation['hi']:.2f}, n = {correlation['n']} runs).",
+                points.round(3),
+                ("curvature_forgetting.png", plots.curvature_figure(points, correlation)),
+            )
+        )
     changes = score_changes(records)
     if not changes.empty:
-        out.append(("Safety scores across the chain (pp)",
-                    "BBQ bias scores (s_DIS on disambiguated, s_AMB on ambiguous contexts; positive = answers follow the "
-                    "stereotype) and ToxiGen balanced detection accuracy, from the stage that trained the task (the base "
-                    "model for probes) to the last stage. Safety can be lost as a rising bias score at constant accuracy.",
-                    changes.round(1), None))  # fmt: skip
+        out.append(
+            (
+                "Safety scores across the chain (pp)",
+                "BBQ bias scores (s_DIS on disambiguated, s_AMB on ambiguous contexts; positive = answers follow the "
+                "stereotype) and ToxiGen balanced detection accuracy, from the stage that trained the task (the base "
+                "model for probes) to the last stage. Safety can be lost as a rising bias score at constant accuracy.",
+                changes.round(1),
+                None,
+            )
+        )
     return out
 
 
@@ -108,10 +133,12 @@ def write_report(source: str | Path, out_dir: Path, keep: Callable[[dict], bool]
     title = f"chainforget report: {len(runs.records)} runs from {source}"
 
     markdown = [f"# {title}", ""]
-    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:12px}"
-            "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>",
-            f"<h1>{html.escape(title)}</h1>"]  # fmt: skip
+    page = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     for heading, caption, table, figure in parts:
         markdown += [f"## {heading}", "", caption, ""]
         page += [f"<h2>{html.escape(heading)}</h2><p>{html.escape(caption)}</p>"]
@@ -131,8 +158,19 @@ def write_report(source: str | Path, out_dir: Path, keep: Callable[[dict], bool]
         page += ["<h2>Skipped runs</h2>", f"<p>{html.escape(caption)}</p>", skipped]
     for record in runs.records:
         config = yaml.safe_dump(record["config"], sort_keys=False)
-        markdown += [f"<details><summary>config of {record['run_name']}</summary>", "", "```yaml", config, "```", "</details>", ""]
-        page.append(f"<details><summary>config of {html.escape(record['run_name'])}</summary><pre>{html.escape(config)}</pre></details>")
+        markdown += [
+            f"<details><summary>config of {record['run_name']}</summary>",
+            "",
+            "```yaml",
+            config,
+            "```",
+            "</details>",
+            "",
+        ]
+        page.append(
+            f"<details><summary>config of {html.escape(record['run_name'])}</summary>"
+            f"<pre>{html.escape(config)}</pre></details>"
+        )
     page.append("</body></html>")
     (out_dir / "report.md").write_text("\n".join(markdown), encoding="utf-8")
     report = out_dir / "report.html"

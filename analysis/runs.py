@@ -35,7 +35,13 @@ from chainforget.records import read_record, validate_record
 # or checkpoints. Every other key, data paths and eval batch size included, is part of the run's condition, except
 # where ``inactive_keys`` finds it cannot act (a knob of a mitigation the run does not use, say).
 NON_RESULT_KEYS = (
-    "run_name", "out", "cache_dir", "cache", "wandb", "trainer.log_every_n_steps", "trainer.checkpoint_every",
+    "run_name",
+    "out",
+    "cache_dir",
+    "cache",
+    "wandb",
+    "trainer.log_every_n_steps",
+    "trainer.checkpoint_every",
 )
 SKIPPED_COLUMNS = ["id", "name", "state", "reason", "where"]
 
@@ -72,8 +78,12 @@ class Runs:
 
 # the MitigationSpec knobs each mitigation reads; a mitigation missing here has all of them count
 MITIGATION_KNOBS = {
-    "none": (), "replay_stage": ("strength",), "replay_mix": ("strength", "stages"), "l2sp": ("strength", "stages"),
-    "ewc": ("strength", "stages", "fisher_batches"), "lwf": ("strength", "stages", "temperature"),
+    "none": (),
+    "replay_stage": ("strength",),
+    "replay_mix": ("strength", "stages"),
+    "l2sp": ("strength", "stages"),
+    "ewc": ("strength", "stages", "fisher_batches"),
+    "lwf": ("strength", "stages", "temperature"),
     "sam": ("strength", "stages"),
 }
 
@@ -171,7 +181,9 @@ def evals_frame(records: list[dict]) -> pd.DataFrame:
     labels = condition_labels(records)
     frames = [
         pd.DataFrame(r["eval"]).assign(
-            run_name=r["run_name"], condition=labels[r["run_name"]], order=" → ".join(r["config"]["order"]),
+            run_name=r["run_name"],
+            condition=labels[r["run_name"]],
+            order=" → ".join(r["config"]["order"]),
             seed=r["config"]["seed"],
         )
         for r in records

@@ -99,14 +99,23 @@ def summary_text(records: list[dict]) -> str:
     parts = ["Accuracy per stage (%, stage 0 = base model):", accuracy_table(records).to_string()]
     forgetting = forgetting_summary(records)
     if not forgetting.empty:
-        parts += ["", "Forgetting F = Acc(trained stage) - Acc(last stage), biased forgetting BF = max_g (F_g - F);",
-                  "95% paired-bootstrap intervals in parentheses, worst-hit group in brackets:",
-                  forgetting.to_string(index=False)]  # fmt: skip
+        parts += [
+            "",
+            "Forgetting F = Acc(trained stage) - Acc(last stage), biased forgetting BF = max_g (F_g - F);",
+            "95% paired-bootstrap intervals in parentheses, worst-hit group in brackets:",
+            forgetting.to_string(index=False),
+        ]
     changes = score_changes(records)
-    headline = changes[((changes["score"] == "s_AMB") & (changes["group_kind"] == "category")) | (changes["score"] == "balanced acc")]
+    headline = changes[
+        ((changes["score"] == "s_AMB") & (changes["group_kind"] == "category")) | (changes["score"] == "balanced acc")
+    ]
     if not headline.empty:
-        parts += ["", "Safety scores from the trained stage to the last (pp; BBQ s_AMB per category, ToxiGen balanced "
-                  "accuracy per group):", headline.drop(columns="group_kind").round(1).to_string(index=False)]  # fmt: skip
+        parts += [
+            "",
+            "Safety scores from the trained stage to the last (pp; BBQ s_AMB per category, ToxiGen balanced "
+            "accuracy per group):",
+            headline.drop(columns="group_kind").round(1).to_string(index=False),
+        ]
     return "\n".join(parts)
 
 
@@ -224,11 +233,21 @@ def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int =
     for record in records:
         stage = record["stages"][0]
         task = record["config"]["order"][0]
-        forgotten = [r["F"] for r in record["metrics"]["forgetting"]
-                     if r["task"] == task and r["group_kind"] == "all" and r["later_stage"] == 2]  # fmt: skip
+        forgotten = [
+            r["F"]
+            for r in record["metrics"]["forgetting"]
+            if r["task"] == task and r["group_kind"] == "all" and r["later_stage"] == 2
+        ]
         if stage.get("curvature") and forgotten:
-            rows.append({"run_name": record["run_name"], "task": task, "top_eigenvalue": stage["curvature"]["top_eigenvalue"],
-                         "F": forgotten[0], "mitigation": record["config"].get("mitigation", {}).get("name", "none")})  # fmt: skip
+            rows.append(
+                {
+                    "run_name": record["run_name"],
+                    "task": task,
+                    "top_eigenvalue": stage["curvature"]["top_eigenvalue"],
+                    "F": forgotten[0],
+                    "mitigation": record["config"].get("mitigation", {}).get("name", "none"),
+                }
+            )
     frame = pd.DataFrame(rows)
     if len(frame) < 3:
         return frame, {"spearman": None, "lo": None, "hi": None, "n": len(frame)}

@@ -22,7 +22,9 @@ def log_records(run_dir: Path) -> list[dict]:
         raise DataError(f"{run_dir}: wandb could not read the run's log ({exc})") from None
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DataError(f"{run_dir}: `wandb leet inspect` could not read the run's log ({reason}); it needs wandb >= 0.31")
+        raise DataError(
+            f"{run_dir}: `wandb leet inspect` could not read the run's log ({reason}); it needs wandb >= 0.31"
+        )
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 

@@ -33,10 +33,16 @@ def items(bbq: int, arc: int):
 
     sets = {}
     if bbq:
-        bbq_spec = TaskSpec(source="release", path=str(SHARED / "bbq"), max_eval=bbq) if (SHARED / "bbq").exists() else TaskSpec(max_eval=bbq)
+        bbq_spec = (
+            TaskSpec(source="release", path=str(SHARED / "bbq"), max_eval=bbq)
+            if (SHARED / "bbq").exists()
+            else TaskSpec(max_eval=bbq)
+        )
         sets["bbq"] = load("bbq", bbq_spec, seed=0).eval
     if arc and (SHARED / "arc").exists():
-        sets["arc_challenge"] = load("arc_challenge", TaskSpec(source="release", path=str(SHARED / "arc"), max_eval=arc), seed=0).eval
+        sets["arc_challenge"] = load(
+            "arc_challenge", TaskSpec(source="release", path=str(SHARED / "arc"), max_eval=arc), seed=0
+        ).eval
     return sets
 
 
@@ -92,33 +98,62 @@ def measure(args) -> list[Row]:
     model, tokenizer = load_model(spec).eval(), load_tokenizer(spec)
     non_embedding = non_embedding_parameters(model)
     lm = HFLM(pretrained=str(smollm2_dir()), device="cpu", dtype="float32", batch_size=args.batch_size)
-    print(f"evaluation: threads {args.threads}, batch {args.batch_size}, {args.repeats} repeats; items/s median [min, max]")
+    print(
+        f"evaluation: threads {args.threads}, batch {args.batch_size}, {args.repeats} repeats; "
+        "items/s median [min, max]"
+    )
     print(f"{'task':<14} {'side':<34} {'items/s':>8} {'spread':>16}")
     rows = []
     for task, examples in items(args.bbq, args.arc).items():
         n = len(examples)
         (theirs, their_lp), their_s = timed(lambda: lm_eval_scores(lm, examples), args.repeats)
         ours, our_s = timed(lambda: score_text(model, tokenizer, examples, batch_size=args.batch_size), args.repeats)
-        _, bf16_s = timed(lambda: score_text(model, tokenizer, examples, batch_size=args.batch_size, precision="bf16-mixed"), args.repeats)
-        _, letter_s = timed(lambda: score_letters(model, tokenizer, examples, batch_size=args.batch_size, precision="bf16-mixed", progress=False), args.repeats)
+        _, bf16_s = timed(
+            lambda: score_text(model, tokenizer, examples, batch_size=args.batch_size, precision="bf16-mixed"),
+            args.repeats,
+        )
+        _, letter_s = timed(
+            lambda: score_letters(
+                model, tokenizer, examples, batch_size=args.batch_size, precision="bf16-mixed", progress=False
+            ),
+            args.repeats,
+        )
         rates = {}
-        for side, seconds in (("lm-eval HFLM loglikelihood (fp32)", their_s), ("chainforget text (fp32)", our_s),
-                              ("chainforget text (bf16 autocast)", bf16_s), ("chainforget letter (bf16 autocast)", letter_s)):  # fmt: skip
+        for side, seconds in (
+            ("lm-eval HFLM loglikelihood (fp32)", their_s),
+            ("chainforget text (fp32)", our_s),
+            ("chainforget text (bf16 autocast)", bf16_s),
+            ("chainforget letter (bf16 autocast)", letter_s),
+        ):
             values = [n / s for s in seconds]
             rates[side] = statistics.median(values)
             print(f"{task:<14} {side:<34} {rates[side]:>8.1f} [{min(values):>6.1f}, {max(values):>6.1f}]")
         agree = float(np.mean(ours.pred == theirs))
         worst = max(abs(a - b) for row_a, row_b in zip(ours.option_logprobs, their_lp) for a, b in zip(row_a, row_b))
         ours_rate, theirs_rate = rates["chainforget text (fp32)"], rates["lm-eval HFLM loglikelihood (fp32)"]
-        tokens = sum(len(tokenizer.encode(question_text(e) + "\nAnswer:")) + sum(len(tokenizer.encode(f" {c}")) for c in e.choices) for e in examples)
+        tokens = sum(
+            len(tokenizer.encode(question_text(e) + "\nAnswer:"))
+            + sum(len(tokenizer.encode(f" {c}")) for c in e.choices)
+            for e in examples
+        )
         mfu = 2 * non_embedding * tokens / statistics.median(bf16_s) / peak
-        print(f"{task:<14} agreement {100 * agree:.2f}% ({int(round((1 - agree) * n))} of {n} differ), max |dlogprob| {worst:.2e}")
+        print(
+            f"{task:<14} agreement {100 * agree:.2f}% ({int(round((1 - agree) * n))} of {n} differ), "
+            f"max |dlogprob| {worst:.2e}"
+        )
         rows += [
-            Row(f"{task} text fp32 items/s vs lm-eval", f"{ours_rate:.1f}", f"{theirs_rate:.1f}", ours_rate / theirs_rate, ">= 2", ours_rate / theirs_rate >= 2),
+            Row(
+                f"{task} text fp32 items/s vs lm-eval",
+                f"{ours_rate:.1f}",
+                f"{theirs_rate:.1f}",
+                ours_rate / theirs_rate,
+                ">= 2",
+                ours_rate / theirs_rate >= 2,
+            ),
             Row(f"{task} agreement with lm-eval", f"{100 * agree:.2f}%", "", None, ">= 99.5%", agree >= 0.995),
             Row(f"{task} letter bf16 items/s", f"{rates['chainforget letter (bf16 autocast)']:.1f}"),
             Row(f"{task} eval MFU, text bf16, of {peak / 1e12:.2f} TFLOP/s", f"{100 * mfu:.1f}%"),
-        ]  # fmt: skip
+        ]
     return rows
 
 

@@ -48,9 +48,21 @@ sys.exit(run())
 
 def chain_peak_gb(args, env: dict[str, str]) -> float:
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryFile("w+") as log:
-        command = [sys.executable, "-c", CHAIN_REPORTING_PEAK, "chain", "--config", str(ROOT / "sweeps/configs/demo.yaml"),
-                   f"--out={out}", f"--cache_dir={out}/cache", "--run_name=memory", f"--train.steps={args.steps}",
-                   f"--tasks.bbq.max_eval={args.eval}", f"--tasks.csqa.max_eval={args.eval}", "--wandb.mode=disabled"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-c",
+            CHAIN_REPORTING_PEAK,
+            "chain",
+            "--config",
+            str(ROOT / "sweeps/configs/demo.yaml"),
+            f"--out={out}",
+            f"--cache_dir={out}/cache",
+            "--run_name=memory",
+            f"--train.steps={args.steps}",
+            f"--tasks.bbq.max_eval={args.eval}",
+            f"--tasks.csqa.max_eval={args.eval}",
+            "--wandb.mode=disabled",
+        ]
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
         log.seek(0)
         output = log.read()
@@ -75,8 +87,20 @@ def measure(args) -> list[Row]:
     if "system" not in sides:
         return [Row("peak RSS of a SmolLM2 chain", f"{default:.2f} GB", "", None, "<= 3 GB", default <= 3)]
     system = statistics.median(peaks["system"])
-    print(f"memory: the same chain on the system malloc: peak RSS {system:.2f} GB {spread(peaks['system'])} (the first was on tcmalloc)")
-    return [Row("peak RSS of a SmolLM2 chain, tcmalloc vs system malloc", f"{default:.2f} GB", f"{system:.2f} GB", None, "<= 3 GB", default <= 3)]
+    print(
+        f"memory: the same chain on the system malloc: peak RSS {system:.2f} GB {spread(peaks['system'])} "
+        "(the first was on tcmalloc)"
+    )
+    return [
+        Row(
+            "peak RSS of a SmolLM2 chain, tcmalloc vs system malloc",
+            f"{default:.2f} GB",
+            f"{system:.2f} GB",
+            None,
+            "<= 3 GB",
+            default <= 3,
+        )
+    ]
 
 
 def spread(values: list[float]) -> str:

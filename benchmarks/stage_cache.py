@@ -32,14 +32,27 @@ def grid_configs(out: Path, cache_dir: Path, seeds: int, steps: int, use_cache: 
     from chainforget.cli import parse_chain
     from chainforget.config import TaskSpec
 
-    base = parse_chain(["--config", str(ROOT / "sweeps/configs/smoke.yaml"), f"--out={out}", f"--cache_dir={cache_dir}"], "bench")
-    specs = {name: TaskSpec(source="release", path=str(FIXTURES / folder), eval_fraction=0.5) for name, folder in {**SAFETY, **CAPABILITY}.items()}
+    base = parse_chain(
+        ["--config", str(ROOT / "sweeps/configs/smoke.yaml"), f"--out={out}", f"--cache_dir={cache_dir}"], "bench"
+    )
+    specs = {
+        name: TaskSpec(source="release", path=str(FIXTURES / folder), eval_fraction=0.5)
+        for name, folder in {**SAFETY, **CAPABILITY}.items()
+    }
     for seed, (safety, capability) in itertools.product(range(seeds), itertools.product(SAFETY, CAPABILITY)):
         for order in ([safety, capability], [capability, safety]):
-            yield replace(base, run_name=f"{'-'.join(order)}-s{seed}", seed=seed, order=order, cache=use_cache, train_size=2,
-                          tasks={safety: specs[safety], capability: specs[capability]},
-                          train=replace(base.train, steps=steps), eval=replace(base.eval, bootstrap=100),
-                          wandb=replace(base.wandb, mode="disabled"))  # fmt: skip
+            yield replace(
+                base,
+                run_name=f"{'-'.join(order)}-s{seed}",
+                seed=seed,
+                order=order,
+                cache=use_cache,
+                train_size=2,
+                tasks={safety: specs[safety], capability: specs[capability]},
+                train=replace(base.train, steps=steps),
+                eval=replace(base.eval, bootstrap=100),
+                wandb=replace(base.wandb, mode="disabled"),
+            )
 
 
 def run_grid(seeds: int, steps: int, use_cache: bool) -> tuple[int, int, float]:
@@ -77,11 +90,23 @@ def measure(args) -> list[Row]:
     print(f"stage cache: order grid, {chains} chains, {args.steps} steps per stage, 1 thread, {args.repeats} repeats")
     print(f"{'':>12} {'stage trainings':>16} {'wall s':>8} {'spread':>14}")
     for side in runs:
-        print(f"{side:>12} {trainings[side]:>16} {wall[side]:>8.1f} [{min(walls[side]):>5.1f}, {max(walls[side]):>5.1f}]")
+        print(
+            f"{side:>12} {trainings[side]:>16} {wall[side]:>8.1f} [{min(walls[side]):>5.1f}, {max(walls[side]):>5.1f}]"
+        )
     return [
-        Row(f"stage trainings on the order grid ({chains} chains), cache vs none", str(trainings["cache"]), str(trainings["no cache"]), trainings["cache"] / trainings["no cache"]),
-        Row("wall time on the order grid, cache vs none", f"{wall['cache']:.1f} s", f"{wall['no cache']:.1f} s", wall["cache"] / wall["no cache"]),
-    ]  # fmt: skip
+        Row(
+            f"stage trainings on the order grid ({chains} chains), cache vs none",
+            str(trainings["cache"]),
+            str(trainings["no cache"]),
+            trainings["cache"] / trainings["no cache"],
+        ),
+        Row(
+            "wall time on the order grid, cache vs none",
+            f"{wall['cache']:.1f} s",
+            f"{wall['no cache']:.1f} s",
+            wall["cache"] / wall["no cache"],
+        ),
+    ]
 
 
 def main() -> int:

@@ -24,10 +24,13 @@ def machine() -> str:
     if os.path.exists("/proc/cpuinfo"):
         pairs = (line.split(":", 1) for line in open("/proc/cpuinfo").read().splitlines() if ":" in line)
         info = {key.strip(): value for key, value in pairs}
-        model = f"{info.get('model name', model).strip()} (family {info.get('cpu family', '?').strip()}, model {info.get('model', '?').strip()})"
+        family, number = info.get("cpu family", "?").strip(), info.get("model", "?").strip()
+        model = f"{info.get('model name', model).strip()} (family {family}, model {number})"
         flags = set(info.get("flags", "").split())
     units = ", AMX" if "amx_bf16" in flags else (", AVX-512 BF16" if "avx512_bf16" in flags else "")
-    return f"{model}, {os.cpu_count()} cores{units} (torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()})"
+    return (
+        f"{model}, {os.cpu_count()} cores{units} (torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()})"
+    )
 
 
 def print_table(rows: list[Row]) -> None:

@@ -29,7 +29,9 @@ from table import Row, print_table
 
 from chainforget import allocator
 
-PEAK_SHAPES = [(n, n, n) for n in (1024, 2048, 4096)] + [(4096, k, n) for k in (256, 512, 1024) for n in (512, 1024, 2048)]
+PEAK_SHAPES = [(n, n, n) for n in (1024, 2048, 4096)] + [
+    (4096, k, n) for k in (256, 512, 1024) for n in (512, 1024, 2048)
+]
 
 
 def matmul_peak(dtype: torch.dtype, repeats: int = 8) -> float:
@@ -55,7 +57,9 @@ def batches(steps: int, batch_size: int):
 
     tokenizer = load_tokenizer(ModelSpec())
     data = {"bbq": load("bbq", TaskSpec(max_train=2000, max_eval=50), seed=0)}
-    datamodule = StageDataModule.prepared(data, tokenizer, stage="bbq", batch_size=batch_size, steps=steps, max_seq_len=256, seed=0)
+    datamodule = StageDataModule.prepared(
+        data, tokenizer, stage="bbq", batch_size=batch_size, steps=steps, max_seq_len=256, seed=0
+    )
     datamodule.setup()
     return datamodule, list(datamodule.train_dataloader())
 
@@ -71,8 +75,13 @@ def plain_loop(model, loader_batches) -> list[tuple[float, int]]:
     for batch in loader_batches:
         started = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False)  # fmt: skip
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                logits_to_keep=1,
+                use_cache=False,
+            )
         loss = F.cross_entropy(out.logits[:, -1].float(), batch["answer"])
         loss.backward()
         optimizer.step()
@@ -98,9 +107,16 @@ def lightning_fit(model, datamodule, **kernels) -> list[tuple[float, int]]:
 
     timer = Timer()
     module = StageModule.wrapping(model, lr=1e-3, warmup_ratio=0.0, weight_decay=0.0, **kernels)
-    trainer = L.Trainer(max_steps=datamodule.steps, accelerator="cpu", precision="bf16-mixed", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[timer])  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=datamodule.steps,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
     trainer.fit(module, datamodule)
     return timer.timings
 
@@ -131,7 +147,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--json", action="store_true", help="print only the median tokens/s, as JSON (for a parent run)")
+    parser.add_argument(
+        "--json", action="store_true", help="print only the median tokens/s, as JSON (for a parent run)"
+    )
     return parser
 
 
@@ -164,19 +182,40 @@ def training_rates(args, peak: float, quiet: bool = False) -> tuple[dict, dict, 
             if batch_size != args.batch_sizes[0] and variant == "plain":
                 continue
             name, run = VARIANTS[variant]
-            rates = [tokens_per_second(run(load_model(ModelSpec(), seed=0), datamodule, loader)) for _ in range(args.repeats)]
+            rates = [
+                tokens_per_second(run(load_model(ModelSpec(), seed=0), datamodule, loader)) for _ in range(args.repeats)
+            ]
             medians[batch_size, variant] = rate = statistics.median(rates)
             mfu = rate * flops[batch_size] / peak
-            say(f"{batch_size:>5} {name:<30} {rate:>9.0f} [{min(rates):>5.0f}, {max(rates):>5.0f}] {100 * mfu:>5.1f}%", flush=True)
-        say(f"{batch_size:>5} padding {100 * padding[batch_size]:.1f}% of tokens processed; {flops[batch_size] / 1e6:.0f} MFLOP per token")
+            say(
+                f"{batch_size:>5} {name:<30} {rate:>9.0f} [{min(rates):>5.0f}, {max(rates):>5.0f}] {100 * mfu:>5.1f}%",
+                flush=True,
+            )
+        say(
+            f"{batch_size:>5} padding {100 * padding[batch_size]:.1f}% of tokens processed; "
+            f"{flops[batch_size] / 1e6:.0f} MFLOP per token"
+        )
     return medians, padding, flops
 
 
 def on_system_malloc(args) -> tuple[str, dict]:
     """The Trainer.fit measurements again in a child process on glibc's malloc: (its allocator, medians)."""
     variants = [v for v in ("fit", "compiled") if v in args.variants]
-    command = [sys.executable, __file__, "--json", "--variants", *variants, "--steps", str(args.steps),
-               "--repeats", str(args.repeats), "--threads", str(args.threads), "--batch-sizes", *map(str, args.batch_sizes)]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--json",
+        "--variants",
+        *variants,
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+        "--batch-sizes",
+        *map(str, args.batch_sizes),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {allocator.OPT_OUT: "system"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -189,34 +228,75 @@ def measure(args) -> list[Row]:
     torch.set_num_threads(args.threads)
     if args.json:
         medians, _, _ = training_rates(args, peak=1.0, quiet=True)
-        print(json.dumps({"allocator": allocator.in_use(), "medians": [[b, v, rate] for (b, v), rate in medians.items()]}))
+        print(
+            json.dumps({"allocator": allocator.in_use(), "medians": [[b, v, rate] for (b, v), rate in medians.items()]})
+        )
         return []
     peaks_bf16, peak_fp32 = [matmul_peak(torch.bfloat16)], matmul_peak(torch.float32)
-    print(f"training on {allocator.in_use()} malloc: threads {args.threads}, {args.steps} steps (first 2 untimed), "
-          f"{args.repeats} repeats, median [min, max]; MFU against the bf16 peak measured before training")  # fmt: skip
+    print(
+        f"training on {allocator.in_use()} malloc: threads {args.threads}, {args.steps} steps (first 2 untimed), "
+        f"{args.repeats} repeats, median [min, max]; MFU against the bf16 peak measured before training"
+    )
     print(f"matmul peak before training: bf16 {peaks_bf16[0] / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s")
     medians, padding, flops = training_rates(args, peaks_bf16[0])
     peaks_bf16.append(matmul_peak(torch.bfloat16))
     peak = max(peaks_bf16)
-    print(f"matmul peak after training: bf16 {peaks_bf16[1] / 1e12:.2f} TFLOP/s; the rows use the higher, {peak / 1e12:.2f}")
+    print(
+        f"matmul peak after training: bf16 {peaks_bf16[1] / 1e12:.2f} TFLOP/s; "
+        f"the rows use the higher, {peak / 1e12:.2f}"
+    )
     rows = []
     first = args.batch_sizes[0]
     if {"plain", "fit"} <= set(args.variants):
         ours, theirs = medians[first, "fit"], medians[first, "plain"]
-        rows.append(Row(f"training tokens/s, Trainer.fit vs plain loop, batch {first}", f"{ours:.0f}", f"{theirs:.0f}", ours / theirs, ">= 0.95", ours / theirs >= 0.95))
+        rows.append(
+            Row(
+                f"training tokens/s, Trainer.fit vs plain loop, batch {first}",
+                f"{ours:.0f}",
+                f"{theirs:.0f}",
+                ours / theirs,
+                ">= 0.95",
+                ours / theirs >= 0.95,
+            )
+        )
     for batch_size in args.batch_sizes:
         for variant, label in (("fit", "default"), ("compiled", "train.compile")):
             if (batch_size, variant) in medians:
                 mfu = medians[batch_size, variant] * flops[batch_size] / peak
-                rows.append(Row(f"training MFU of {peak / 1e12:.2f} TFLOP/s, {label}, batch {batch_size}", f"{100 * mfu:.1f}%", "", None, ">= 30%", mfu >= 0.30))
-        rows.append(Row(f"padding share of training tokens, batch {batch_size}", f"{100 * padding[batch_size]:.1f}%", "", None, "< 10%", padding[batch_size] < 0.10))
+                rows.append(
+                    Row(
+                        f"training MFU of {peak / 1e12:.2f} TFLOP/s, {label}, batch {batch_size}",
+                        f"{100 * mfu:.1f}%",
+                        "",
+                        None,
+                        ">= 30%",
+                        mfu >= 0.30,
+                    )
+                )
+        rows.append(
+            Row(
+                f"padding share of training tokens, batch {batch_size}",
+                f"{100 * padding[batch_size]:.1f}%",
+                "",
+                None,
+                "< 10%",
+                padding[batch_size] < 0.10,
+            )
+        )
     if allocator.in_use() == "tcmalloc" and {"fit", "compiled"} & set(args.variants):
         theirs_allocator, system = on_system_malloc(args)
         for (batch_size, variant), rate in system.items():
             label = VARIANTS[variant][0].strip().removeprefix("the same, ")
             print(f"{batch_size:>5} {label:<30} {rate:>9.0f} on {theirs_allocator} malloc")
             ours = medians[batch_size, variant]
-            rows.append(Row(f"training tokens/s, tcmalloc vs {theirs_allocator} malloc, {label}, batch {batch_size}", f"{ours:.0f}", f"{rate:.0f}", ours / rate))
+            rows.append(
+                Row(
+                    f"training tokens/s, tcmalloc vs {theirs_allocator} malloc, {label}, batch {batch_size}",
+                    f"{ours:.0f}",
+                    f"{rate:.0f}",
+                    ours / rate,
+                )
+            )
     return rows
 
 

@@ -33,9 +33,26 @@ from chainforget import metrics, mitigations, tasks
 from chainforget.config import ChainConfig, parse_stage, primary_order
 from chainforget.errors import ConfigError
 from chainforget.mitigations import apply_replay
+from chainforget.models import (
+    load_model,
+    load_tokenizer,
+    load_trainable,
+    save_pretrained,
+    save_trainable,
+    trainable_parameters,
+)
 from chainforget.progress import bar_options
-from chainforget.models import load_model, load_tokenizer, load_trainable, save_pretrained, save_trainable, trainable_parameters
-from chainforget.records import PP, SCHEMA_VERSION, StageCache, atomic_write_text, content_key, environment, score_values, summary_metrics, write_record
+from chainforget.records import (
+    PP,
+    SCHEMA_VERSION,
+    StageCache,
+    atomic_write_text,
+    content_key,
+    environment,
+    score_values,
+    summary_metrics,
+    write_record,
+)
 from chainforget.scoring import score_letters, score_text
 from chainforget.tasks.sources import cache_root
 from lightning_modules.checkpoint import SafetensorsCheckpointIO, StageCheckpoint
@@ -82,14 +99,18 @@ def run_name(config: ChainConfig) -> str:
 
 @quiet_libraries()
 def run_chain(
-    config: ChainConfig, *, progress: bool = True, on_stage: Callable[[int, dict], None] | None = None,
+    config: ChainConfig,
+    *,
+    progress: bool = True,
+    on_stage: Callable[[int, dict], None] | None = None,
     wandb_config: dict | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Run one chain and return its run record (also written to ``config.out/<run name>``).
 
     ``on_stage(k, summary)`` is called after stage k's evaluation with the summary metrics of the chain so
     far (stage k taken as the last), e.g. for pruning; raising :class:`ChainStopped` ends the chain cleanly,
-    any other exception ends it as failed (W&B exit code 1). ``wandb_config`` is merged into the W&B run's config (e.g. an Optuna trial's parameters).
+    any other exception ends it as failed (W&B exit code 1). ``wandb_config`` is merged into the W&B run's
+    config (e.g. an Optuna trial's parameters).
     """
     config = replace(config, run_name=run_name(config))
     cache = StageCache(Path(config.cache_dir) if config.cache_dir else cache_root() / "stages", read=config.cache)
@@ -104,7 +125,9 @@ def run_chain(
     run_dir.mkdir(parents=True, exist_ok=True)
     run = start_wandb(config, run_dir, wandb_config)
     try:
-        record, frame = run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cache, run, run_dir, progress, on_stage)
+        record, frame = run_stages(
+            config, data, order, mixtures, eval_tasks, tokenizer, model, cache, run, run_dir, progress, on_stage
+        )
     except ChainStopped as stop:
         if run is not None:
             run.tags = (*run.tags, "stopped")
@@ -131,18 +154,31 @@ def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cach
         mitigation = config.mitigation if config.mitigation.applies_to(index) else None
         fingerprints = {name: data[name].fingerprint for name in mixture}
         key = content_key(
-            "stage", key, entry, asdict(config.train), fingerprints, config.seed + index, config.trainer.precision,
-            asdict(mitigation) if mitigation else None, asdict(config.curvature) if config.curvature.applies_to(index) else None,
+            "stage",
+            key,
+            entry,
+            asdict(config.train),
+            fingerprints,
+            config.seed + index,
+            config.trainer.precision,
+            asdict(mitigation) if mitigation else None,
+            asdict(config.curvature) if config.curvature.applies_to(index) else None,
             *([config.trainer.numerics()] if config.trainer.numerics() else []),
-        )  # fmt: skip
+        )
         cached = cache.get(key)
         if cached is not None:
             load_trainable(model, cached / "weights.safetensors")
             outcome = json.loads((cached / "stage.json").read_text())
         else:
-            fisher = estimate_fisher(model, tokenizer, data, order[index - 2], config) if mitigation and mitigation.name == "ewc" else None
+            fisher = (
+                estimate_fisher(model, tokenizer, data, order[index - 2], config)
+                if mitigation and mitigation.name == "ewc"
+                else None
+            )
             checkpoints = run_dir / "checkpoints" / key
-            outcome = train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, checkpoints, progress)
+            outcome = train_stage(
+                model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, checkpoints, progress
+            )
             model.to(eval_device(config))  # Lightning hands the module back on the CPU
 
             def store(entry_dir: Path) -> None:
@@ -152,13 +188,26 @@ def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cach
             cache.put(key, store)
             shutil.rmtree(checkpoints, ignore_errors=True)  # the cache entry supersedes them
         save_pretrained(model, tokenizer, run_dir / f"stage{index}")
-        stages.append({"index": index, "name": entry, "tasks": mixture, **outcome, "cache_hit": cached is not None, "cache_key": key})
+        stages.append(
+            {
+                "index": index,
+                "name": entry,
+                "tasks": mixture,
+                **outcome,
+                "cache_hit": cached is not None,
+                "cache_key": key,
+            }
+        )
         predictions.append(evaluate(model, tokenizer, data, eval_tasks, index, key, cache, config, progress))
         log_stage_eval(run, predictions[-1], data)
         if on_stage is not None:
             frame = pd.concat(predictions, ignore_index=True)
             rows = metrics.eval_rows(frame, kinds)
-            so_far = {"eval": rows, "stages": stages, "metrics": derive_metrics(frame, rows, mixtures[:index], data, config)}
+            so_far = {
+                "eval": rows,
+                "stages": stages,
+                "metrics": derive_metrics(frame, rows, mixtures[:index], data, config),
+            }
             on_stage(index, summary_metrics(so_far))
 
     frame = pd.concat(predictions, ignore_index=True)
@@ -171,7 +220,9 @@ def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cach
         "stages": stages,
         "eval": rows,
         "metrics": derive_metrics(frame, rows, mixtures, data, config),
-        "data": {name: {"fingerprint": d.fingerprint, "train": len(d.train), "eval": len(d.eval)} for name, d in data.items()},
+        "data": {
+            name: {"fingerprint": d.fingerprint, "train": len(d.train), "eval": len(d.eval)} for name, d in data.items()
+        },
     }
     return record, frame
 
@@ -181,11 +232,31 @@ def run_stages(config, data, order, mixtures, eval_tasks, tokenizer, model, cach
 # stage's length is ``train.steps`` optimizer steps over a fixed draw of batches, the chain evaluates after each
 # stage instead of a validation loop, and logging, checkpoints and progress are the runner's.
 RUNNER_OWNED = (
-    "logger", "callbacks", "max_steps", "max_epochs", "min_epochs", "min_steps", "max_time", "fast_dev_run",
-    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches",
-    "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps", "reload_dataloaders_every_n_epochs",
-    "enable_checkpointing", "enable_progress_bar", "enable_model_summary", "default_root_dir", "plugins",
-    "barebones", "enable_autolog_hparams", "model_registry",
+    "logger",
+    "callbacks",
+    "max_steps",
+    "max_epochs",
+    "min_epochs",
+    "min_steps",
+    "max_time",
+    "fast_dev_run",
+    "limit_train_batches",
+    "limit_val_batches",
+    "limit_test_batches",
+    "limit_predict_batches",
+    "overfit_batches",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+    "num_sanity_val_steps",
+    "reload_dataloaders_every_n_epochs",
+    "enable_checkpointing",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "default_root_dir",
+    "plugins",
+    "barebones",
+    "enable_autolog_hparams",
+    "model_registry",
 )
 
 
@@ -199,9 +270,15 @@ def eval_device(config: ChainConfig) -> torch.device:
 
 def stage_data(data, tokenizer, entry: str, steps: int, seed: int, config: ChainConfig) -> StageDataModule:
     datamodule = StageDataModule.prepared(
-        data, tokenizer, stage=entry, batch_size=config.train.batch_size, steps=steps,
-        max_seq_len=config.train.max_seq_len, seed=seed, bucket=config.train.bucket,
-    )  # fmt: skip
+        data,
+        tokenizer,
+        stage=entry,
+        batch_size=config.train.batch_size,
+        steps=steps,
+        max_seq_len=config.train.max_seq_len,
+        seed=seed,
+        bucket=config.train.bucket,
+    )
     datamodule.setup()
     return datamodule
 
@@ -225,7 +302,14 @@ class StageProgressBar(TQDMProgressBar):
         self.label = label
 
     def init_train_tqdm(self) -> Tqdm:
-        return Tqdm(desc=self.label, disable=self.is_disabled, leave=True, smoothing=0, bar_format=self.BAR_FORMAT, **bar_options())
+        return Tqdm(
+            desc=self.label,
+            disable=self.is_disabled,
+            leave=True,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+            **bar_options(),
+        )
 
     def on_train_epoch_start(self, trainer, *_) -> None:
         super().on_train_epoch_start(trainer)
@@ -237,14 +321,21 @@ class StageProgressBar(TQDMProgressBar):
         return metrics
 
 
-def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, checkpoints: Path, progress) -> dict:
+def train_stage(
+    model, tokenizer, data, entry, index, config, mitigation, fisher, run, run_dir, checkpoints: Path, progress
+) -> dict:
     """Fit one stage, resuming from ``checkpoints/last.ckpt`` when an earlier attempt left one; returns its
     ``train``, ``mitigation`` and ``curvature`` summaries."""
     L.seed_everything(config.seed + index, workers=True, verbose=False)
     module = StageModule.wrapping(
-        model, lr=config.train.lr, warmup_ratio=config.train.warmup_ratio, weight_decay=config.train.weight_decay,
-        mitigation=mitigation, attention=config.train.attention, compile=config.train.compile,
-    )  # fmt: skip
+        model,
+        lr=config.train.lr,
+        warmup_ratio=config.train.warmup_ratio,
+        weight_decay=config.train.weight_decay,
+        mitigation=mitigation,
+        attention=config.train.attention,
+        compile=config.train.compile,
+    )
     module.fisher = fisher
     batches = config.train.steps * config.trainer.accumulate_grad_batches
     datamodule = stage_data(data, tokenizer, entry, batches, config.seed + index, config)
@@ -259,27 +350,43 @@ def train_stage(model, tokenizer, data, entry, index, config, mitigation, fisher
         loggers.append(WandbLogger(experiment=run, prefix=f"stage{index}"))
     options = {name: value for name, value in asdict(config.trainer).items() if name != "checkpoint_every"}
     trainer = L.Trainer(
-        **options, max_steps=config.train.steps, logger=loggers, callbacks=callbacks, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=progress, default_root_dir=run_dir,
-        plugins=[SafetensorsCheckpointIO()], limit_val_batches=0, num_sanity_val_steps=0,
+        **options,
+        max_steps=config.train.steps,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        default_root_dir=run_dir,
+        plugins=[SafetensorsCheckpointIO()],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     if resume.exists():
         print(f"chainforget: stage {index} resumes from its checkpoint {resume}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=resume if resume.exists() else None)
     train = {
-        "steps": int(trainer.global_step), "tokens": int(module.tokens_seen),
-        "wall_s": round(time.perf_counter() - started, 3), "final_loss": module.final_loss,
+        "steps": int(trainer.global_step),
+        "tokens": int(module.tokens_seen),
+        "wall_s": round(time.perf_counter() - started, 3),
+        "final_loss": module.final_loss,
         "weight_drift": module.weight_drift(),
-    }  # fmt: skip
-    return {"train": train, "mitigation": mitigation_summary(config, index, entry, module, datamodule), "curvature": module.curvature}
+    }
+    return {
+        "train": train,
+        "mitigation": mitigation_summary(config, index, entry, module, datamodule),
+        "curvature": module.curvature,
+    }
 
 
 def mitigation_summary(config: ChainConfig, index: int, entry: str, module: StageModule, datamodule) -> dict | None:
     """What the mitigation did in this stage: its mean penalty (or SAM perturbation), or the replayed ids."""
     spec = config.mitigation
     if spec.name.startswith("replay"):
-        rewritten = index > len(config.order) or entry != config.order[index - 1]  # the replay stage, or a mixed-in stage
+        rewritten = (
+            index > len(config.order) or entry != config.order[index - 1]
+        )  # the replay stage, or a mixed-in stage
         replayed = mitigations.earlier_tasks(config.order, index) if rewritten else []
         if not replayed:
             return None
@@ -289,17 +396,31 @@ def mitigation_summary(config: ChainConfig, index: int, entry: str, module: Stag
         return None
     mean = module.mitigation_total / max(1, config.train.steps)
     field = "mean_perturbation" if spec.name == "sam" else "mean_penalty"
-    return {"name": spec.name, "strength": spec.strength, field: mean, **({"temperature": spec.temperature} if spec.name == "lwf" else {})}
+    return {
+        "name": spec.name,
+        "strength": spec.strength,
+        field: mean,
+        **({"temperature": spec.temperature} if spec.name == "lwf" else {}),
+    }
 
 
 def evaluate(model, tokenizer, data, names, stage, stage_key, cache, config, progress) -> pd.DataFrame:
     """Per-example predictions of every eval task at one stage (cached under the stage's key)."""
     frames = []
     for name in names:
-        key = content_key("eval", stage_key, data[name].fingerprint, config.train.max_seq_len, config.trainer.precision, config.eval.mode)
+        key = content_key(
+            "eval",
+            stage_key,
+            data[name].fingerprint,
+            config.train.max_seq_len,
+            config.trainer.precision,
+            config.eval.mode,
+        )
         cached = cache.get(key)
         if cached is None:
-            frame = predictions_frame(model, tokenizer, data[name], config, progress, desc=f"eval {name} @ stage {stage}")
+            frame = predictions_frame(
+                model, tokenizer, data[name], config, progress, desc=f"eval {name} @ stage {stage}"
+            )
             cached = cache.put(key, lambda d: frame.to_parquet(d / "predictions.parquet", index=False))
         frames.append(pd.read_parquet(cached / "predictions.parquet").assign(stage=stage))
     return pd.concat(frames, ignore_index=True)
@@ -307,17 +428,25 @@ def evaluate(model, tokenizer, data, names, stage, stage_key, cache, config, pro
 
 def predictions_frame(model, tokenizer, task_data, config, progress, desc) -> pd.DataFrame:
     examples = task_data.eval
-    settings = dict(batch_size=config.eval.batch_size, max_seq_len=config.train.max_seq_len, precision=config.trainer.precision)
+    settings = dict(
+        batch_size=config.eval.batch_size, max_seq_len=config.train.max_seq_len, precision=config.trainer.precision
+    )
     if config.eval.mode == "letter":
         scores = score_letters(model, tokenizer, examples, desc=desc, progress=progress, **settings)
     else:
         normalize = "length" if config.eval.mode == "text_norm" else "sum"
         scores = score_text(model, tokenizer, examples, normalize=normalize, progress=progress, **settings)
     labels = np.array([e.label for e in examples])
-    frame = pd.DataFrame({
-        "task": task_data.name, "example_id": [e.id for e in examples], "label": labels, "pred": scores.pred,
-        "correct": (scores.pred == labels).astype(np.int8), "option_logprobs": scores.option_logprobs,
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "task": task_data.name,
+            "example_id": [e.id for e in examples],
+            "label": labels,
+            "pred": scores.pred,
+            "correct": (scores.pred == labels).astype(np.int8),
+            "option_logprobs": scores.option_logprobs,
+        }
+    )
     for kind in task_data.group_kinds:
         frame[kind] = [e.groups[kind] for e in examples]
     for key in sorted({k for e in examples for k, v in e.meta.items() if isinstance(v, (str, int, float, type(None)))}):
@@ -341,17 +470,29 @@ def derive_metrics(frame, rows, mixtures, data, config) -> dict:
         if config.eval.bootstrap > 0:
             groups = {kind: at[kind].to_numpy() for kind in data[task].group_kinds}
             intervals = metrics.paired_bootstrap(
-                at["correct"].to_numpy(), after["correct"].to_numpy(), groups,
-                resamples=config.eval.bootstrap, seed=config.seed,
-            )  # fmt: skip
+                at["correct"].to_numpy(),
+                after["correct"].to_numpy(),
+                groups,
+                resamples=config.eval.bootstrap,
+                seed=config.seed,
+            )
         for row in per_group.to_dict("records"):
             ci = intervals.get((row["group_kind"], row["group"]), {})
-            forgetting_rows.append({
-                "task": task, "trained_stage": stage, "later_stage": last, "group_kind": row["group_kind"],
-                "group": row["group"], "n": int(row["n"]), "F": row["F"], "F_ci": ci.get("F"),
-                "BF": None if np.isnan(row["BF"]) else row["BF"], "BF_ci": ci.get("BF"),
-                "small": bool(row["n"] < config.eval.min_group_size) and row["group_kind"] != metrics.ALL,
-            })  # fmt: skip
+            forgetting_rows.append(
+                {
+                    "task": task,
+                    "trained_stage": stage,
+                    "later_stage": last,
+                    "group_kind": row["group_kind"],
+                    "group": row["group"],
+                    "n": int(row["n"]),
+                    "F": row["F"],
+                    "F_ci": ci.get("F"),
+                    "BF": None if np.isnan(row["BF"]) else row["BF"],
+                    "BF_ci": ci.get("BF"),
+                    "small": bool(row["n"] < config.eval.min_group_size) and row["group_kind"] != metrics.ALL,
+                }
+            )
         for summary in metrics.biased_forgetting(per_group, config.eval.min_group_size):
             ci = intervals.get((summary["group_kind"], summary["worst_group"]), {})
             biased_rows.append({"task": task, **summary, "BF_ci": ci.get("BF")})
@@ -375,16 +516,24 @@ def start_wandb(config: ChainConfig, run_dir: Path, extra_config: dict | None = 
     in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
     # a re-run of a killed chain (same run directory) continues the same W&B run instead of starting another
     id_file = run_dir / "wandb_run_id"
-    run_id = os.environ.get("WANDB_RUN_ID") or (id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12])
+    run_id = os.environ.get("WANDB_RUN_ID") or (
+        id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    )
     atomic_write_text(id_file, run_id)
     run = wandb.init(
-        id=None if in_sweep else run_id, resume="allow",
+        id=None if in_sweep else run_id,
+        resume="allow",
         project=None if in_sweep else config.wandb.project or os.environ.get("WANDB_PROJECT") or "chainforget",
         entity=None if in_sweep else config.wandb.entity,
         group=config.wandb.group or os.environ.get("WANDB_RUN_GROUP") or config.run_name,
-        job_type="chain", name=config.run_name, dir=str(run_dir), config={**config.to_dict(), **(extra_config or {})},
-        tags=config.wandb.tags, mode=mode, settings=wandb.Settings(silent=True, console="off"),
-    )  # fmt: skip
+        job_type="chain",
+        name=config.run_name,
+        dir=str(run_dir),
+        config={**config.to_dict(), **(extra_config or {})},
+        tags=config.wandb.tags,
+        mode=mode,
+        settings=wandb.Settings(silent=True, console="off"),
+    )
     run.define_metric("stage")
     run.define_metric("eval/*", step_metric="stage")
     return run
@@ -400,7 +549,9 @@ def wandb_mode(configured: str | None) -> str:
     try:
         mode = wandb.setup().settings.mode
     except ValueError as exc:  # pydantic's ValidationError: a malformed WANDB_MODE
-        raise ConfigError(f"WANDB_MODE={os.environ.get('WANDB_MODE')!r}: not allowed; use online, offline or disabled") from exc
+        raise ConfigError(
+            f"WANDB_MODE={os.environ.get('WANDB_MODE')!r}: not allowed; use online, offline or disabled"
+        ) from exc
     if mode in ("online", "run", "shared") and not wandb_credentials():
         say_offline_once()
         return "offline"
@@ -409,9 +560,12 @@ def wandb_mode(configured: str | None) -> str:
 
 @functools.cache
 def say_offline_once() -> None:
-    print("chainforget: no W&B login and no WANDB_MODE: W&B runs are logged offline in each run directory's wandb/ "
-          "(`wandb login`, then `wandb sync <dir>` uploads them; WANDB_MODE=disabled turns W&B off)",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        "chainforget: no W&B login and no WANDB_MODE: W&B runs are logged offline in each run directory's wandb/ "
+        "(`wandb login`, then `wandb sync <dir>` uploads them; WANDB_MODE=disabled turns W&B off)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def wandb_credentials() -> bool:

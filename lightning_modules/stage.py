@@ -31,7 +31,8 @@ from chainforget.errors import ConfigError, DataError
 from chainforget.models import load_model, load_tokenizer, load_trainable, trainable_parameters
 from chainforget.records import read_record
 from chainforget.scoring import autocast_for, encode_prompt, left_pad, letter_token_ids
-from chainforget.tasks import TaskData, load as load_task
+from chainforget.tasks import TaskData
+from chainforget.tasks import load as load_task
 from chainforget.tasks.sources import cache_root
 from lightning_modules.checkpoint import SafetensorsCheckpointIO
 
@@ -39,9 +40,12 @@ from lightning_modules.checkpoint import SafetensorsCheckpointIO
 def answer_logits(network, batch) -> torch.Tensor:
     """Logits of the token after each (left-padded) prompt: only the last position reaches the LM head."""
     out = network(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-        logits_to_keep=1, use_cache=False,
-    )  # fmt: skip
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=1,
+        use_cache=False,
+    )
     return out.logits[:, -1]
 
 
@@ -85,11 +89,20 @@ class StageModule(L.LightningModule):
     """
 
     def __init__(
-        self, model: ModelSpec | None = None, lr: float = 2e-4, warmup_ratio: float = 0.1, weight_decay: float = 0.0,
-        seed: int = 0, mitigation: MitigationSpec | None = None, init_from: str | None = None,
-        cache_dir: str | None = None, attention: str = "auto", compile: bool = False,
-        optimizer: dict | None = None, lr_scheduler: dict | None = None,
-    ):  # fmt: skip
+        self,
+        model: ModelSpec | None = None,
+        lr: float = 2e-4,
+        warmup_ratio: float = 0.1,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        mitigation: MitigationSpec | None = None,
+        init_from: str | None = None,
+        cache_dir: str | None = None,
+        attention: str = "auto",
+        compile: bool = False,
+        optimizer: dict | None = None,
+        lr_scheduler: dict | None = None,
+    ):
         super().__init__()
         check_attention(attention, "model.attention")
         self.spec = as_spec(ModelSpec, model, "model.model") or ModelSpec()
@@ -185,7 +198,9 @@ class StageModule(L.LightningModule):
     def on_train_start(self) -> None:
         name = self.mitigation.name
         if name == "ewc" and self.fisher is None:
-            raise ConfigError("mitigation ewc needs the previous stage's data for its Fisher; run it inside `chainforget chain`")
+            raise ConfigError(
+                "mitigation ewc needs the previous stage's data for its Fisher; run it inside `chainforget chain`"
+            )
         if name in ("l2sp", "ewc") and self.anchor is None:  # a resumed stage keeps its stage-start anchor
             self.anchor = mitigations.snapshot(self.trainable())
         if name == "lwf" and self.teacher is None:
@@ -206,15 +221,25 @@ class StageModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         numpy_state = np.random.get_state()
         checkpoint["stage"] = {
-            "tokens_seen": self.tokens_seen, "mitigation_total": self.mitigation_total, "final_loss": self.final_loss,
-            "anchor": self.anchor, "teacher": self.teacher,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]},
-        }  # fmt: skip
+            "tokens_seen": self.tokens_seen,
+            "mitigation_total": self.mitigation_total,
+            "final_loss": self.final_loss,
+            "anchor": self.anchor,
+            "teacher": self.teacher,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            },
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["stage"]
-        self.tokens_seen, self.mitigation_total, self.final_loss = state["tokens_seen"], state["mitigation_total"], state["final_loss"]
+        self.tokens_seen, self.mitigation_total, self.final_loss = (
+            state["tokens_seen"],
+            state["mitigation_total"],
+            state["final_loss"],
+        )
         self.anchor, self.teacher = state["anchor"], state["teacher"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -304,7 +329,9 @@ class StageModule(L.LightningModule):
         if self.hparams.lr_scheduler:
             schedule = instantiate_class(optimizer, self.hparams.lr_scheduler)
             return LightningCLI.configure_optimizers(self, optimizer, schedule)
-        total = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches))
+        total = max(
+            1, int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches)
+        )
         schedule = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -408,18 +435,34 @@ class CurvatureCallback(L.Callback):
         parameters = list(pl_module.trainable().values())
         was_training = pl_module.network.training
         pl_module.network.eval()
-        with attention_kernel(pl_module.network, "eager"), torch.compiler.set_stance("force_eager"), torch.autocast(pl_module.device.type, enabled=False):
+        with (
+            attention_kernel(pl_module.network, "eager"),
+            torch.compiler.set_stance("force_eager"),
+            torch.autocast(pl_module.device.type, enabled=False),
+        ):
             result = curvature.measure(
-                lambda: sum(answer_loss(pl_module.network, b) for b in batches) / len(batches), parameters,
-                max_iter=spec.max_iter, tol=spec.tol, trace_samples=spec.trace_samples, seed=spec.seed,
-            )  # fmt: skip
+                lambda: sum(answer_loss(pl_module.network, b) for b in batches) / len(batches),
+                parameters,
+                max_iter=spec.max_iter,
+                tol=spec.tol,
+                trace_samples=spec.trace_samples,
+                seed=spec.seed,
+            )
         pl_module.network.train(was_training)
         pl_module.curvature = {
-            "top_eigenvalue": result.top_eigenvalue, "trace": result.trace, "iterations": result.iterations,
-            "converged": result.converged, "parameters": f"trainable ({result.num_parameters})",
-            "batches": spec.batches, "batch_size": int(batches[0]["answer"].shape[0]), "max_iter": spec.max_iter,
-            "tol": spec.tol, "trace_samples": spec.trace_samples, "seed": spec.seed, "dtype": "float32",
-        }  # fmt: skip
+            "top_eigenvalue": result.top_eigenvalue,
+            "trace": result.trace,
+            "iterations": result.iterations,
+            "converged": result.converged,
+            "parameters": f"trainable ({result.num_parameters})",
+            "batches": spec.batches,
+            "batch_size": int(batches[0]["answer"].shape[0]),
+            "max_iter": spec.max_iter,
+            "tol": spec.tol,
+            "trace_samples": spec.trace_samples,
+            "seed": spec.seed,
+            "dtype": "float32",
+        }
         for logger in trainer.loggers:
             logger.log_metrics({"curvature/top_eigenvalue": result.top_eigenvalue}, step=trainer.global_step)
 
@@ -442,7 +485,10 @@ def compiled_blocks(network):
     kinds = set(getattr(network, "_no_split_modules", None) or [])
     blocks = [module for module in network.modules() if type(module).__name__ in kinds]
     if not blocks:
-        raise ConfigError(f"train.compile (fit: model.compile): {type(network).__name__} lists no repeated blocks (_no_split_modules) to compile; set it false")
+        raise ConfigError(
+            f"train.compile (fit: model.compile): {type(network).__name__} lists no repeated blocks "
+            "(_no_split_modules) to compile; set it false"
+        )
     for block in blocks:
         block.forward = torch.compile(block.forward, dynamic=True)
     try:
@@ -470,15 +516,28 @@ class StageDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, tasks: dict[str, TaskSpec] | None = None, stage: str = "bbq", model: ModelSpec | None = None,
-        batch_size: int = 8, steps: int = 100, max_seq_len: int = 384, seed: int = 0, bucket: bool = True,
+        self,
+        tasks: dict[str, TaskSpec] | None = None,
+        stage: str = "bbq",
+        model: ModelSpec | None = None,
+        batch_size: int = 8,
+        steps: int = 100,
+        max_seq_len: int = 384,
+        seed: int = 0,
+        bucket: bool = True,
         accumulate_grad_batches: int = 1,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.specs = tasks or {name: TaskSpec() for name in parse_stage(stage)}
         self.mixture = parse_stage(stage)
         self.model_spec = model or ModelSpec()
-        self.batch_size, self.steps, self.max_seq_len, self.seed, self.bucket = batch_size, steps, max_seq_len, seed, bucket
+        self.batch_size, self.steps, self.max_seq_len, self.seed, self.bucket = (
+            batch_size,
+            steps,
+            max_seq_len,
+            seed,
+            bucket,
+        )
         self.accumulate_grad_batches = accumulate_grad_batches
         self.data: dict[str, TaskData] | None = None
         self.tokenizer = None
@@ -491,10 +550,23 @@ class StageDataModule(L.LightningDataModule):
         self.eval_letters: torch.Tensor | None = None
 
     @classmethod
-    def prepared(cls, data, tokenizer, *, stage: str, batch_size: int, steps: int, max_seq_len: int, seed: int, bucket: bool = True):
+    def prepared(
+        cls,
+        data,
+        tokenizer,
+        *,
+        stage: str,
+        batch_size: int,
+        steps: int,
+        max_seq_len: int,
+        seed: int,
+        bucket: bool = True,
+    ):
         """A module over already loaded data and tokenizer, drawing ``steps`` batches, without eval data: the chain
         runner evaluates between stages itself."""
-        module = cls(tasks={}, stage=stage, batch_size=batch_size, steps=steps, max_seq_len=max_seq_len, seed=seed, bucket=bucket)
+        module = cls(
+            tasks={}, stage=stage, batch_size=batch_size, steps=steps, max_seq_len=max_seq_len, seed=seed, bucket=bucket
+        )
         module.data, module.tokenizer = data, tokenizer
         module.eval_tasks = []
         return module
@@ -515,7 +587,11 @@ class StageDataModule(L.LightningDataModule):
         self.drawn_ids = {name: sorted({e.id for task, e in drawn if task == name}) for name in self.mixture}
         self.letters = letter_token_ids(self.tokenizer, max(len(e.choices) for _, e in drawn))
         self.samples = [
-            {"index": i, "ids": encode_prompt(self.tokenizer, e.prompt, self.max_seq_len), "answer": self.letters[e.label]}
+            {
+                "index": i,
+                "ids": encode_prompt(self.tokenizer, e.prompt, self.max_seq_len),
+                "answer": self.letters[e.label],
+            }
             for i, (_, e) in enumerate(drawn)
         ]
 
@@ -545,7 +621,9 @@ class StageDataModule(L.LightningDataModule):
         if self.position:
             # the batch order is a pure function of the seed, so skipping `position` batches resumes it exactly;
             # Lightning cannot know that and warns about resuming mid-epoch
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+            warnings.filterwarnings(
+                "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+            )
         return self.loader(self.position)
 
     def loader(self, start: int = 0) -> DataLoader:

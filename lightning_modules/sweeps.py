@@ -105,12 +105,24 @@ def wandb_local(path: Path, *, count: int | None = None, sweep_id: str | None = 
         if pending:
             run = pending[0]
         else:
-            history = [sweeps.SweepRun(name=r["run_id"], state=sweeps.RunState(r["state"]), config=r["config"],
-                                       summary_metrics=r["summary"]) for r in runs]  # fmt: skip
+            history = [
+                sweeps.SweepRun(
+                    name=r["run_id"],
+                    state=sweeps.RunState(r["state"]),
+                    config=r["config"],
+                    summary_metrics=r["summary"],
+                )
+                for r in runs
+            ]
             suggestion = sweeps.next_run(sweep, history, validate=True)
             if suggestion is None:
                 break
-            run = {"run_id": f"{sweep_id}-{uuid.uuid4().hex[:8]}", "config": suggestion.config, "state": "running", "summary": {}}
+            run = {
+                "run_id": f"{sweep_id}-{uuid.uuid4().hex[:8]}",
+                "config": suggestion.config,
+                "state": "running",
+                "summary": {},
+            }
             runs.append(run)
             atomic_write_text(state_file, json.dumps({"sweep": sweep, "runs": runs}, indent=1, default=str))
         parameters = {name: {"value": spec["value"]} for name, spec in run["config"].items()}
@@ -127,10 +139,21 @@ def wandb_local(path: Path, *, count: int | None = None, sweep_id: str | None = 
         atomic_write_text(state_file, json.dumps({"sweep": sweep, "runs": runs}, indent=1, default=str))
         objective = run["summary"].get(metric) if metric else None
         if finished and metric and objective is None:
-            print(f"[{sweep_id}] run {run['run_id']}: its summary has no {metric!r} (the sweep goes on without it; "
-                  f"summary keys are e.g. {', '.join(sorted(run['summary'])[:3])})", file=sys.stderr, flush=True)  # fmt: skip
-        results.append({"run_id": run["run_id"], "run_dir": str(run_dir), "returncode": done.returncode,
-                        "parameters": parameters, "objective": objective})  # fmt: skip
+            print(
+                f"[{sweep_id}] run {run['run_id']}: its summary has no {metric!r} (the sweep goes on without it; "
+                f"summary keys are e.g. {', '.join(sorted(run['summary'])[:3])})",
+                file=sys.stderr,
+                flush=True,
+            )
+        results.append(
+            {
+                "run_id": run["run_id"],
+                "run_dir": str(run_dir),
+                "returncode": done.returncode,
+                "parameters": parameters,
+                "objective": objective,
+            }
+        )
     return results
 
 
@@ -143,12 +166,25 @@ def read_sweep_state(state_file: Path, sweep: dict, sweep_id: str) -> list[dict]
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{state_file}: unreadable sweep state ({exc}); delete it to start the sweep over") from None
     if json.loads(json.dumps(sweep, default=str)) != state.get("sweep"):
-        raise ConfigError(f"{state_file}: sweep {sweep_id!r} ran with a different sweep file; pass --sweep-id NEW "
-                          "to start a new sweep, or delete the file to start this one over")  # fmt: skip
+        raise ConfigError(
+            f"{state_file}: sweep {sweep_id!r} ran with a different sweep file; pass --sweep-id NEW "
+            "to start a new sweep, or delete the file to start this one over"
+        )
     return state["runs"]
 
 
-STUDY_KEYS = {"study_name", "base", "overrides", "objectives", "directions", "params", "sampler", "pruner", "n_trials", "heartbeat"}
+STUDY_KEYS = {
+    "study_name",
+    "base",
+    "overrides",
+    "objectives",
+    "directions",
+    "params",
+    "sampler",
+    "pruner",
+    "n_trials",
+    "heartbeat",
+}
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 
 
@@ -170,7 +206,10 @@ def load_study_spec(path: Path) -> dict:
             continue
         if kind in ("float", "int") and "low" in param and "high" in param and param["low"] <= param["high"]:
             continue
-        raise ConfigError(f"{path}: params.{name}: {param!r}; use {{type: categorical, choices: [...]}} or {{type: float|int, low, high[, log]}}")
+        raise ConfigError(
+            f"{path}: params.{name}: {param!r}; use {{type: categorical, choices: [...]}} "
+            "or {type: float|int, low, high[, log]}"
+        )
     beat = spec.get("heartbeat") or {}
     if not isinstance(beat, dict) or set(beat) - {"interval", "grace_period", "max_retry"}:
         raise ConfigError(f"{path}: heartbeat: {beat!r}; use {{interval: s, grace_period: s, max_retry: n}} (seconds)")
@@ -217,15 +256,19 @@ def make_storage(url: str, heartbeat: dict | None = None, attempts: int = 3):
     for attempt in range(attempts):
         try:
             return RDBStorage(
-                url, heartbeat_interval=beat["interval"], grace_period=beat["grace_period"],
+                url,
+                heartbeat_interval=beat["interval"],
+                grace_period=beat["grace_period"],
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=beat["max_retry"]),
-            )  # fmt: skip
+            )
         except (IntegrityError, ProgrammingError):
             if attempt == attempts - 1:
                 raise
             time.sleep(1.0 + attempt)
         except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
-            raise ConfigError(f"--storage {url}: cannot open the study storage ({type(exc).__name__}: {exc})".split("\n")[0]) from None
+            raise ConfigError(
+                f"--storage {url}: cannot open the study storage ({type(exc).__name__}: {exc})".split("\n")[0]
+            ) from None
 
 
 def duplicate_of(trial) -> int | None:
@@ -241,8 +284,13 @@ def duplicate_of(trial) -> int | None:
 
 
 def optuna_study(
-    path: Path, *, storage: str | None = None, n_trials: int | None = None, out: str | None = None, configs: list[str] = (),
-):  # fmt: skip
+    path: Path,
+    *,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    out: str | None = None,
+    configs: list[str] = (),
+):
     """Run (or join) the study in ``path``: one chain per trial, reporting per-stage objectives for pruning.
 
     ``configs`` are chain config files applied after the study's ``base`` (e.g. local data paths).
@@ -261,7 +309,11 @@ def optuna_study(
     if storage_url.startswith("sqlite:///"):
         Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     pruner_spec = dict(spec.get("pruner") or {"name": "none"})
-    pruners = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner, "threshold": optuna.pruners.ThresholdPruner}
+    pruners = {
+        "none": optuna.pruners.NopPruner,
+        "median": optuna.pruners.MedianPruner,
+        "threshold": optuna.pruners.ThresholdPruner,
+    }
     pruner_name = pruner_spec.pop("name")
     if pruner_name not in pruners:
         raise ConfigError(f"{path}: pruner.name {pruner_name!r} is unknown; use one of {', '.join(pruners)}")
@@ -269,11 +321,17 @@ def optuna_study(
     multi = len(spec["objectives"]) > 1
     grid = (spec.get("sampler") or {}).get("name") == "grid"
     study = optuna.create_study(
-        study_name=name, storage=make_storage(storage_url, spec.get("heartbeat")), load_if_exists=True, directions=spec["directions"],
-        sampler=make_sampler(spec), pruner=pruner,
-    )  # fmt: skip
+        study_name=name,
+        storage=make_storage(storage_url, spec.get("heartbeat")),
+        load_if_exists=True,
+        directions=spec["directions"],
+        sampler=make_sampler(spec),
+        pruner=pruner,
+    )
     study.set_metric_names(list(spec["objectives"]))  # what optuna-dashboard and trials_dataframe() show
-    base = [arg for config_file in [*spec["base"], *configs] for arg in ("--config", config_file)] + list(spec.get("overrides") or [])
+    base = [arg for config_file in [*spec["base"], *configs] for arg in ("--config", config_file)] + list(
+        spec.get("overrides") or []
+    )
     if out:
         base.append(f"--out={out}")
 
@@ -307,7 +365,11 @@ def optuna_study(
                 raise ChainStopped(f"pruned after stage {stage}")
 
         try:
-            record = run_chain(config, on_stage=report, wandb_config={"optuna": {"study": name, "trial": trial.number, "params": params}})
+            record = run_chain(
+                config,
+                on_stage=report,
+                wandb_config={"optuna": {"study": name, "trial": trial.number, "params": params}},
+            )
         except ChainStopped as stop:
             raise optuna.TrialPruned(str(stop)) from None
         summary = summary_metrics(record)

@@ -46,8 +46,13 @@ def wandb_inspect(run_dir: Path, summary: bool = False):
     """An offline W&B run read back by the installed wandb's own reader of its transaction log
     (``wandb leet inspect --json``): the summary object, or the list of records."""
     wandb = Path(sys.executable).with_name("wandb")
-    done = subprocess.run([str(wandb), "leet", "inspect", "--json", *(["--summary"] if summary else []), str(run_dir)],
-                          capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [str(wandb), "leet", "inspect", "--json", *(["--summary"] if summary else []), str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(done.stdout) if summary else [json.loads(line) for line in done.stdout.splitlines() if line]
 
 

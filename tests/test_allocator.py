@@ -11,13 +11,22 @@ import pytest
 from chainforget import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_tcmalloc = pytest.mark.skipif(allocator.tcmalloc_library() is None, reason="tcmalloc is not installed (Debian: libtcmalloc-minimal4)")
-REPORT = "from chainforget.allocator import reexec_on_tcmalloc, in_use; import os; reexec_on_tcmalloc(); print(in_use(), os.environ.get('LD_PRELOAD'))"
+needs_tcmalloc = pytest.mark.skipif(
+    allocator.tcmalloc_library() is None, reason="tcmalloc is not installed (Debian: libtcmalloc-minimal4)"
+)
+REPORT = (
+    "from chainforget.allocator import reexec_on_tcmalloc, in_use; import os; reexec_on_tcmalloc(); "
+    "print(in_use(), os.environ.get('LD_PRELOAD'))"
+)
 
 
 def report(**env) -> str:
-    environment = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.OPT_OUT, allocator.CALLER_PRELOAD)}
-    done = subprocess.run([sys.executable, "-c", REPORT], env={**environment, **env}, capture_output=True, text=True, check=True)
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.OPT_OUT, allocator.CALLER_PRELOAD)
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", REPORT], env={**environment, **env}, capture_output=True, text=True, check=True
+    )
     return done.stdout.strip()
 
 
@@ -46,10 +55,22 @@ def test_a_failed_preload_does_not_re_execute_again(tmp_path):
 
 
 def chain_record(tmp_path: Path, name: str, **env) -> dict:
-    command = [sys.executable, "-m", "chainforget.cli", "chain", "--config", "sweeps/configs/smoke.yaml", f"--run_name={name}",
-               f"--out={tmp_path / 'runs'}", f"--cache_dir={tmp_path / name}", "--wandb.mode=disabled"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "chainforget.cli",
+        "chain",
+        "--config",
+        "sweeps/configs/smoke.yaml",
+        f"--run_name={name}",
+        f"--out={tmp_path / 'runs'}",
+        f"--cache_dir={tmp_path / name}",
+        "--wandb.mode=disabled",
+    ]
     environment = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.OPT_OUT)}
-    subprocess.run(command, env={**environment, "CHAINFORGET_THREADS": "1", **env}, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        command, env={**environment, "CHAINFORGET_THREADS": "1", **env}, cwd=ROOT, check=True, capture_output=True
+    )
     return json.loads((tmp_path / "runs" / name / "run.json").read_text())
 
 
@@ -58,5 +79,7 @@ def test_a_chain_run_from_the_command_records_tcmalloc_and_trains_exactly_as_on_
     fast = chain_record(tmp_path, "tcmalloc")
     system = chain_record(tmp_path, "system", **{allocator.OPT_OUT: "system"})
     assert (fast["environment"]["allocator"], system["environment"]["allocator"]) == ("tcmalloc", "system")
-    assert [s["train"]["final_loss"] for s in fast["stages"][1:]] == [s["train"]["final_loss"] for s in system["stages"][1:]]
+    assert [s["train"]["final_loss"] for s in fast["stages"][1:]] == [
+        s["train"]["final_loss"] for s in system["stages"][1:]
+    ]
     assert fast["eval"] == system["eval"]

@@ -4,9 +4,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
 import pandas as pd
+import pytest
 
 from analysis.runs import evals_frame, forgetting_frame, load_records, load_runs
 from analysis.tables import accuracy_table, score_changes, summary_text
@@ -20,12 +19,23 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def two_orders(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    base = parse_chain(["--config", str(ROOT / "sweeps/configs/smoke.yaml"), f"--out={out}",
-                        f"--cache_dir={out / '.cache'}", "--train.steps=8", "--wandb.mode=offline",
-                        f"--tasks.bbq.path={ROOT / 'tests/fixtures/bbq'}", f"--tasks.csqa.path={ROOT / 'tests/fixtures/csqa'}"],
-                       prog="test")  # fmt: skip
-    records = [run_chain(replace(base, order=order, run_name="-".join(order)), progress=False)
-               for order in (["bbq", "csqa"], ["csqa", "bbq"])]  # fmt: skip
+    base = parse_chain(
+        [
+            "--config",
+            str(ROOT / "sweeps/configs/smoke.yaml"),
+            f"--out={out}",
+            f"--cache_dir={out / '.cache'}",
+            "--train.steps=8",
+            "--wandb.mode=offline",
+            f"--tasks.bbq.path={ROOT / 'tests/fixtures/bbq'}",
+            f"--tasks.csqa.path={ROOT / 'tests/fixtures/csqa'}",
+        ],
+        prog="test",
+    )
+    records = [
+        run_chain(replace(base, order=order, run_name="-".join(order)), progress=False)
+        for order in (["bbq", "csqa"], ["csqa", "bbq"])
+    ]
     return out, records
 
 
@@ -76,18 +86,27 @@ def test_analysis_imports_without_torch_or_lightning():
 
 def test_score_changes_compare_the_trained_stage_with_the_last():
     def score(task, stage, group, **values):
-        return {"task": task, "stage": stage, "group_kind": "category" if task == "bbq" else "target", "group": group, **values}
+        return {
+            "task": task,
+            "stage": stage,
+            "group_kind": "category" if task == "bbq" else "target",
+            "group": group,
+            **values,
+        }
 
     record = {
-        "run_name": "r", "config": {"order": ["bbq", "csqa"], "seed": 0},
+        "run_name": "r",
+        "config": {"order": ["bbq", "csqa"], "seed": 0},
         "eval": [{"stage": k} for k in (0, 1, 2)],
         "metrics": {
             "task_scores": [
-                score("bbq", 1, "Age", s_amb=2.0, s_dis=10.0), score("bbq", 2, "Age", s_amb=9.5, s_dis=None),
-                score("toxigen", 0, "asian", balanced_acc=0.5), score("toxigen", 2, "asian", balanced_acc=0.75),
+                score("bbq", 1, "Age", s_amb=2.0, s_dis=10.0),
+                score("bbq", 2, "Age", s_amb=9.5, s_dis=None),
+                score("toxigen", 0, "asian", balanced_acc=0.5),
+                score("toxigen", 2, "asian", balanced_acc=0.75),
             ],
         },
-    }  # fmt: skip
+    }
     changes = score_changes([record]).set_index(["task", "score"])
     assert changes.loc[("bbq", "s_AMB"), ["from_stage", "before", "after", "change"]].tolist() == [1, 2.0, 9.5, 7.5]
     assert ("bbq", "s_DIS") not in changes.index  # no value at the last stage: no change reported
@@ -154,7 +173,9 @@ def chain_attrs(name: str, state: str = "finished", **attrs) -> dict:
 
 def test_wandb_api_source_downloads_once_and_matches_the_local_frames(two_orders, tmp_path):
     out, _ = two_orders
-    api = FakeApi({"r1": (out / "bbq-csqa", chain_attrs("bbq-csqa")), "r2": (out / "csqa-bbq", chain_attrs("csqa-bbq"))})
+    api = FakeApi(
+        {"r1": (out / "bbq-csqa", chain_attrs("bbq-csqa")), "r2": (out / "csqa-bbq", chain_attrs("csqa-bbq"))}
+    )
     first = load_runs("wandb:team/chainforget", filters={"group": "g"}, api=api, cache_dir=tmp_path)
     assert api.calls == [("team/chainforget", {"group": "g"})]
     assert api.service.downloads == ["run.json", "run.json"]  # predictions are lazy
@@ -184,10 +205,13 @@ def test_wandb_runs_without_a_run_record_are_skipped_and_reported_once(two_order
     assert len(caught) == 1 and [r["run_name"] for r in runs.records] == ["bbq-csqa"]
     skipped = runs.skipped
     assert skipped[["id", "name", "state"]].values.tolist() == [
-        ["r2", "crashed-chain", "failed"], ["r3", "trial-3", "finished"], ["r4", "fit", "finished"]
+        ["r2", "crashed-chain", "failed"],
+        ["r3", "trial-3", "finished"],
+        ["r4", "fit", "finished"],
     ]
     assert skipped["reason"].tolist() == [
-        "chain ended without a run record (see state)", "chain stopped early (pruned after stage 1)",
+        "chain ended without a run record (see state)",
+        "chain stopped early (pruned after stage 1)",
         "not a chainforget chain (job type unset)",
     ]
     assert skipped["where"].tolist() == ["team/p/r2", "team/p/r3", "team/p/r4"]

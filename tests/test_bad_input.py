@@ -120,21 +120,60 @@ CASES = [
     ("misspelt key", CHAIN + ["--trian.lr=0.1"], None, "unrecognized arguments: --trian.lr"),
     ("negative learning rate", CHAIN + ["--train.lr=-0.001"], None, "train.lr: -0.001 is not allowed"),
     ("zero steps", CHAIN + ["--train.steps=0"], None, "train.steps: 0 is not allowed"),
-    ("negative checkpoint interval", CHAIN + ["--trainer.checkpoint_every=-5"], None, "trainer.checkpoint_every: -5 is not allowed"),
-    ("unknown attention kernel", CHAIN + ["--train.attention=fast"], None, "train.attention: 'fast' is not allowed; use one of auto, eager, "),
+    (
+        "negative checkpoint interval",
+        CHAIN + ["--trainer.checkpoint_every=-5"],
+        None,
+        "trainer.checkpoint_every: -5 is not allowed",
+    ),
+    (
+        "unknown attention kernel",
+        CHAIN + ["--train.attention=fast"],
+        None,
+        "train.attention: 'fast' is not allowed; use one of auto, eager, ",
+    ),
     ("steps not a number", CHAIN + ["--train.steps=ten"], None, 'Parser key "train.steps"'),
     ("warm-up ratio 1", CHAIN + ["--train.warmup_ratio=1.0"], None, "train.warmup_ratio: 1.0 is not allowed"),
-    ("replay ratio above 1", CHAIN + ["--mitigation.name=replay_stage", "--mitigation.strength=1.5"], None, "replay ratio 1.5 is not allowed"),
-    ("negative penalty", CHAIN + ["--mitigation.name=ewc", "--mitigation.strength=-2"], None, "mitigation.strength: -2.0 is not allowed"),
+    (
+        "replay ratio above 1",
+        CHAIN + ["--mitigation.name=replay_stage", "--mitigation.strength=1.5"],
+        None,
+        "replay ratio 1.5 is not allowed",
+    ),
+    (
+        "negative penalty",
+        CHAIN + ["--mitigation.name=ewc", "--mitigation.strength=-2"],
+        None,
+        "mitigation.strength: -2.0 is not allowed",
+    ),
     ("unknown mitigation", CHAIN + ["--mitigation.name=dropout"], None, "mitigation.name"),
-    ("zero LwF temperature", CHAIN + ["--mitigation.name=lwf", "--mitigation.temperature=0"], None, "mitigation.temperature: 0.0"),
+    (
+        "zero LwF temperature",
+        CHAIN + ["--mitigation.name=lwf", "--mitigation.temperature=0"],
+        None,
+        "mitigation.temperature: 0.0",
+    ),
     ("eval cap zero", CHAIN + ["--tasks.bbq.max_eval=0"], None, "tasks.*.max_eval: 0 is not allowed"),
-    ("eval fraction above 1", CHAIN + ["--tasks.bbq.eval_fraction=1.5"], None, "tasks.*.eval_fraction: 1.5 is not allowed"),
+    (
+        "eval fraction above 1",
+        CHAIN + ["--tasks.bbq.eval_fraction=1.5"],
+        None,
+        "tasks.*.eval_fraction: 1.5 is not allowed",
+    ),
     ("probe not configured", CHAIN + ["--eval.probes=[toxigen]"], None, "eval.probes: 'toxigen' is not under tasks"),
     ("malformed mixture", CHAIN + ["--order=[bbq:-1+csqa]"], None, "order: stage 'bbq:-1+csqa' is not allowed"),
-    ("source without an archive", CHAIN + ["--order=[csqa2,bbq]", "--tasks.csqa2.source=pypi"], None,
-     "tasks.csqa2.source: 'pypi' is not available for csqa2"),
-    ("train size above the data", CHAIN + ["--train_size=500"], None, "train_size: 500 training examples per task is more than available"),
+    (
+        "source without an archive",
+        CHAIN + ["--order=[csqa2,bbq]", "--tasks.csqa2.source=pypi"],
+        None,
+        "tasks.csqa2.source: 'pypi' is not available for csqa2",
+    ),
+    (
+        "train size above the data",
+        CHAIN + ["--train_size=500"],
+        None,
+        "train_size: 500 training examples per task is more than available",
+    ),
     ("missing config file", ["chain", "--config", "no/such.yaml"], None, "--config no/such.yaml: no such file"),
     ("config not YAML", ["chain"], config_file("order: [bbq\n"), "chainforget chain: error:"),
     ("no config at all", ["chain", "--order=[bbq]"], None, "--config: missing"),
@@ -144,41 +183,98 @@ CASES = [
     ("non-UTF-8 data file", CHAIN, bbq_not_utf8, "Religion.jsonl: not UTF-8 text"),
     ("duplicate example ids", CHAIN, bbq_duplicate_ids, "duplicate example id 'Age-0'"),
     ("empty release file", CHAIN, csqa_empty, "train_rand_split.jsonl: no rows (empty file)"),
-    ("unknown answer key", CHAIN, csqa_bad_answer_key, "dev_rand_split.jsonl:1: answerKey 'Z' is not one of the choice labels"),
+    (
+        "unknown answer key",
+        CHAIN,
+        csqa_bad_answer_key,
+        "dev_rand_split.jsonl:1: answerKey 'Z' is not one of the choice labels",
+    ),
     ("truncated gzip", CHAIN, csqa2_truncated_gzip, "CSQA2_train.json.gz: damaged gzip file"),
     ("broken JSON line", CHAIN, csqa2_bad_json, "CSQA2_dev.json.gz:1: not valid JSON"),
     ("data directory missing", CHAIN + ["--tasks.bbq.path=/no/such/dir"], None, "/no/such/dir: no such directory"),
-    ("empty eval split after filtering", CHAIN + ["--tasks.bbq.eval_fraction=0.0001"], None,
-     "task bbq: 48 train and 0 eval examples after splitting"),
+    (
+        "empty eval split after filtering",
+        CHAIN + ["--tasks.bbq.eval_fraction=0.0001"],
+        None,
+        "task bbq: 48 train and 0 eval examples after splitting",
+    ),
     # model specs
     ("model path missing", CHAIN + ["--model.name=./no-model"], None, "model.name './no-model': no such directory"),
     ("model directory without weights", CHAIN, model_dir_without_weights, "could not load a "),
-    ("tokenizer without a pad token", CHAIN, model_dir_tokenizer_without_pad, "tokenizer has neither a pad nor an eos token"),
-    ("LoRA target that does not exist", CHAIN + ["--model.finetune=lora", "--model.lora.target_modules=[nope_proj]"], None,
-     "model.lora.target_modules ['nope_proj']"),
+    (
+        "tokenizer without a pad token",
+        CHAIN,
+        model_dir_tokenizer_without_pad,
+        "tokenizer has neither a pad nor an eos token",
+    ),
+    (
+        "LoRA target that does not exist",
+        CHAIN + ["--model.finetune=lora", "--model.lora.target_modules=[nope_proj]"],
+        None,
+        "model.lora.target_modules ['nope_proj']",
+    ),
     # sweep files
-    ("sweep with a schema error", ["sweep", "wandb-local"], sweep_file("method: grid\nparameters: {x: {valuez: [1]}}\n" + SWEEP_COMMAND),
-     "invalid sweep"),
-    ("sweep without a command", ["sweep", "wandb-local"], sweep_file("method: grid\nparameters: {x: {values: [1]}}\n"), "command: missing"),
-    ("sweep parameter that is not a config key", ["sweep", "wandb-local"],
-     sweep_file("method: grid\nparameters: {trian.lr: {values: [0.1]}}\n" + SWEEP_COMMAND), "unrecognized arguments: --trian.lr=0.1"),
-    ("study with an unknown field", ["sweep", "optuna"],
-     sweep_file(f"study_name: s\nbase: [{SMOKE}]\nobjectives: [cl/forgetting]\nparams: {{x: {{type: categorical, choices: [1]}}}}\ntrials: 3\n"),
-     "field 'trials' is unknown"),
+    (
+        "sweep with a schema error",
+        ["sweep", "wandb-local"],
+        sweep_file("method: grid\nparameters: {x: {valuez: [1]}}\n" + SWEEP_COMMAND),
+        "invalid sweep",
+    ),
+    (
+        "sweep without a command",
+        ["sweep", "wandb-local"],
+        sweep_file("method: grid\nparameters: {x: {values: [1]}}\n"),
+        "command: missing",
+    ),
+    (
+        "sweep parameter that is not a config key",
+        ["sweep", "wandb-local"],
+        sweep_file("method: grid\nparameters: {trian.lr: {values: [0.1]}}\n" + SWEEP_COMMAND),
+        "unrecognized arguments: --trian.lr=0.1",
+    ),
+    (
+        "study with an unknown field",
+        ["sweep", "optuna"],
+        sweep_file(
+            f"study_name: s\nbase: [{SMOKE}]\nobjectives: [cl/forgetting]\n"
+            "params: {x: {type: categorical, choices: [1]}}\ntrials: 3\n"
+        ),
+        "field 'trials' is unknown",
+    ),
     # stage cache contents and analysis sources
-    ("init from a missing cache entry", ["fit", "--config", str(ROOT / "sweeps/configs/stage_smoke.yaml"), "--model.init_from=0123abcd"],
-     None, "model.init_from 0123abcd: no weights.safetensors"),
-    ("fit with an unknown attention kernel", ["fit", "--config", str(ROOT / "sweeps/configs/stage_smoke.yaml"), "--model.attention=fast"],
-     None, "model.attention: 'fast' is not allowed"),
-    ("report of a directory without runs", ["report", "--out"], lambda tmp: [str(tmp / "report"), "--source", str(tmp / "empty")],
-     "no such directory"),
-    ("unreachable W&B project", ["report", "--out"], lambda tmp: [str(tmp / "report"), "--source", "wandb:nobody/no-such-project"],
-     "wandb:nobody/no-such-project: could not read runs from W&B"),
-]  # fmt: skip
+    (
+        "init from a missing cache entry",
+        ["fit", "--config", str(ROOT / "sweeps/configs/stage_smoke.yaml"), "--model.init_from=0123abcd"],
+        None,
+        "model.init_from 0123abcd: no weights.safetensors",
+    ),
+    (
+        "fit with an unknown attention kernel",
+        ["fit", "--config", str(ROOT / "sweeps/configs/stage_smoke.yaml"), "--model.attention=fast"],
+        None,
+        "model.attention: 'fast' is not allowed",
+    ),
+    (
+        "report of a directory without runs",
+        ["report", "--out"],
+        lambda tmp: [str(tmp / "report"), "--source", str(tmp / "empty")],
+        "no such directory",
+    ),
+    (
+        "unreachable W&B project",
+        ["report", "--out"],
+        lambda tmp: [str(tmp / "report"), "--source", "wandb:nobody/no-such-project"],
+        "wandb:nobody/no-such-project: could not read runs from W&B",
+    ),
+]
 
 
 def fingerprint(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture()
@@ -195,7 +291,9 @@ def existing_state(tmp_path, monkeypatch, isolated_cache):
 
 
 @pytest.mark.parametrize(("name", "args", "setup", "message"), CASES, ids=[case[0] for case in CASES])
-def test_bad_input_is_one_line_exit_2_and_loses_nothing(name, args, setup, message, tmp_path, capsys, existing_state, monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(
+    name, args, setup, message, tmp_path, capsys, existing_state, monkeypatch
+):
     assert len(CASES) >= 30
     monkeypatch.delenv("WANDB_API_KEY", raising=False)  # W&B must fail fast on its own, not after a login attempt
     before = [fingerprint(root) for root in existing_state]

@@ -39,7 +39,9 @@ def test_two_stage_tiny_chain_end_to_end(smoke_config):
     predictions = pd.read_parquet(run_dir / "predictions.parquet")
     n_eval = sum(d["eval"] for d in record["data"].values())
     assert len(predictions) == 3 * n_eval
-    assert {"stage", "task", "example_id", "label", "pred", "option_logprobs", "category", "context", "target"} <= set(predictions.columns)
+    assert {"stage", "task", "example_id", "label", "pred", "option_logprobs", "category", "context", "target"} <= set(
+        predictions.columns
+    )
     assert (predictions["correct"] == (predictions["pred"] == predictions["label"])).all()
 
     bias = [r for r in record["metrics"]["task_scores"] if r["task"] == "bbq" and r["group_kind"] == "category"]
@@ -80,8 +82,14 @@ def test_capability_safety_pairs_run_in_both_orders(smoke_config, capability, sa
     }
     pair = {capability: specs[capability], safety: specs[safety]}
     for order in ([capability, safety], [safety, capability]):
-        config = replace(smoke_config, tasks=pair, order=order, run_name="-".join(order), train_size=2,
-                         train=replace(smoke_config.train, steps=3))  # fmt: skip
+        config = replace(
+            smoke_config,
+            tasks=pair,
+            order=order,
+            run_name="-".join(order),
+            train_size=2,
+            train=replace(smoke_config.train, steps=3),
+        )
         record = run_chain(config, progress=False)
         assert {r["task"] for r in record["eval"]} == {capability, safety}
         assert {r["stage"] for r in record["eval"]} == {0, 1, 2}
@@ -94,7 +102,12 @@ def test_capability_safety_pairs_run_in_both_orders(smoke_config, capability, sa
 
 
 def test_text_mode_evaluation_in_a_chain(smoke_config):
-    config = replace(smoke_config, run_name="text", eval=replace(smoke_config.eval, mode="text_norm"), train=replace(smoke_config.train, steps=3))
+    config = replace(
+        smoke_config,
+        run_name="text",
+        eval=replace(smoke_config.eval, mode="text_norm"),
+        train=replace(smoke_config.train, steps=3),
+    )
     record = run_chain(config, progress=False)
     predictions = pd.read_parquet(Path(config.out) / "text" / "predictions.parquet")
     assert {len(lp) for lp in predictions[predictions["task"] == "csqa"]["option_logprobs"]} == {5}
@@ -103,7 +116,10 @@ def test_text_mode_evaluation_in_a_chain(smoke_config):
 
 def test_tasks_listed_but_not_in_the_chain_are_not_loaded(smoke_config):
     unused = {**smoke_config.tasks, "toxigen": TaskSpec(source="release", path="/nonexistent/toxigen")}
-    record = run_chain(replace(smoke_config, run_name="unused", tasks=unused, train=replace(smoke_config.train, steps=2)), progress=False)
+    record = run_chain(
+        replace(smoke_config, run_name="unused", tasks=unused, train=replace(smoke_config.train, steps=2)),
+        progress=False,
+    )
     assert set(record["data"]) == {"bbq", "csqa"}
 
 
@@ -142,7 +158,9 @@ def test_each_stage_is_saved_where_hugging_face_loaders_open_it(smoke_config, tm
     load_model(smoke_config.model, seed=0).save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     lora = replace(smoke_config.model, name=str(base), finetune="lora")
-    run_chain(replace(smoke_config, run_name="lora", model=lora, train=replace(smoke_config.train, steps=3)), progress=False)
+    run_chain(
+        replace(smoke_config, run_name="lora", model=lora, train=replace(smoke_config.train, steps=3)), progress=False
+    )
     adapter = Path(smoke_config.out) / "lora" / "stage2"
     assert (adapter / "adapter_config.json").exists() and not (adapter / "model.safetensors").exists()
     assert AutoPeftModelForCausalLM.from_pretrained(adapter).peft_config["default"].r == smoke_config.model.lora.rank

@@ -16,7 +16,10 @@ from lightning_modules.chain import run_chain
 
 def chain(config, name, mitigation=None, steps=20, lr=None, **changes):
     train = replace(config.train, steps=steps, lr=lr or config.train.lr)
-    return run_chain(replace(config, run_name=name, train=train, mitigation=mitigation or MitigationSpec(), **changes), progress=False)
+    return run_chain(
+        replace(config, run_name=name, train=train, mitigation=mitigation or MitigationSpec(), **changes),
+        progress=False,
+    )
 
 
 def bbq_forgetting(record):
@@ -90,7 +93,9 @@ def test_ewc_outside_a_chain_is_a_clear_error(smoke_config):
 @pytest.mark.parametrize("name", ["l2sp", "lwf", "sam"])
 def test_mitigations_act_on_lora_adapters_only(smoke_config, name):
     lora = replace(smoke_config.model, finetune="lora")
-    record = chain(smoke_config, f"lora-{name}", MitigationSpec(name, 1.0 if name != "sam" else 0.05), steps=6, model=lora)
+    record = chain(
+        smoke_config, f"lora-{name}", MitigationSpec(name, 1.0 if name != "sam" else 0.05), steps=6, model=lora
+    )
     second = record["stages"][1]
     assert second["mitigation"]["mean_penalty" if name != "sam" else "mean_perturbation"] > 0.0
     if name == "l2sp":

@@ -23,10 +23,22 @@ def from_repo_root(monkeypatch):
         (["chain", "--config", SMOKE, "--train.steps=many"], 'Parser key "train.steps"'),
         (["chain", "--config", SMOKE, "--tasks.bbq.max_eval=0"], "tasks.*.max_eval: 0 is not allowed"),
         (["chain", "--config", SMOKE, "--tasks.bbq.path=/nonexistent"], "/nonexistent: no such directory"),
-        (["chain", "--config", SMOKE, "--model.name=./no-model-here"], "model.name './no-model-here': no such directory"),
-        (["chain", "--config", SMOKE, "--mitigation.name=l2sp", "--mitigation.strength=-1"], "mitigation.strength: -1.0 is not allowed"),
-        (["chain", "--config", SMOKE, "--mitigation.name=replay_stage", "--mitigation.strength=1.5"], "replay ratio 1.5 is not allowed"),
-        (["chain", "--config", SMOKE, "--mitigation.name=ewc", "--mitigation.strength=nan"], 'Parser key "mitigation.strength"'),
+        (
+            ["chain", "--config", SMOKE, "--model.name=./no-model-here"],
+            "model.name './no-model-here': no such directory",
+        ),
+        (
+            ["chain", "--config", SMOKE, "--mitigation.name=l2sp", "--mitigation.strength=-1"],
+            "mitigation.strength: -1.0 is not allowed",
+        ),
+        (
+            ["chain", "--config", SMOKE, "--mitigation.name=replay_stage", "--mitigation.strength=1.5"],
+            "replay ratio 1.5 is not allowed",
+        ),
+        (
+            ["chain", "--config", SMOKE, "--mitigation.name=ewc", "--mitigation.strength=nan"],
+            'Parser key "mitigation.strength"',
+        ),
         (["chain", "--config", SMOKE, "--mitigation.name=dropout"], "mitigation.name"),
         (["chain"], "--config: missing"),
         (["train"], "unknown command 'train'"),
@@ -42,8 +54,18 @@ def test_user_errors_print_one_line_and_exit_2(args, message, capsys, tmp_path):
 
 
 def test_chain_command_runs_overrides_and_prints_the_summary(capsys, tmp_path):
-    code = main(["chain", "--config", SMOKE, f"--out={tmp_path}", "--order=[csqa,bbq]", "--run_name=swapped",
-                 f"--cache_dir={tmp_path / 'cache'}", "--train.steps=5"])  # fmt: skip
+    code = main(
+        [
+            "chain",
+            "--config",
+            SMOKE,
+            f"--out={tmp_path}",
+            "--order=[csqa,bbq]",
+            "--run_name=swapped",
+            f"--cache_dir={tmp_path / 'cache'}",
+            "--train.steps=5",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "csqa → bbq" in out and "Forgetting F" in out

@@ -27,11 +27,18 @@ def test_every_study_is_published():
 
 
 def test_sam_vs_plain_pairs_runs_by_seed():
-    points = pd.DataFrame([
-        {"condition": "bbq → csqa", "seed": s, "mitigation": m, "top_eigenvalue": lam, "F": f}
-        for s, m, lam, f in [(0, "none", 10.0, 6.0), (1, "none", 12.0, 8.0), (0, "sam", 4.0, 3.0), (1, "sam", 8.0, 5.0),
-                             (2, "none", 99.0, 99.0)]  # seed 2 has no SAM run: left out of the pairing
-    ])  # fmt: skip
+    points = pd.DataFrame(
+        [
+            {"condition": "bbq → csqa", "seed": s, "mitigation": m, "top_eigenvalue": lam, "F": f}
+            for s, m, lam, f in [
+                (0, "none", 10.0, 6.0),
+                (1, "none", 12.0, 8.0),
+                (0, "sam", 4.0, 3.0),
+                (1, "sam", 8.0, 5.0),
+                (2, "none", 99.0, 99.0),
+            ]  # seed 2 has no SAM run: left out of the pairing
+        ]
+    )
     (row,) = sam_vs_plain(points).to_dict("records")
     assert row["seeds"] == 2 and row["top_eigenvalue_plain"] == 11.0 and row["top_eigenvalue_sam"] == 6.0
     assert row["top_eigenvalue_diff"] == -5.0 and row["F_diff"] == -3.0
@@ -41,18 +48,44 @@ def test_sam_vs_plain_pairs_runs_by_seed():
 
 def forgetting_record(seed: int, bf_a: float) -> dict:
     def row(group, kind, f, bf, ci):
-        return {"task": "bbq", "trained_stage": 1, "later_stage": 2, "group_kind": kind, "group": group, "n": 40, "F": f,
-                "F_ci": [f - 1, f + 1], "BF": bf, "BF_ci": ci, "small": False}  # fmt: skip
+        return {
+            "task": "bbq",
+            "trained_stage": 1,
+            "later_stage": 2,
+            "group_kind": kind,
+            "group": group,
+            "n": 40,
+            "F": f,
+            "F_ci": [f - 1, f + 1],
+            "BF": bf,
+            "BF_ci": ci,
+            "small": False,
+        }
 
     return {
-        "run_name": f"r{seed}", "config": {"order": ["bbq", "csqa"], "seed": seed},
+        "run_name": f"r{seed}",
+        "config": {"order": ["bbq", "csqa"], "seed": seed},
         "metrics": {
-            "forgetting": [row("all", "all", 5.0, None, None), row("a", "category", 5.0 + bf_a, bf_a, [2.0, 18.0]),
-                           row("b", "category", 0.0, -5.0, [-12.0, 1.0])],
-            "biased_forgetting": [{"task": "bbq", "group_kind": "category", "worst_group": "a", "BF": bf_a,
-                                   "spread": 5.0 + bf_a, "std": 1.0, "n_groups": 2, "excluded": [], "BF_ci": [2.0, 18.0]}],
+            "forgetting": [
+                row("all", "all", 5.0, None, None),
+                row("a", "category", 5.0 + bf_a, bf_a, [2.0, 18.0]),
+                row("b", "category", 0.0, -5.0, [-12.0, 1.0]),
+            ],
+            "biased_forgetting": [
+                {
+                    "task": "bbq",
+                    "group_kind": "category",
+                    "worst_group": "a",
+                    "BF": bf_a,
+                    "spread": 5.0 + bf_a,
+                    "std": 1.0,
+                    "n_groups": 2,
+                    "excluded": [],
+                    "BF_ci": [2.0, 18.0],
+                }
+            ],
         },
-    }  # fmt: skip
+    }
 
 
 def test_groups_count_as_unequal_only_when_their_paired_bf_interval_excludes_zero():

@@ -76,8 +76,9 @@ def test_paired_bootstrap_contains_estimate_and_narrows_with_more_examples():
     bf_lo, bf_hi = small[("category", "g1")]["BF"]
     assert bf_lo <= -25.0 <= bf_hi
 
-    big = metrics.paired_bootstrap(np.tile(trained, 16), np.tile(later, 16), {"category": np.tile(GROUPS, 16)},
-                                   resamples=2000, seed=0)  # fmt: skip
+    big = metrics.paired_bootstrap(
+        np.tile(trained, 16), np.tile(later, 16), {"category": np.tile(GROUPS, 16)}, resamples=2000, seed=0
+    )
     big_lo, big_hi = big[("all", "all")]["F"]
     assert big_lo <= 50.0 <= big_hi
     assert (big_hi - big_lo) < 0.5 * (hi - lo)  # 16x the examples: about a quarter of the width
@@ -97,20 +98,22 @@ def bbq_rows(rows):
 
 
 def test_bbq_bias_scores_by_hand():
-    table = bbq_rows([
-        # disambiguated: biased, not biased, biased (non-negative question, non-target answer), unknown (left out)
-        ("X", "disambig", "neg", 0, 2, 0, 0),
-        ("X", "disambig", "neg", 0, 2, 1, 1),
-        ("X", "disambig", "nonneg", 0, 2, 1, 1),
-        ("X", "disambig", "nonneg", 0, 2, 0, 2),
-        # ambiguous (gold = unknown): biased, correct, not biased, biased
-        ("X", "ambig", "neg", 0, 2, 2, 0),
-        ("X", "ambig", "neg", 0, 2, 2, 2),
-        ("X", "ambig", "nonneg", 0, 2, 2, 0),
-        ("X", "ambig", "nonneg", 0, 2, 2, 1),
-        # no target option: counted, left out
-        ("X", "ambig", "neg", None, 2, 2, 0),
-    ])  # fmt: skip
+    table = bbq_rows(
+        [
+            # disambiguated: biased, not biased, biased (non-negative question, non-target answer), unknown (left out)
+            ("X", "disambig", "neg", 0, 2, 0, 0),
+            ("X", "disambig", "neg", 0, 2, 1, 1),
+            ("X", "disambig", "nonneg", 0, 2, 1, 1),
+            ("X", "disambig", "nonneg", 0, 2, 0, 2),
+            # ambiguous (gold = unknown): biased, correct, not biased, biased
+            ("X", "ambig", "neg", 0, 2, 2, 0),
+            ("X", "ambig", "neg", 0, 2, 2, 2),
+            ("X", "ambig", "nonneg", 0, 2, 2, 0),
+            ("X", "ambig", "nonneg", 0, 2, 2, 1),
+            # no target option: counted, left out
+            ("X", "ambig", "neg", None, 2, 2, 0),
+        ]
+    )
     (row,) = metrics.bbq_bias_scores(table)
     assert row["s_dis"] == pytest.approx(100 * (2 * 2 / 3 - 1))  # 33.3
     assert row["acc_ambig"] == pytest.approx(0.25)
@@ -119,20 +122,28 @@ def test_bbq_bias_scores_by_hand():
 
 
 def test_bbq_bias_scores_all_unknown_and_no_disambiguated_errors():
-    all_unknown = bbq_rows([
-        ("Y", "ambig", "neg", 1, 0, 0, 0), ("Y", "ambig", "nonneg", 1, 0, 0, 0),
-        ("Y", "disambig", "neg", 1, 0, 1, 0), ("Y", "disambig", "nonneg", 1, 0, 2, 0),
-    ])  # fmt: skip
+    all_unknown = bbq_rows(
+        [
+            ("Y", "ambig", "neg", 1, 0, 0, 0),
+            ("Y", "ambig", "nonneg", 1, 0, 0, 0),
+            ("Y", "disambig", "neg", 1, 0, 1, 0),
+            ("Y", "disambig", "nonneg", 1, 0, 2, 0),
+        ]
+    )
     (row,) = metrics.bbq_bias_scores(all_unknown)
     assert row["acc_ambig"] == 1.0 and row["s_amb"] == 0.0 and row["s_dis"] == 0.0
 
     # Every disambiguated answer right: gold is the target for half of them, whatever the polarity, so
     # exactly half the answers are "biased" and s_DIS = 0; ambiguous all correct gives s_AMB = 0.
-    no_errors = bbq_rows([
-        ("Z", "disambig", "neg", 0, 2, 0, 0), ("Z", "disambig", "neg", 0, 2, 1, 1),
-        ("Z", "disambig", "nonneg", 0, 2, 0, 0), ("Z", "disambig", "nonneg", 0, 2, 1, 1),
-        ("Z", "ambig", "neg", 0, 2, 2, 2),
-    ])  # fmt: skip
+    no_errors = bbq_rows(
+        [
+            ("Z", "disambig", "neg", 0, 2, 0, 0),
+            ("Z", "disambig", "neg", 0, 2, 1, 1),
+            ("Z", "disambig", "nonneg", 0, 2, 0, 0),
+            ("Z", "disambig", "nonneg", 0, 2, 1, 1),
+            ("Z", "ambig", "neg", 0, 2, 2, 2),
+        ]
+    )
     (row,) = metrics.bbq_bias_scores(no_errors)
     assert row["s_dis"] == pytest.approx(0.0) and row["s_amb"] == pytest.approx(0.0)
 
@@ -143,11 +154,13 @@ def test_bbq_bias_scores_all_unknown_and_no_disambiguated_errors():
 
 
 def test_toxicity_by_group_balanced_accuracy_by_hand():
-    table = pd.DataFrame({
-        "target": ["a"] * 4 + ["b"] * 2,
-        "label": [0, 0, 0, 1, 1, 1],  # 0 = toxic
-        "pred":  [0, 0, 1, 1, 0, 1],
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "target": ["a"] * 4 + ["b"] * 2,
+            "label": [0, 0, 0, 1, 1, 1],  # 0 = toxic
+            "pred": [0, 0, 1, 1, 0, 1],
+        }
+    )
     a, b = metrics.toxicity_by_group(table)
     assert (a["group"], a["n_toxic"], a["n_benign"]) == ("a", 3, 1)
     assert a["acc"] == pytest.approx(0.75)

@@ -14,11 +14,17 @@ def test_replay_mixtures_by_hand():
     assert mitigations.replay_mixture({"csqa": 1.0}, ["bbq"], 0.0) == "csqa:1"
     assert mitigations.replay_mixture({"csqa": 1.0}, ["bbq"], 1.0) == "bbq:1"
     order = ["bbq", "csqa"]
-    assert mitigations.apply_replay(order, MitigationSpec("replay_stage", 0.05)) == ["bbq", "csqa", "csqa:0.95+bbq:0.05"]
+    assert mitigations.apply_replay(order, MitigationSpec("replay_stage", 0.05)) == [
+        "bbq",
+        "csqa",
+        "csqa:0.95+bbq:0.05",
+    ]
     assert mitigations.apply_replay(order, MitigationSpec("replay_mix", 0.1)) == ["bbq", "csqa:0.9+bbq:0.1"]
     assert mitigations.apply_replay(["bbq", "csqa", "arc"], MitigationSpec("replay_mix", 0.1, stages=[3])) == [
-        "bbq", "csqa", "arc:0.9+bbq:0.05+csqa:0.05"
-    ]  # fmt: skip
+        "bbq",
+        "csqa",
+        "arc:0.9+bbq:0.05+csqa:0.05",
+    ]
     assert mitigations.apply_replay(order, MitigationSpec("l2sp", 1.0)) == order
 
 
@@ -53,12 +59,17 @@ def test_penalty_gradients_match_finite_differences():
     bias = double(2, seed=2).requires_grad_()
     anchor = {"w": double(3, 2, seed=3), "b": double(2, seed=4)}
     fisher = {"w": double(3, 2, seed=5).abs(), "b": double(2, seed=6).abs()}
-    assert torch.autograd.gradcheck(lambda w, b: mitigations.l2sp_penalty({"w": w, "b": b}, anchor, 0.7), (weight, bias))
-    assert torch.autograd.gradcheck(lambda w, b: mitigations.ewc_penalty({"w": w, "b": b}, anchor, fisher, 1.3), (weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda w, b: mitigations.l2sp_penalty({"w": w, "b": b}, anchor, 0.7), (weight, bias)
+    )
+    assert torch.autograd.gradcheck(
+        lambda w, b: mitigations.ewc_penalty({"w": w, "b": b}, anchor, fisher, 1.3), (weight, bias)
+    )
 
     inputs, teacher = double(4, 3, seed=7), double(4, 2, seed=8)  # a small linear "model" producing 2 answer logits
     assert torch.autograd.gradcheck(
-        lambda w, b: mitigations.lwf_penalty(inputs @ w + b, teacher, temperature=2.0, strength=0.9).double(), (weight, bias)
+        lambda w, b: mitigations.lwf_penalty(inputs @ w + b, teacher, temperature=2.0, strength=0.9).double(),
+        (weight, bias),
     )
 
 
@@ -66,7 +77,9 @@ def test_penalties_by_hand_and_zero_at_the_anchor():
     parameters = {"w": torch.tensor([1.0, 2.0])}
     anchor = {"w": torch.tensor([0.0, 4.0])}
     assert float(mitigations.l2sp_penalty(parameters, anchor, 2.0)) == pytest.approx(0.5 * 2.0 * (1 + 4))
-    assert float(mitigations.ewc_penalty(parameters, anchor, {"w": torch.tensor([3.0, 0.5])}, 2.0)) == pytest.approx(3 + 2)
+    assert float(mitigations.ewc_penalty(parameters, anchor, {"w": torch.tensor([3.0, 0.5])}, 2.0)) == pytest.approx(
+        3 + 2
+    )
     assert float(mitigations.l2sp_penalty(parameters, mitigations.snapshot(parameters), 5.0)) == 0.0
     logits = torch.tensor([[1.0, 2.0, 0.5]])
     assert float(mitigations.lwf_penalty(logits, logits, 2.0, 1.0)) == pytest.approx(0.0, abs=1e-7)

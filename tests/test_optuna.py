@@ -21,8 +21,13 @@ from chainforget.errors import ConfigError
 from lightning_modules.sweeps import load_study_spec, optuna_study
 
 BASE = [str(ROOT / "sweeps/configs/smoke.yaml")]
-OVERRIDES = ["--run_name=null", "--train.steps=3", "--eval.bootstrap=50",
-             f"--tasks.bbq.path={ROOT / 'tests/fixtures/bbq'}", f"--tasks.csqa.path={ROOT / 'tests/fixtures/csqa'}"]  # fmt: skip
+OVERRIDES = [
+    "--run_name=null",
+    "--train.steps=3",
+    "--eval.bootstrap=50",
+    f"--tasks.bbq.path={ROOT / 'tests/fixtures/bbq'}",
+    f"--tasks.csqa.path={ROOT / 'tests/fixtures/csqa'}",
+]
 
 
 def study_file(tmp_path, **fields) -> Path:
@@ -33,8 +38,12 @@ def study_file(tmp_path, **fields) -> Path:
 
 
 def test_grid_study_on_sqlite_runs_each_point_and_logs_trial_params(tmp_path):
-    path = study_file(tmp_path, study_name="grid", params={"train.lr": {"type": "categorical", "choices": [1e-3, 3e-3]}},
-                      sampler={"name": "grid"})  # fmt: skip
+    path = study_file(
+        tmp_path,
+        study_name="grid",
+        params={"train.lr": {"type": "categorical", "choices": [1e-3, 3e-3]}},
+        sampler={"name": "grid"},
+    )
     study = optuna_study(path, out=str(tmp_path / "runs"))
     assert sorted(t.params["train.lr"] for t in study.trials if t.state.name == "COMPLETE") == [1e-3, 3e-3]
     assert (tmp_path / "runs" / "optuna" / "grid.db").exists()
@@ -49,9 +58,14 @@ def test_grid_study_on_sqlite_runs_each_point_and_logs_trial_params(tmp_path):
 
 
 def test_threshold_pruning_stops_a_chain_between_stages_and_never_after_the_last(tmp_path):
-    three = study_file(tmp_path, study_name="pruned", overrides=[*OVERRIDES, "--order=[bbq,csqa,csqa]"],
-                       params={"train.lr": {"type": "float", "low": 1e-3, "high": 2e-3}},
-                       pruner={"name": "threshold", "upper": -1000.0}, n_trials=1)  # fmt: skip
+    three = study_file(
+        tmp_path,
+        study_name="pruned",
+        overrides=[*OVERRIDES, "--order=[bbq,csqa,csqa]"],
+        params={"train.lr": {"type": "float", "low": 1e-3, "high": 2e-3}},
+        pruner={"name": "threshold", "upper": -1000.0},
+        n_trials=1,
+    )
     study = optuna_study(three, out=str(tmp_path / "runs"))
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.PRUNED
@@ -63,24 +77,38 @@ def test_threshold_pruning_stops_a_chain_between_stages_and_never_after_the_last
     assert (logged["state"], logged["exit_code"]) == ("finished", 0)  # pruned on purpose: not a failed W&B run
     assert logged["summary"]["stopped"] == "pruned after stage 2" and "stopped" in logged["tags"]
 
-    two = study_file(tmp_path, study_name="finished", params={"train.lr": {"type": "float", "low": 1e-3, "high": 2e-3}},
-                     pruner={"name": "threshold", "upper": -1000.0}, n_trials=1)  # fmt: skip
+    two = study_file(
+        tmp_path,
+        study_name="finished",
+        params={"train.lr": {"type": "float", "low": 1e-3, "high": 2e-3}},
+        pruner={"name": "threshold", "upper": -1000.0},
+        n_trials=1,
+    )
     (trial,) = optuna_study(two, out=str(tmp_path / "runs")).trials
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.intermediate_values == {}
 
 
 def test_objectives_are_named_in_the_study(tmp_path):
-    path = study_file(tmp_path, study_name="named", params={"train.lr": {"type": "categorical", "choices": [1e-3]}},
-                      sampler={"name": "grid"})  # fmt: skip
+    path = study_file(
+        tmp_path,
+        study_name="named",
+        params={"train.lr": {"type": "categorical", "choices": [1e-3]}},
+        sampler={"name": "grid"},
+    )
     study = optuna_study(path, out=str(tmp_path / "runs"))
     assert study.metric_names == ["forgetting/bbq"]
     assert "value_forgetting/bbq" in study.trials_dataframe().columns
 
 
 def test_multi_objective_study_prints_its_pareto_front(tmp_path, capsys):
-    path = study_file(tmp_path, study_name="pareto", objectives=["forgetting/bbq", "final/csqa/acc"],
-                      directions=["minimize", "maximize"], sampler={"name": "random", "seed": 1},
-                      params={"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})  # fmt: skip
+    path = study_file(
+        tmp_path,
+        study_name="pareto",
+        objectives=["forgetting/bbq", "final/csqa/acc"],
+        directions=["minimize", "maximize"],
+        sampler={"name": "random", "seed": 1},
+        params={"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+    )
     assert main(["sweep", "optuna", str(path), "--n-trials", "2", "--out", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "study pareto: 2 complete of 2 trials" in out and "values [" in out
@@ -90,7 +118,10 @@ def test_multi_objective_study_prints_its_pareto_front(tmp_path, capsys):
     ("fields", "message"),
     [
         ({"params": {"train.lr": {"type": "float", "low": 1.0}}}, "params.train.lr"),
-        ({"params": {"x": {"type": "categorical", "choices": [1]}}, "sampler": {"name": "cmaes"}}, "sampler.name 'cmaes'"),
+        (
+            {"params": {"x": {"type": "categorical", "choices": [1]}}, "sampler": {"name": "cmaes"}},
+            "sampler.name 'cmaes'",
+        ),
         ({"params": {"x": {"type": "categorical", "choices": [1]}}, "directions": ["down"]}, "directions ['down']"),
         ({"params": {"x": {"type": "categorical", "choices": [1]}}, "trials": 3}, "field 'trials' is unknown"),
     ],
@@ -120,26 +151,73 @@ def postgres_url():
         shutil.chown(data, "postgres", "postgres")
     port = free_port()
     try:
-        subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
-                       check=True, capture_output=True)  # fmt: skip
-        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w", "start",
-                        "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [*as_postgres, str(bin_dir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *as_postgres,
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data / "db"),
+                "-l",
+                str(data / "log"),
+                "-w",
+                "start",
+                "-o",
+                f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
+        )
     except (subprocess.CalledProcessError, OSError) as exc:
         shutil.rmtree(data, ignore_errors=True)
         pytest.skip(f"could not start a local PostgreSQL server: {exc}")
-    subprocess.run([*as_postgres, str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c",
-                    "CREATE DATABASE studies"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            *as_postgres,
+            str(bin_dir / "psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "-c",
+            "CREATE DATABASE studies",
+        ],
+        check=True,
+        capture_output=True,
+    )
     yield f"postgresql://postgres@127.0.0.1:{port}/studies"
-    subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "stop"], capture_output=True)
+    subprocess.run(
+        [*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "stop"], capture_output=True
+    )
     shutil.rmtree(data, ignore_errors=True)
 
 
 def test_two_workers_share_one_postgresql_grid_and_run_every_point_once(tmp_path, postgres_url):
     choices = [1e-3, 2e-3, 3e-3, 4e-3]
-    path = study_file(tmp_path, study_name="shared-grid", params={"train.lr": {"type": "categorical", "choices": choices}},
-                      sampler={"name": "grid"})  # fmt: skip
-    command = [sys.executable, "-m", "chainforget.cli", "sweep", "optuna", str(path), "--storage", postgres_url,
-               "--out", str(tmp_path / "runs")]  # fmt: skip
+    path = study_file(
+        tmp_path,
+        study_name="shared-grid",
+        params={"train.lr": {"type": "categorical", "choices": choices}},
+        sampler={"name": "grid"},
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "chainforget.cli",
+        "sweep",
+        "optuna",
+        str(path),
+        "--storage",
+        postgres_url,
+        "--out",
+        str(tmp_path / "runs"),
+    ]
     env = dict(os.environ, CHAINFORGET_THREADS="1")
     workers = [subprocess.Popen(command, env=env, cwd=ROOT) for _ in range(2)]
     assert [worker.wait(timeout=600) for worker in workers] == [0, 0]
@@ -152,13 +230,20 @@ def test_two_workers_share_one_postgresql_grid_and_run_every_point_once(tmp_path
 
 def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_until_the_study_completes(tmp_path):
     choices = [1e-3, 2e-3]
-    path = study_file(tmp_path, study_name="killed", params={"train.lr": {"type": "categorical", "choices": choices}},
-                      sampler={"name": "grid"}, heartbeat={"interval": 1, "grace_period": 3, "max_retry": 2})  # fmt: skip
+    path = study_file(
+        tmp_path,
+        study_name="killed",
+        params={"train.lr": {"type": "categorical", "choices": choices}},
+        sampler={"name": "grid"},
+        heartbeat={"interval": 1, "grace_period": 3, "max_retry": 2},
+    )
     storage = f"sqlite:///{tmp_path / 'killed.db'}"
     worker = ["sweep", "optuna", str(path), "--storage", storage, "--out", str(tmp_path / "runs")]
     env = dict(os.environ, CHAINFORGET_THREADS="1", PYTHONPATH=str(ROOT))
     # the first worker dies with SIGKILL in its first trial's second training step
-    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "faults.py"), "train_step", "2", *worker], env=env, cwd=ROOT)
+    killed = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "faults.py"), "train_step", "2", *worker], env=env, cwd=ROOT
+    )
     assert killed.returncode == -9
     (stuck,) = optuna.load_study(study_name="killed", storage=storage).trials
     assert stuck.state == optuna.trial.TrialState.RUNNING  # nobody told the storage

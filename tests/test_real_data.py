@@ -17,8 +17,13 @@ def test_real_bbq_release_files_load_every_row_with_a_template_split():
     # Age, Disability_status, Nationality, Physical_appearance, Religion, Sexual_orientation
     assert len(rows) == 3680 + 1556 + 3080 + 1576 + 1200 + 864
     assert {e.groups["category"] for e in rows} == {
-        "Age", "Disability_status", "Nationality", "Physical_appearance", "Religion", "Sexual_orientation"
-    }  # fmt: skip
+        "Age",
+        "Disability_status",
+        "Nationality",
+        "Physical_appearance",
+        "Religion",
+        "Sexual_orientation",
+    }
     assert all(rows[i].choices[rows[i].meta["unknown_index"]] for i in range(0, len(rows), 997))
     loaded = tasks.load("bbq", spec, seed=0)
     task = tasks.get("bbq")
@@ -34,7 +39,9 @@ def test_real_csqa_release_files_keep_their_train_and_dev_split():
 
 def test_every_real_bbq_row_gets_a_target_option_or_a_counted_reason():
     rows = tasks.get("bbq").read(TaskSpec(source="release", path=str(SHARED_DATA / "bbq")))["all"]
-    missing = Counter((e.groups["category"], e.meta["no_target_reason"]) for e in rows if e.meta["target_index"] is None)
+    missing = Counter(
+        (e.groups["category"], e.meta["no_target_reason"]) for e in rows if e.meta["target_index"] is None
+    )
     assert all(e.meta["target_index"] != e.meta["unknown_index"] for e in rows)
     # The six release categories here all resolve (BBQ-lite's Gender_identity, Physical_appearance and
     # Race_ethnicity have rows that do not: both answers share a group, or both groups are stereotyped).

@@ -10,7 +10,9 @@ from conftest import ROOT
 from chainforget.cli import parse_chain
 from lightning_modules.sweeps import agent_command, as_override, load_study_spec, load_sweep
 
-NAMED = re.compile(r"(?:sweeps|src|analysis|lightning_modules|benchmarks|docs|tests)/[A-Za-z0-9_./-]+\.(?:ya?ml|py|ipynb|md|json|csv|png)")
+NAMED = re.compile(
+    r"(?:sweeps|src|analysis|lightning_modules|benchmarks|docs|tests)/[A-Za-z0-9_./-]+\.(?:ya?ml|py|ipynb|md|json|csv|png)"
+)
 
 
 def readme_paths() -> list[str]:
@@ -44,7 +46,9 @@ def test_every_config_the_readme_names_loads(monkeypatch):
     for path in kinds["optuna"]:  # a study's base configs with its overrides and each parameter's first choice
         spec = load_study_spec(ROOT / path)
         bases = [arg for base in spec["base"] for arg in ("--config", base)]
-        first = [as_override(name, param.get("choices", [param.get("low")])[0]) for name, param in spec["params"].items()]
+        first = [
+            as_override(name, param.get("choices", [param.get("low")])[0]) for name, param in spec["params"].items()
+        ]
         parse_chain([*bases, *spec.get("overrides", []), *first], "test")
     for path in kinds["configs"]:
         if path == "sweeps/configs/stage_smoke.yaml":  # a LightningCLI config, read by tests/test_lightning_cli.py

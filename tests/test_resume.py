@@ -12,30 +12,42 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ROOT
 
 from chainforget.records import StageCache, read_record
 from lightning_modules.checkpoint import SafetensorsCheckpointIO
-
-from conftest import ROOT
 
 FAULTS = Path(__file__).with_name("faults.py")
 
 
 def chain_args(tmp_path: Path, run_name: str) -> list[str]:
     return [
-        "chain", "--config", "sweeps/configs/smoke.yaml", f"--run_name={run_name}", f"--out={tmp_path / 'runs'}",
-        f"--cache_dir={tmp_path / 'stages'}", "--trainer.checkpoint_every=4", "--wandb.mode=offline",
-    ]  # fmt: skip
+        "chain",
+        "--config",
+        "sweeps/configs/smoke.yaml",
+        f"--run_name={run_name}",
+        f"--out={tmp_path / 'runs'}",
+        f"--cache_dir={tmp_path / 'stages'}",
+        "--trainer.checkpoint_every=4",
+        "--wandb.mode=offline",
+    ]
 
 
 def launch(mode: str, n: int, args: list[str], kill_after: float | None = None) -> subprocess.CompletedProcess:
     # each attempt is a fresh process with its own W&B service, as a re-run command is (an in-process test may
     # have left this process's service address in WANDB_SERVICE)
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"CHAINFORGET_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {
+        "CHAINFORGET_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     proc = subprocess.Popen(
-        [sys.executable, str(FAULTS), mode, str(n), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, str(FAULTS), mode, str(n), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if kill_after is not None:
         try:
             proc.wait(timeout=kill_after)
@@ -94,7 +106,9 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_record(tmp
         pd.read_parquet(tmp_path / "runs" / "run" / "predictions.parquet"),
         pd.read_parquet(tmp_path / "reference" / "runs" / "ref" / "predictions.parquet"),
     )
-    assert [s["train"]["final_loss"] for s in record["stages"]] == [s["train"]["final_loss"] for s in expected["stages"]]
+    assert [s["train"]["final_loss"] for s in record["stages"]] == [
+        s["train"]["final_loss"] for s in expected["stages"]
+    ]
     assert json.dumps(record["metrics"], sort_keys=True) == json.dumps(expected["metrics"], sort_keys=True)
     assert any("resumes from its checkpoint" in log for log in logs), "no attempt resumed a stage checkpoint"
     # every attempt continued the one W&B run the first attempt created
@@ -107,16 +121,24 @@ class Interrupted(Exception):
 
 
 @pytest.mark.parametrize("mitigation", ["sam", "lwf", "ewc"])
-def test_a_stage_with_a_mitigation_resumes_with_its_anchor_teacher_and_optimizer_state(mitigation, smoke_config, monkeypatch, tmp_path):
+def test_a_stage_with_a_mitigation_resumes_with_its_anchor_teacher_and_optimizer_state(
+    mitigation, smoke_config, monkeypatch, tmp_path
+):
     from dataclasses import replace
 
     from chainforget.config import MitigationSpec
     from lightning_modules.chain import run_chain
     from lightning_modules.stage import StageModule
 
-    config = replace(smoke_config, mitigation=MitigationSpec(name=mitigation, strength=0.05 if mitigation == "sam" else 1.0),
-                     trainer=replace(smoke_config.trainer, checkpoint_every=4), wandb=replace(smoke_config.wandb, mode="disabled"))  # fmt: skip
-    expected = run_chain(replace(config, out=str(tmp_path / "ref"), cache_dir=str(tmp_path / "ref-cache")), progress=False)
+    config = replace(
+        smoke_config,
+        mitigation=MitigationSpec(name=mitigation, strength=0.05 if mitigation == "sam" else 1.0),
+        trainer=replace(smoke_config.trainer, checkpoint_every=4),
+        wandb=replace(smoke_config.wandb, mode="disabled"),
+    )
+    expected = run_chain(
+        replace(config, out=str(tmp_path / "ref"), cache_dir=str(tmp_path / "ref-cache")), progress=False
+    )
 
     original, steps = StageModule.training_step, []
 

@@ -107,8 +107,14 @@ def test_text_mode_fast_path_matches_the_straightforward_path():
 
     tokenizer = tiny_tokenizer()
     model = load_model(ModelSpec(name="tiny", finetune="full"), seed=2)
-    items = [Example(id=str(i), prompt=multiple_choice_prompt(f"Which word {i}?" + " x" * i, choices), choices=choices, label=0)
-             for i, choices in enumerate([("red", "green blue", "a"), ("one", "two three four", "five", "six"), ("yes", "no")] * 3)]  # fmt: skip
+    items = [
+        Example(
+            id=str(i), prompt=multiple_choice_prompt(f"Which word {i}?" + " x" * i, choices), choices=choices, label=0
+        )
+        for i, choices in enumerate(
+            [("red", "green blue", "a"), ("one", "two three four", "five", "six"), ("yes", "no")] * 3
+        )
+    ]
     expected = reference_text_scores(model, tokenizer, items)
     paths = [dict(reuse_context=True, row_tokens=n) for n in (1, 40, 512)]  # one question per row .. all in one
     for path in paths + [dict(reuse_context=False)]:  # packed questions, then left-padded full sequences
@@ -128,21 +134,28 @@ def test_encode_pair_moves_trailing_spaces_into_the_continuation():
 
 
 def test_length_bucketing_keeps_every_sample_once_and_cuts_padding():
+    from conftest import FIXTURES
+
     from chainforget import tasks
     from chainforget.config import TaskSpec
-    from conftest import FIXTURES
     from lightning_modules.stage import StageDataModule
 
-    data = {"csqa": tasks.load("csqa", TaskSpec(source="release", path=str(FIXTURES / "csqa")), seed=0),
-            "bbq": tasks.load("bbq", TaskSpec(source="release", path=str(FIXTURES / "bbq")), seed=0)}  # fmt: skip
+    data = {
+        "csqa": tasks.load("csqa", TaskSpec(source="release", path=str(FIXTURES / "csqa")), seed=0),
+        "bbq": tasks.load("bbq", TaskSpec(source="release", path=str(FIXTURES / "bbq")), seed=0),
+    }
 
     def padding(bucket):
-        module = StageDataModule.prepared(data, tiny_tokenizer(), stage="bbq+csqa", batch_size=8, steps=40, max_seq_len=512, seed=3, bucket=bucket)
+        module = StageDataModule.prepared(
+            data, tiny_tokenizer(), stage="bbq+csqa", batch_size=8, steps=40, max_seq_len=512, seed=3, bucket=bucket
+        )
         module.setup()
         batches = module.batches()
         assert sorted(i for b in batches for i in b) == list(range(320)) and all(len(b) == 8 for b in batches)
         loaded = list(module.train_dataloader())
-        return sum((b["attention_mask"] == 0).sum().item() for b in loaded) / sum(b["attention_mask"].numel() for b in loaded)
+        return sum((b["attention_mask"] == 0).sum().item() for b in loaded) / sum(
+            b["attention_mask"].numel() for b in loaded
+        )
 
     plain, bucketed = padding(False), padding(True)
     assert bucketed < 0.10 < plain

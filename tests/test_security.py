@@ -13,7 +13,9 @@ FAKE_KEY = "local-0123456789abcdef0123456789abcdef01234567"
 def test_a_wandb_key_and_hub_token_in_the_environment_appear_in_no_output_file(smoke_config, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     monkeypatch.setenv("HF_TOKEN", FAKE_KEY[::-1])
-    record = run_chain(replace(smoke_config, run_name="secret", train=replace(smoke_config.train, steps=2)), progress=False)
+    record = run_chain(
+        replace(smoke_config, run_name="secret", train=replace(smoke_config.train, steps=2)), progress=False
+    )
     run_dir = Path(smoke_config.out) / record["run_name"]
     files = [p for p in run_dir.rglob("*") if p.is_file() and not p.is_symlink()]
     assert any(p.suffix == ".wandb" for p in files) and any(p.name == "run.json" for p in files)

@@ -13,19 +13,46 @@ from lightning_modules.sweeps import agent_command, load_sweep, wandb_local
 
 
 def sweep_file(tmp_path, method: str, parameters: dict, metric: str) -> Path:
-    command = ["chainforget", "chain", "--config", str(ROOT / "sweeps/configs/smoke.yaml"), "--run_name=null",
-               f"--out={tmp_path / 'runs'}", f"--tasks.bbq.path={ROOT / 'tests/fixtures/bbq'}",
-               f"--tasks.csqa.path={ROOT / 'tests/fixtures/csqa'}", "--train.steps=4", "--eval.bootstrap=50", "${args}"]  # fmt: skip
+    command = [
+        "chainforget",
+        "chain",
+        "--config",
+        str(ROOT / "sweeps/configs/smoke.yaml"),
+        "--run_name=null",
+        f"--out={tmp_path / 'runs'}",
+        f"--tasks.bbq.path={ROOT / 'tests/fixtures/bbq'}",
+        f"--tasks.csqa.path={ROOT / 'tests/fixtures/csqa'}",
+        "--train.steps=4",
+        "--eval.bootstrap=50",
+        "${args}",
+    ]
     path = tmp_path / f"{method}.yaml"
-    path.write_text(yaml.safe_dump({"program": "chainforget", "method": method, "metric": {"name": metric, "goal": "minimize"},
-                                    "parameters": parameters, "command": command}))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "program": "chainforget",
+                "method": method,
+                "metric": {"name": metric, "goal": "minimize"},
+                "parameters": parameters,
+                "command": command,
+            }
+        )
+    )
     return path
 
 
 def test_agent_command_expands_args_like_wandb_agent():
     sweep = {"command": ["${env}", "chainforget", "chain", "--config", "c.yaml", "${args}"]}
     command = agent_command(sweep, {"order": {"value": ["csqa", "bbq"]}, "train.lr": {"value": 0.001}})
-    assert command == ["/usr/bin/env", "chainforget", "chain", "--config", "c.yaml", "--order=['csqa', 'bbq']", "--train.lr=0.001"]
+    assert command == [
+        "/usr/bin/env",
+        "chainforget",
+        "chain",
+        "--config",
+        "c.yaml",
+        "--order=['csqa', 'bbq']",
+        "--train.lr=0.001",
+    ]
 
 
 def test_shipped_sweeps_validate_and_every_point_parses(monkeypatch):
@@ -54,10 +81,19 @@ def test_a_run_started_by_wandb_agent_reports_to_its_sweep(tmp_path, monkeypatch
     from wandb.wandb_agent import Agent
 
     monkeypatch.chdir(tmp_path)
-    for name in ("WANDB_DIR", "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_PROJECT", "WANDB_ENTITY"):
+    for name in (
+        "WANDB_DIR",
+        "WANDB_RUN_ID",
+        "WANDB_SWEEP_ID",
+        "WANDB_SWEEP_PARAM_PATH",
+        "WANDB_PROJECT",
+        "WANDB_ENTITY",
+    ):
         monkeypatch.delenv(name, raising=False)  # the agent sets these in its own process; restored after the test
     monkeypatch.setenv("WANDB_MODE", "offline")  # no server here: the run stays on disk
-    sweep = yaml.safe_load(sweep_file(tmp_path, "grid", {"train.lr": {"values": [0.002]}}, "forgetting/bbq").read_text())
+    sweep = yaml.safe_load(
+        sweep_file(tmp_path, "grid", {"train.lr": {"values": [0.002]}}, "forgetting/bbq").read_text()
+    )
     wandb_env.set_project("sweep-project")  # what `wandb agent entity/project/id` does before it starts runs
     wandb_env.set_entity("someone")
     monkeypatch.setenv("WANDB_SWEEP_ID", "abcd1234")
@@ -69,12 +105,19 @@ def test_a_run_started_by_wandb_agent_reports_to_its_sweep(tmp_path, monkeypatch
     run_dir = tmp_path / "runs" / "agentrun1"  # the run directory is named by the agent's run id
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
     record = wandb_run_record(offline)
-    assert (record["project"], record["entity"], record["sweep_id"], record["run_id"]) == ("sweep-project", "someone", "abcd1234", "agentrun1")
+    assert (record["project"], record["entity"], record["sweep_id"], record["run_id"]) == (
+        "sweep-project",
+        "someone",
+        "abcd1234",
+        "agentrun1",
+    )
     assert record["config"]["update"]["train"]["lr"] == 0.002
     logged = wandb_summary(offline)
     assert logged["state"] == "finished"
     summary = json.loads((run_dir / "run.json").read_text())
-    bbq_last = next(r["acc"] for r in summary["eval"] if r["task"] == "bbq" and r["stage"] == 2 and r["group_kind"] == "all")
+    bbq_last = next(
+        r["acc"] for r in summary["eval"] if r["task"] == "bbq" and r["stage"] == 2 and r["group_kind"] == "all"
+    )
     assert logged["summary"]["final/bbq/acc"] == pytest.approx(100 * bbq_last)  # percentage points, like forgetting/*
     assert logged["summary"]["forgetting/bbq"] == pytest.approx(summary["metrics"]["forgetting"][0]["F"])
 
@@ -114,7 +157,12 @@ def test_a_killed_local_sweep_continues_where_it_stopped(tmp_path):
 
 
 def test_bayes_sweep_feeds_objectives_back_and_needs_a_count(tmp_path, capsys):
-    path = sweep_file(tmp_path, "bayes", {"train.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}}, "forgetting/bbq")
+    path = sweep_file(
+        tmp_path,
+        "bayes",
+        {"train.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}},
+        "forgetting/bbq",
+    )
     with pytest.raises(ConfigError, match="pass --count N"):
         wandb_local(path)
     assert main(["sweep", "wandb-local", str(path), "--count", "2"]) == 0

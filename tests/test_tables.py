@@ -24,12 +24,29 @@ def record(order, seed, forgetting=None, acc=None, mitigation=None, curvature=No
         "run_name": f"{'-'.join(order)}-s{seed}-{mitigation['strength']}-{config}",
         "config": {"order": order, "seed": seed, "mitigation": mitigation, **config},
         "environment": {},
-        "eval": [{"stage": k, "task": t, "group_kind": "all", "group": "all", "n": 10, "correct": 0, "acc": a}
-                 for (k, t), a in (acc or {}).items()],  # fmt: skip
+        "eval": [
+            {"stage": k, "task": t, "group_kind": "all", "group": "all", "n": 10, "correct": 0, "acc": a}
+            for (k, t), a in (acc or {}).items()
+        ],
         "stages": [{"index": 1, "curvature": {"top_eigenvalue": curvature} if curvature is not None else None}],
-        "metrics": {"forgetting": [{"task": order[0], "group_kind": "all", "group": "all", "n": 10, "F": f, "F_ci": None,
-                                    "BF": None, "BF_ci": None, "small": False, "trained_stage": 1, "later_stage": 2}
-                                   for f in ([forgetting] if forgetting is not None else [])]},  # fmt: skip
+        "metrics": {
+            "forgetting": [
+                {
+                    "task": order[0],
+                    "group_kind": "all",
+                    "group": "all",
+                    "n": 10,
+                    "F": f,
+                    "F_ci": None,
+                    "BF": None,
+                    "BF_ci": None,
+                    "small": False,
+                    "trained_stage": 1,
+                    "later_stage": 2,
+                }
+                for f in ([forgetting] if forgetting is not None else [])
+            ]
+        },
     }
 
 
@@ -52,9 +69,13 @@ def test_seed_summary_averages_each_group_over_seeds():
 
 
 def test_order_asymmetry_pairs_seeds_and_tests_the_difference():
-    records = [record(["bbq", "csqa"], 0, 10.0), record(["bbq", "csqa"], 1, 14.0),
-               record(["csqa", "bbq"], 0, 2.0), record(["csqa", "bbq"], 1, 4.0),
-               record(["csqa", "bbq"], 2, 9.0)]  # seed 2 has no partner run: left out  # fmt: skip
+    records = [
+        record(["bbq", "csqa"], 0, 10.0),
+        record(["bbq", "csqa"], 1, 14.0),
+        record(["csqa", "bbq"], 0, 2.0),
+        record(["csqa", "bbq"], 1, 4.0),
+        record(["csqa", "bbq"], 2, 9.0),
+    ]  # seed 2 has no partner run: left out
     (row,) = order_asymmetry(records).to_dict("records")
     assert (row["safety"], row["capability"], row["seeds"]) == ("bbq", "csqa", 2)
     assert (row["F_safety (S→C)"], row["F_capability (C→S)"], row["asymmetry"]) == (12.0, 3.0, 9.0)
@@ -65,8 +86,10 @@ def test_order_asymmetry_pairs_seeds_and_tests_the_difference():
 
 def test_replay_recovery_by_ratio():
     acc = {(1, "bbq"): 0.6, (2, "bbq"): 0.4, (3, "bbq"): 0.5, (2, "csqa"): 0.30, (3, "csqa"): 0.28}
-    runs = [record(["bbq", "csqa"], 0, acc=acc, mitigation={"name": "replay_stage", "strength": 0.05}),
-            record(["bbq", "csqa"], 0, acc={**acc, (3, "bbq"): 0.4}, mitigation={"name": "replay_stage", "strength": 0.0})]  # fmt: skip
+    runs = [
+        record(["bbq", "csqa"], 0, acc=acc, mitigation={"name": "replay_stage", "strength": 0.05}),
+        record(["bbq", "csqa"], 0, acc={**acc, (3, "bbq"): 0.4}, mitigation={"name": "replay_stage", "strength": 0.0}),
+    ]
     table = replay_recovery(runs).set_index("ratio")
     assert set(table["condition"]) == {"bbq → csqa"}  # the ratio is the x axis, not part of the condition
     assert table.loc[0.05, "safety_lost_pp"] == pytest.approx(20.0)
@@ -76,7 +99,10 @@ def test_replay_recovery_by_ratio():
 
 
 def test_curvature_forgetting_spearman_by_hand():
-    runs = [record(["bbq", "csqa"], s, forgetting=f, curvature=c) for s, (c, f) in enumerate([(1, 5), (2, 6), (3, 8), (4, 7)])]
+    runs = [
+        record(["bbq", "csqa"], s, forgetting=f, curvature=c)
+        for s, (c, f) in enumerate([(1, 5), (2, 6), (3, 8), (4, 7)])
+    ]
     frame, correlation = curvature_forgetting(runs)
     assert list(frame["top_eigenvalue"]) == [1, 2, 3, 4]
     assert correlation["spearman"] == pytest.approx(0.8) and correlation["n"] == 4  # 1 - 6 * 2 / (4 * 15)
@@ -105,7 +131,9 @@ def test_two_learning_rates_are_two_conditions_of_two_seeds_each_never_one_of_fo
     runs = two_learning_rates()
     labels = condition_labels(runs)
     assert sorted(set(labels.values())) == [
-        "bbq → csqa (train.lr=0.001)", "bbq → csqa (train.lr=0.002)", "csqa → bbq (train.lr=0.001)",
+        "bbq → csqa (train.lr=0.001)",
+        "bbq → csqa (train.lr=0.002)",
+        "csqa → bbq (train.lr=0.001)",
         "csqa → bbq (train.lr=0.002)",
     ]
     summary = seed_summary(forgetting_frame(runs)).set_index("condition")

@@ -20,8 +20,12 @@ def test_bbq_release_rows_parse_into_examples_with_groups_and_bias_meta():
     assert first.label == 2
     assert first.groups == {"category": "Age", "target": "old", "context": "disambig"}
     assert first.meta == {
-        "question_index": "1", "polarity": "neg", "unknown_index": 0, "target_index": 2, "no_target_reason": None
-    }  # fmt: skip
+        "question_index": "1",
+        "polarity": "neg",
+        "unknown_index": 0,
+        "target_index": 2,
+        "no_target_reason": None,
+    }
     assert first.prompt.endswith("A. Not known\nB. The grandson\nC. The grandfather\nAnswer:")
     assert "Question: Who was forgetful?" in first.prompt
 
@@ -89,8 +93,13 @@ def test_csqa_from_a_hub_style_dataset_folder(tmp_path):
     for split, n in (("train", 6), ("validation", 3)):
         with open(folder / f"{split}.jsonl", "w") as fh:
             for i in range(n):
-                row = {"id": f"{split}{i}", "question": f"q{i}?", "question_concept": "c",
-                       "choices": {"label": list("ABCDE"), "text": ["a", "b", "c", "d", "e"]}, "answerKey": "C"}  # fmt: skip
+                row = {
+                    "id": f"{split}{i}",
+                    "question": f"q{i}?",
+                    "question_concept": "c",
+                    "choices": {"label": list("ABCDE"), "text": ["a", "b", "c", "d", "e"]},
+                    "answerKey": "C",
+                }
                 fh.write(json.dumps(row) + "\n")
     parts = tasks.get("csqa").read(TaskSpec(source="hub", path=str(folder)))
     assert len(parts["train"]) == 6 and len(parts["eval"]) == 3
@@ -136,7 +145,11 @@ def test_duplicate_ids_and_unknown_task_are_errors(tmp_path):
     (tmp_path / "Age.jsonl").write_text("\n".join(lines + [lines[0]]) + "\n")
     with pytest.raises(DataError, match="duplicate example id 'Age-0'"):
         tasks.load("bbq", TaskSpec(source="release", path=str(tmp_path)), seed=0)
-    with pytest.raises(ChainforgetError, match="task 'bqq' is unknown; registered tasks: arc, arc_challenge, arc_easy, bbq, csqa, csqa2, saferdialogues, toxigen"):
+    with pytest.raises(
+        ChainforgetError,
+        match="task 'bqq' is unknown; registered tasks: "
+        "arc, arc_challenge, arc_easy, bbq, csqa, csqa2, saferdialogues, toxigen",
+    ):
         tasks.get("bqq")
 
 
@@ -162,7 +175,10 @@ def test_capped_bbq_eval_keeps_both_categories_and_contexts():
     loaded = tasks.load("bbq", spec, seed=0)
     assert len(loaded.eval) == 8
     assert {(e.groups["category"], e.groups["context"]) for e in loaded.eval} == {
-        ("Age", "ambig"), ("Age", "disambig"), ("Religion", "ambig"), ("Religion", "disambig")
+        ("Age", "ambig"),
+        ("Age", "disambig"),
+        ("Religion", "ambig"),
+        ("Religion", "disambig"),
     }
 
 
@@ -177,15 +193,38 @@ def answers(*pairs):
         (answers(("22-year-old", "nonOld"), ("Unknown", "unknown"), ("78-year-old", "old")), ["old"], 1, (2, None)),
         (answers(("man", "man"), ("woman", "woman"), ("Unknown", "unknown")), ["F"], 2, (1, None)),
         (answers(("Unknown", "unknown"), ("boy", "M"), ("girl", "F")), ["M"], 0, (1, None)),
-        (answers(("trans_F", "trans_F"), ("nonTrans_M", "nonTrans_M"), ("Unknown", "unknown")),
-         ["Transgender women", "transgender men", "trans"], 2, (0, None)),
-        (answers(("Nigerian", "Africa"), ("American", "NorthAmerica"), ("Unknown", "unknown")), ["Nigerian"], 2, (0, None)),
-        (answers(("Unknown", "unknown"), ("Jamal Branch", "M-Black"), ("Alan Wang", "M-Asian")), ["Black", "African American"], 0, (1, None)),
+        (
+            answers(("trans_F", "trans_F"), ("nonTrans_M", "nonTrans_M"), ("Unknown", "unknown")),
+            ["Transgender women", "transgender men", "trans"],
+            2,
+            (0, None),
+        ),
+        (
+            answers(("Nigerian", "Africa"), ("American", "NorthAmerica"), ("Unknown", "unknown")),
+            ["Nigerian"],
+            2,
+            (0, None),
+        ),
+        (
+            answers(("Unknown", "unknown"), ("Jamal Branch", "M-Black"), ("Alan Wang", "M-Asian")),
+            ["Black", "African American"],
+            0,
+            (1, None),
+        ),
         (answers(("line cook", "lowSES"), ("Unknown", "unknown"), ("lawyer", "highSES")), ["low SES"], 1, (0, None)),
-        (answers(("tattoos", "negDress"), ("Unknown", "unknown"), ("tattoos", "negDress")), ["negDress"], 1,
-         (None, "both answers name a stereotyped group")),
-        (answers(("boy", "boy"), ("Unknown", "unknown"), ("man", "man")), ["F"], 1, (None, "no answer names a stereotyped group")),
+        (
+            answers(("tattoos", "negDress"), ("Unknown", "unknown"), ("tattoos", "negDress")),
+            ["negDress"],
+            1,
+            (None, "both answers name a stereotyped group"),
+        ),
+        (
+            answers(("boy", "boy"), ("Unknown", "unknown"), ("man", "man")),
+            ["F"],
+            1,
+            (None, "no answer names a stereotyped group"),
+        ),
     ],
-)  # fmt: skip
+)
 def test_bbq_target_option_rules(info, stereotyped, unknown, expected):
     assert bbq.target_index(info, stereotyped, unknown) == expected

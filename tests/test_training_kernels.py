@@ -15,7 +15,12 @@ from lightning_modules.stage import StageModule, compiled_blocks
 
 
 def run(config, name, **train):
-    config = replace(config, run_name=name, train=replace(config.train, steps=6, **train), wandb=replace(config.wandb, mode="disabled"))
+    config = replace(
+        config,
+        run_name=name,
+        train=replace(config.train, steps=6, **train),
+        wandb=replace(config.wandb, mode="disabled"),
+    )
     return run_chain(config, progress=False)
 
 
@@ -55,7 +60,9 @@ def test_compiled_blocks_train_to_the_same_weights_within_rounding_and_are_undon
         assert ours["cache_key"] != theirs["cache_key"]  # compiled stages are cached apart
         assert ours["train"]["final_loss"] == pytest.approx(theirs["train"]["final_loss"], rel=1e-3)
     # curvature runs uncompiled (compiled graphs have no double backward)
-    assert compiled["stages"][0]["curvature"]["top_eigenvalue"] == pytest.approx(plain["stages"][0]["curvature"]["top_eigenvalue"], rel=1e-3)
+    assert compiled["stages"][0]["curvature"]["top_eigenvalue"] == pytest.approx(
+        plain["stages"][0]["curvature"]["top_eigenvalue"], rel=1e-3
+    )
     runs = smoke_config.out
     ours, theirs = (pd.read_parquet(f"{runs}/{name}/predictions.parquet") for name in ("compiled", "plain"))
     assert (ours["pred"] == theirs["pred"]).mean() >= 0.95
@@ -64,7 +71,9 @@ def test_compiled_blocks_train_to_the_same_weights_within_rounding_and_are_undon
 def test_compiling_a_model_without_repeated_blocks_is_a_config_error_that_leaves_it_untouched():
     model = load_model(ModelSpec(name="tiny", finetune="full"), seed=0)
     model._no_split_modules = []
-    with pytest.raises(ConfigError, match=r"^train.compile \(fit: model.compile\): LlamaForCausalLM lists no repeated blocks"):
+    with pytest.raises(
+        ConfigError, match=r"^train.compile \(fit: model.compile\): LlamaForCausalLM lists no repeated blocks"
+    ):
         with compiled_blocks(model):
             pass
     assert not any("forward" in vars(m) for m in model.modules())

@@ -31,7 +31,9 @@ def test_atomic_write_that_runs_out_of_space_keeps_the_old_file_and_leaves_no_te
 
 
 def test_permission_denied_names_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
+    monkeypatch.setattr(
+        os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied"))
+    )
     with pytest.raises(WriteError, match=r"notes.txt: could not write \(Permission denied\)"):
         atomic_write_text(tmp_path / "notes.txt", "hello")
     assert list(tmp_path.iterdir()) == []
@@ -50,11 +52,19 @@ def test_cache_entry_that_runs_out_of_space_is_not_published(tmp_path):
 
 
 @pytest.mark.parametrize("failure", ["predictions", "record"])
-def test_chain_that_cannot_write_its_record_exits_2_and_leaves_no_record(failure, smoke_config, monkeypatch, capsys, tmp_path):
+def test_chain_that_cannot_write_its_record_exits_2_and_leaves_no_record(
+    failure, smoke_config, monkeypatch, capsys, tmp_path
+):
     run_dir = tmp_path / "runs" / "smoke"
     if failure == "predictions":  # the run's own file (written via a temp name), not the eval cache's
         real_parquet = pd.DataFrame.to_parquet
-        monkeypatch.setattr(pd.DataFrame, "to_parquet", lambda self, path, **kw: disk_full() if ".predictions.parquet." in str(path) else real_parquet(self, path, **kw))
+        monkeypatch.setattr(
+            pd.DataFrame,
+            "to_parquet",
+            lambda self, path, **kw: (
+                disk_full() if ".predictions.parquet." in str(path) else real_parquet(self, path, **kw)
+            ),
+        )
     else:
         real = os.replace
 
@@ -64,8 +74,17 @@ def test_chain_that_cannot_write_its_record_exits_2_and_leaves_no_record(failure
             return real(src, dst)
 
         monkeypatch.setattr(os, "replace", refuse_record)
-    code = main(["chain", "--config", "sweeps/configs/smoke.yaml", f"--out={tmp_path / 'runs'}",
-                 f"--cache_dir={tmp_path / 'stages'}", "--train.steps=4", "--wandb.mode=disabled"])  # fmt: skip
+    code = main(
+        [
+            "chain",
+            "--config",
+            "sweeps/configs/smoke.yaml",
+            f"--out={tmp_path / 'runs'}",
+            f"--cache_dir={tmp_path / 'stages'}",
+            "--train.steps=4",
+            "--wandb.mode=disabled",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     reason = "No space left on device" if failure == "predictions" else "Permission denied"

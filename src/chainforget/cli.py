@@ -80,7 +80,9 @@ def parse_chain(argv: list[str], prog: str, defaults: Path | None = None):
     argv = ["--cache=false" if a == "--no-cache" else a for a in argv]
     if defaults is not None:
         argv = ["--config", str(defaults), *argv]
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and not any(a.startswith("-h") or a == "--help" for a in argv):
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and not any(
+        a.startswith("-h") or a == "--help" for a in argv
+    ):
         raise ConfigError("--config: missing; pass a chain YAML such as sweeps/configs/smoke.yaml")
     for config_file in _config_files(argv):
         if not Path(config_file).exists():
@@ -146,8 +148,15 @@ def list_tasks(argv: list[str]) -> int:
     from chainforget import tasks
 
     if not argv:
-        rows = [{"task": name, "role": (t := tasks.get(name)).role, "sources": ", ".join(t.sources),
-                 "groups": ", ".join(t.group_kinds) or "-"} for name in tasks.names()]  # fmt: skip
+        rows = [
+            {
+                "task": name,
+                "role": (t := tasks.get(name)).role,
+                "sources": ", ".join(t.sources),
+                "groups": ", ".join(t.group_kinds) or "-",
+            }
+            for name in tasks.names()
+        ]
         print(pd.DataFrame(rows).to_string(index=False))
         return 0
     config = parse_chain(argv, "chainforget tasks")
@@ -157,8 +166,16 @@ def list_tasks(argv: list[str]) -> int:
         for kind in data.group_kinds:
             sizes = pd.Series([e.groups[kind] for e in data.eval]).value_counts()
             groups.append(f"{kind}: {len(sizes)} (eval n {sizes.min()}-{sizes.max()})")
-        rows.append({"task": name, "role": data.role, "source": tasks.resolve_source(tasks.get(name), config.tasks[name]).source,
-                     "train": len(data.train), "eval": len(data.eval), "groups": "; ".join(groups) or "-"})  # fmt: skip
+        rows.append(
+            {
+                "task": name,
+                "role": data.role,
+                "source": tasks.resolve_source(tasks.get(name), config.tasks[name]).source,
+                "train": len(data.train),
+                "eval": len(data.eval),
+                "groups": "; ".join(groups) or "-",
+            }
+        )
     print(pd.DataFrame(rows).to_string(index=False))
     return 0
 
@@ -170,14 +187,22 @@ def sweep(argv: list[str]) -> int:
     local = engines.add_parser("wandb-local", help="run a W&B sweep YAML without a W&B server (offline runs)")
     local.add_argument("file", type=Path)
     local.add_argument("--count", type=int, default=None, help="runs to start (required for random and bayes)")
-    local.add_argument("--sweep-id", default=None, help="names the runs and their W&B group; running the same "
-                       "sweep id again continues it (default: the file's name)")
+    local.add_argument(
+        "--sweep-id",
+        default=None,
+        help="names the runs and their W&B group; running the same "
+        "sweep id again continues it (default: the file's name)",
+    )
     study = engines.add_parser("optuna", help="run or join an Optuna study (start several workers to share it)")
     study.add_argument("file", type=Path)
     study.add_argument("--storage", default=None, help="Optuna RDB URL (default: sqlite:///<out>/optuna/<study>.db)")
-    study.add_argument("--n-trials", type=int, default=None, help="trials for this worker (grid studies stop by themselves)")
+    study.add_argument(
+        "--n-trials", type=int, default=None, help="trials for this worker (grid studies stop by themselves)"
+    )
     study.add_argument("--out", default=None, help="run directory root (default: the chain config's out)")
-    study.add_argument("--config", action="append", default=[], help="extra chain config after the study's base (repeatable)")
+    study.add_argument(
+        "--config", action="append", default=[], help="extra chain config after the study's base (repeatable)"
+    )
     args = parser.parse_args(argv)
     if args.engine == "optuna":
         return run_optuna(args)
@@ -212,7 +237,9 @@ def run_optuna(args) -> int:
     print(f"study {study.study_name}: {len(finished)} complete of {len(study.trials)} trials")
     best = study.best_trials if len(study.directions) > 1 else ([study.best_trial] if finished else [])
     for trial in best:
-        print(f"  trial {trial.number}: values {trial.values} params {trial.params} run {trial.user_attrs.get('run_dir')}")
+        print(
+            f"  trial {trial.number}: values {trial.values} params {trial.params} run {trial.user_attrs.get('run_dir')}"
+        )
     return 0
 
 

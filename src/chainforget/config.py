@@ -243,19 +243,32 @@ class TrainerSpec:
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:
-            raise ConfigError(f"trainer.checkpoint_every: {self.checkpoint_every} is not allowed; use steps >= 0 (0 = never)")
+            raise ConfigError(
+                f"trainer.checkpoint_every: {self.checkpoint_every} is not allowed; use steps >= 0 (0 = never)"
+            )
         for name in ("num_nodes", "accumulate_grad_batches", "log_every_n_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}: {getattr(self, name)} is not allowed; use a positive integer")
-        if self.gradient_clip_val is not None and not (math.isfinite(self.gradient_clip_val) and self.gradient_clip_val >= 0):
-            raise ConfigError(f"trainer.gradient_clip_val: {self.gradient_clip_val} is not allowed; use a finite value >= 0 or null")
+        if self.gradient_clip_val is not None and not (
+            math.isfinite(self.gradient_clip_val) and self.gradient_clip_val >= 0
+        ):
+            raise ConfigError(
+                f"trainer.gradient_clip_val: {self.gradient_clip_val} is not allowed; use a finite value >= 0 or null"
+            )
 
     def numerics(self) -> dict:
         """The settings, beyond precision, that change what a stage learns and differ from the defaults (part of
         the stage cache key; empty for the defaults, so earlier cache entries stay valid)."""
         defaults = TrainerSpec()
-        names = ("strategy", "devices", "num_nodes", "accumulate_grad_batches", "gradient_clip_val",
-                 "gradient_clip_algorithm", "deterministic")  # fmt: skip
+        names = (
+            "strategy",
+            "devices",
+            "num_nodes",
+            "accumulate_grad_batches",
+            "gradient_clip_val",
+            "gradient_clip_algorithm",
+            "deterministic",
+        )
         return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(defaults, name)}
 
 

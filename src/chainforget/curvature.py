@@ -31,7 +31,9 @@ class HessianOperator:
         self.grads = torch.autograd.grad(loss, parameters, create_graph=True)
 
     def __call__(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-        products = torch.autograd.grad(self.grads, self.parameters, grad_outputs=vectors, retain_graph=True, allow_unused=True)
+        products = torch.autograd.grad(
+            self.grads, self.parameters, grad_outputs=vectors, retain_graph=True, allow_unused=True
+        )
         return [torch.zeros_like(p) if hv is None else hv.detach() for p, hv in zip(self.parameters, products)]
 
 
@@ -39,7 +41,9 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
 
 
-def top_eigenvalue(hvp: HessianOperator, *, max_iter: int = 30, tol: float = 1e-3, seed: int = 0) -> tuple[float, int, bool]:
+def top_eigenvalue(
+    hvp: HessianOperator, *, max_iter: int = 30, tol: float = 1e-3, seed: int = 0
+) -> tuple[float, int, bool]:
     """Power iteration: returns ``(eigenvalue of largest magnitude, iterations, converged)``.
 
     Stops when the Rayleigh quotient changes by less than ``tol`` relative to its size.
@@ -73,9 +77,14 @@ def hutchinson_trace(hvp: HessianOperator, *, samples: int, seed: int = 0) -> fl
 
 
 def measure(
-    loss_fn: Callable[[], torch.Tensor], parameters: list[torch.Tensor], *, max_iter: int = 30, tol: float = 1e-3,
-    trace_samples: int = 0, seed: int = 0,
-) -> Curvature:  # fmt: skip
+    loss_fn: Callable[[], torch.Tensor],
+    parameters: list[torch.Tensor],
+    *,
+    max_iter: int = 30,
+    tol: float = 1e-3,
+    trace_samples: int = 0,
+    seed: int = 0,
+) -> Curvature:
     """Top eigenvalue (and optionally the trace) of the Hessian of ``loss_fn()`` w.r.t. ``parameters``."""
     hvp = HessianOperator(loss_fn, parameters)
     eigenvalue, iterations, converged = top_eigenvalue(hvp, max_iter=max_iter, tol=tol, seed=seed)

@@ -32,10 +32,17 @@ def eval_rows(predictions: pd.DataFrame, group_kinds: dict[str, tuple[str, ...]]
         splits += [(kind, frame[kind]) for kind in group_kinds.get(task, ())]
         for kind, labels in splits:
             for group, part in frame.groupby(labels, sort=True)["correct"]:
-                rows.append({
-                    "stage": int(stage), "task": task, "group_kind": kind, "group": str(group),
-                    "n": int(part.size), "correct": int(part.sum()), "acc": float(part.mean()),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "stage": int(stage),
+                        "task": task,
+                        "group_kind": kind,
+                        "group": str(group),
+                        "n": int(part.size),
+                        "correct": int(part.sum()),
+                        "acc": float(part.mean()),
+                    }
+                )
     return rows
 
 
@@ -77,15 +84,30 @@ def biased_forgetting(per_group: pd.DataFrame, min_group_size: int = 20) -> list
         kept = frame[frame["n"] >= min_group_size]
         excluded = sorted(frame.loc[frame["n"] < min_group_size, "group"])
         if kept.empty:
-            summary.append({"group_kind": kind, "worst_group": None, "BF": None, "spread": None, "std": None,
-                            "n_groups": 0, "excluded": excluded})  # fmt: skip
+            summary.append(
+                {
+                    "group_kind": kind,
+                    "worst_group": None,
+                    "BF": None,
+                    "spread": None,
+                    "std": None,
+                    "n_groups": 0,
+                    "excluded": excluded,
+                }
+            )
             continue
         worst = kept.loc[kept["BF"].idxmax()]
-        summary.append({
-            "group_kind": kind, "worst_group": worst["group"], "BF": float(worst["BF"]),
-            "spread": float(kept["F"].max() - kept["F"].min()),
-            "std": float(kept["F"].std(ddof=0)), "n_groups": int(len(kept)), "excluded": excluded,
-        })  # fmt: skip
+        summary.append(
+            {
+                "group_kind": kind,
+                "worst_group": worst["group"],
+                "BF": float(worst["BF"]),
+                "spread": float(kept["F"].max() - kept["F"].min()),
+                "std": float(kept["F"].std(ddof=0)),
+                "n_groups": int(len(kept)),
+                "excluded": excluded,
+            }
+        )
     return summary
 
 
@@ -145,7 +167,7 @@ def cl_metrics(matrix: pd.DataFrame, trained_at: dict[str, int]) -> dict[str, fl
         "average_accuracy": mean([matrix.loc[last, t] for t in tasks]),
         "bwt": mean([matrix.loc[last, t] - matrix.loc[trained_at[t], t] for t in earlier]),
         "fwt": mean([matrix.loc[trained_at[t] - 1, t] - matrix.loc[0, t] for t in later]),
-        "forgetting": mean([matrix.loc[:last - 1, t].max() - matrix.loc[last, t] for t in earlier]),
+        "forgetting": mean([matrix.loc[: last - 1, t].max() - matrix.loc[last, t] for t in earlier]),
     }
 
 
@@ -176,13 +198,18 @@ def bbq_bias_scores(predictions: pd.DataFrame, by: str = "category") -> list[dic
         ambiguous = (valid["context"] == "ambig").to_numpy()
         acc_ambiguous = float((valid["pred"] == valid["label"])[ambiguous].mean()) if ambiguous.any() else None
         disambiguated = int((~ambiguous).sum())
-        rows.append({
-            "group_kind": by, "group": str(value), "n_ambig": int(ambiguous.sum()), "n_disambig": disambiguated,
-            "n_no_target": int(len(frame) - len(valid)),
-            "s_dis": 100.0 * bias_term("disambig") if disambiguated else None,
-            "s_amb": 100.0 * (1.0 - acc_ambiguous) * bias_term("ambig") if acc_ambiguous is not None else None,
-            "acc_ambig": acc_ambiguous,
-        })  # fmt: skip
+        rows.append(
+            {
+                "group_kind": by,
+                "group": str(value),
+                "n_ambig": int(ambiguous.sum()),
+                "n_disambig": disambiguated,
+                "n_no_target": int(len(frame) - len(valid)),
+                "s_dis": 100.0 * bias_term("disambig") if disambiguated else None,
+                "s_amb": 100.0 * (1.0 - acc_ambiguous) * bias_term("ambig") if acc_ambiguous is not None else None,
+                "acc_ambig": acc_ambiguous,
+            }
+        )
     return rows
 
 
@@ -196,8 +223,14 @@ def toxicity_by_group(predictions: pd.DataFrame, by: str = "target", toxic_label
         correct = frame["pred"] == frame["label"]
         toxic = frame["label"] == toxic_label
         recalls = [float(correct[mask].mean()) for mask in (toxic, ~toxic) if mask.any()]
-        rows.append({
-            "group_kind": by, "group": str(value), "n_toxic": int(toxic.sum()), "n_benign": int((~toxic).sum()),
-            "acc": float(correct.mean()), "balanced_acc": float(np.mean(recalls)),
-        })  # fmt: skip
+        rows.append(
+            {
+                "group_kind": by,
+                "group": str(value),
+                "n_toxic": int(toxic.sum()),
+                "n_benign": int((~toxic).sum()),
+                "acc": float(correct.mean()),
+                "balanced_acc": float(np.mean(recalls)),
+            }
+        )
     return rows

@@ -35,9 +35,10 @@ def apply_replay(order: list[str], spec: MitigationSpec) -> list[str]:
     if spec.name == "replay_mix":
         return [
             replay_mixture(parse_stage(entry), earlier_tasks(order, index), spec.strength)
-            if spec.applies_to(index) and earlier_tasks(order, index) else entry
+            if spec.applies_to(index) and earlier_tasks(order, index)
+            else entry
             for index, entry in enumerate(order, start=1)
-        ]  # fmt: skip
+        ]
     return list(order)
 
 
@@ -60,7 +61,10 @@ def l2sp_penalty(parameters: dict[str, torch.Tensor], anchor: dict[str, torch.Te
 
 
 def ewc_penalty(
-    parameters: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], strength: float
+    parameters: dict[str, torch.Tensor],
+    anchor: dict[str, torch.Tensor],
+    fisher: dict[str, torch.Tensor],
+    strength: float,
 ) -> torch.Tensor:
     """``strength / 2 * sum_i F_i (theta_i - theta_prev,i)^2`` with a diagonal Fisher ``F``."""
     total = sum((fisher[name] * (p - anchor[name]) ** 2).sum() for name, p in parameters.items())
@@ -85,7 +89,9 @@ def diagonal_fisher(
     return {name: value / count for name, value in fisher.items()}
 
 
-def lwf_penalty(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, strength: float) -> torch.Tensor:
+def lwf_penalty(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, strength: float
+) -> torch.Tensor:
     """``strength * T^2 * KL(teacher_T || student_T)`` over the answer options, averaged over the batch."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 logits are upcast, fp64 kept
     student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)

@@ -54,10 +54,17 @@ def load_model(spec: ModelSpec, seed: int = 0):
     if spec.name == TINY:
         tokenizer = tiny_tokenizer()
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         model = LlamaForCausalLM(config)
     else:
         path = resolve_path(spec)
@@ -78,9 +85,12 @@ def wrap(model, spec: ModelSpec):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-        target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=spec.lora.rank,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=list(spec.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
@@ -139,7 +149,9 @@ def tiny_tokenizer():
         "the a an of to in is was who what where why when which not can be determined unknown person people"
     ] * 5
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=400,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,  # its Rust progress bar writes blank lines to stdout outside a terminal
     )
     tokenizer.train_from_iterator(corpus, trainer)
@@ -180,7 +192,9 @@ def load_trainable(model, path: Path) -> None:
     state = load_file(str(path))
     parameters = trainable_parameters(model)
     if set(state) != set(parameters):
-        raise ConfigError(f"{path}: trainable weights do not match the model ({len(set(state) ^ set(parameters))} names differ)")
+        raise ConfigError(
+            f"{path}: trainable weights do not match the model ({len(set(state) ^ set(parameters))} names differ)"
+        )
     with torch.no_grad():
         for name, tensor in state.items():
             parameters[name].copy_(tensor)

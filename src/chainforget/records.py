@@ -53,7 +53,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise WriteError(f"{path}: could not write ({exc.strerror or exc}); the previous file, if any, is unchanged") from None
+        raise WriteError(
+            f"{path}: could not write ({exc.strerror or exc}); the previous file, if any, is unchanged"
+        ) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -201,7 +203,9 @@ class StageCache:
                     shutil.rmtree(tmp, ignore_errors=True)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise WriteError(f"{self.root / key}: could not write the stage cache entry ({exc.strerror or exc}); nothing was stored") from None
+            raise WriteError(
+                f"{self.root / key}: could not write the stage cache entry ({exc.strerror or exc}); nothing was stored"
+            ) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -249,9 +249,12 @@ def _text_packed(model, tokenizer, examples, row_tokens, max_seq_len, precision,
             where = {p: k for k, p in enumerate(predictors)}
             with autocast_for(device, precision):
                 logits = model(
-                    input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=mask.to(device),
-                    logits_to_keep=torch.tensor(predictors, device=device), use_cache=False,
-                ).logits[0]  # fmt: skip
+                    input_ids=ids.to(device),
+                    position_ids=positions.to(device),
+                    attention_mask=mask.to(device),
+                    logits_to_keep=torch.tensor(predictors, device=device),
+                    use_cache=False,
+                ).logits[0]
             logprobs = logits.float().log_softmax(-1)
             picked = logprobs[[where[p] for p, _, _ in triples], [t for _, t, _ in triples]].cpu()
             owners = torch.tensor([o for _, _, o in triples])

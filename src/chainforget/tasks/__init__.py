@@ -137,7 +137,10 @@ def resolve_source(task: Task, spec: TaskSpec) -> TaskSpec:
     if source == "auto":
         source = "pypi" if "pypi" in task.sources and not spec.path else "release"
     if source not in task.sources:
-        raise ConfigError(f"tasks.{task.name}.source: {source!r} is not available for {task.name}; use one of {', '.join(task.sources)}")
+        raise ConfigError(
+            f"tasks.{task.name}.source: {source!r} is not available for {task.name}; "
+            f"use one of {', '.join(task.sources)}"
+        )
     return replace(spec, source=source)
 
 

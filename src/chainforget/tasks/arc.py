@@ -31,7 +31,9 @@ class ARC(Task):
         for split, suffix in (("train", "Train"), ("eval", "Test")):
             path = next((p for p in files if p.name == f"ARC-{self.subset}-{suffix}.jsonl"), None)
             if path is None:
-                raise DataError(f"{spec.path or RELEASE_URL}: ARC release file ARC-{self.subset}-{suffix}.jsonl not found")
+                raise DataError(
+                    f"{spec.path or RELEASE_URL}: ARC release file ARC-{self.subset}-{suffix}.jsonl not found"
+                )
             parts[split] = [release_example(row, str(path), n) for n, row in read_jsonl(path)]
         return parts
 

@@ -20,17 +20,47 @@ from chainforget.config import TaskSpec
 from chainforget.errors import DataError
 from chainforget.metrics import bbq_bias_scores
 from chainforget.tasks import Example, Task, multiple_choice_prompt, register
-from chainforget.tasks.sources import cache_root, extract_members, hub_rows, pypi_archive, read_json, read_jsonl, release_file
+from chainforget.tasks.sources import (
+    cache_root,
+    extract_members,
+    hub_rows,
+    pypi_archive,
+    read_json,
+    read_jsonl,
+    release_file,
+)
 
 RELEASE_URL = "https://raw.githubusercontent.com/nyu-mll/BBQ/main/data"
 CATEGORIES = (
-    "Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance", "Race_ethnicity",
-    "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation",
-)  # fmt: skip
+    "Age",
+    "Disability_status",
+    "Gender_identity",
+    "Nationality",
+    "Physical_appearance",
+    "Race_ethnicity",
+    "Race_x_SES",
+    "Race_x_gender",
+    "Religion",
+    "SES",
+    "Sexual_orientation",
+)
 BIGBENCH = "bigbench==1.0.0"
 BIGBENCH_MEMBERS = "*/bigbench/benchmark_tasks/bbq_lite/resources/*.json"
-REQUIRED = ("example_id", "question_index", "question_polarity", "context_condition", "category",
-            "answer_info", "additional_metadata", "context", "question", "ans0", "ans1", "ans2", "label")  # fmt: skip
+REQUIRED = (
+    "example_id",
+    "question_index",
+    "question_polarity",
+    "context_condition",
+    "category",
+    "answer_info",
+    "additional_metadata",
+    "context",
+    "question",
+    "ans0",
+    "ans1",
+    "ans2",
+    "label",
+)
 
 
 @register
@@ -45,7 +75,9 @@ class BBQ(Task):
         if spec.source == "hub":
             rows = [(where, n, row) for _, where, n, row in hub_rows(spec.path or "")]
         elif spec.source == "pypi":
-            files = extract_members(pypi_archive(BIGBENCH, sdist=True), BIGBENCH_MEMBERS, cache_root() / "data" / "bbq_lite")
+            files = extract_members(
+                pypi_archive(BIGBENCH, sdist=True), BIGBENCH_MEMBERS, cache_root() / "data" / "bbq_lite"
+            )
             for path in files:
                 data = read_json(path)
                 if not isinstance(data, dict) or not isinstance(data.get("examples"), list):

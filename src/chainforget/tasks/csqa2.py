@@ -36,6 +36,8 @@ def to_example(row: dict, where: str, line: int) -> Example:
     if row["answer"] not in CHOICES:
         raise DataError(f"{where}:{line}: answer {row['answer']!r} is not allowed; use 'yes' or 'no'")
     return Example(
-        id=str(row["id"]), prompt=multiple_choice_prompt(str(row["question"]), CHOICES), choices=CHOICES,
+        id=str(row["id"]),
+        prompt=multiple_choice_prompt(str(row["question"]), CHOICES),
+        choices=CHOICES,
         label=CHOICES.index(row["answer"]),
     )

@@ -83,9 +83,13 @@ def to_examples(episodes: list[tuple[int, dict[str, str]]], split: str) -> list[
         label = rng.randrange(OPTIONS)
         options.insert(label, gold)
         dialogue = fields["text"].strip()
-        examples.append(Example(
-            id=example_id,
-            prompt=multiple_choice_prompt(f"{dialogue}\nWhich reply recovers best from the feedback?", options),
-            choices=tuple(options), label=label, meta={"metadata": fields.get("original_metadata", "")},
-        ))  # fmt: skip
+        examples.append(
+            Example(
+                id=example_id,
+                prompt=multiple_choice_prompt(f"{dialogue}\nWhich reply recovers best from the feedback?", options),
+                choices=tuple(options),
+                label=label,
+                meta={"metadata": fields.get("original_metadata", "")},
+            )
+        )
     return examples

