@@ -29,8 +29,7 @@ CAPABILITY = {"csqa": "csqa", "arc": "arc", "csqa2": "csqa2"}
 
 
 def grid_configs(out: Path, cache_dir: Path, seeds: int, steps: int, use_cache: bool):
-    from chainforget.cli import parse_chain
-    from chainforget.config import TaskSpec
+    from chainforget.config import TaskSpec, parse_chain
 
     base = parse_chain(
         ["--config", str(ROOT / "sweeps/configs/smoke.yaml"), f"--out={out}", f"--cache_dir={cache_dir}"], "bench"

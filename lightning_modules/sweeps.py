@@ -74,7 +74,7 @@ def agent_command(sweep: dict, parameters: dict) -> list[str]:
 
 def chain_run_dir(command: list[str], run_id: str) -> Path:
     """Where the chain that ``command`` starts writes its record (resolving its config like it will)."""
-    from chainforget.cli import parse_chain
+    from chainforget.config import parse_chain
 
     if "chain" not in command:
         raise ConfigError(f"sweep command {shlex.join(command)!r} does not run `chainforget chain`")
@@ -297,7 +297,7 @@ def optuna_study(
     """
     import optuna
 
-    from chainforget.cli import parse_chain
+    from chainforget.config import parse_chain
     from chainforget.mitigations import apply_replay
     from lightning_modules.chain import ChainStopped, run_chain
 

@@ -33,7 +33,7 @@ def isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture()
 def smoke_config(tmp_path, monkeypatch):
     """sweeps/configs/smoke.yaml (tiny model, fixtures) writing into this test's temporary directory."""
-    from chainforget.cli import parse_chain
+    from chainforget.config import parse_chain
 
     monkeypatch.chdir(ROOT)  # the smoke config names fixture paths relative to the repository root
     return parse_chain(

@@ -9,7 +9,8 @@ import pytest
 
 from analysis.runs import evals_frame, forgetting_frame, load_records, load_runs
 from analysis.tables import accuracy_table, score_changes, summary_text
-from chainforget.cli import main, parse_chain
+from chainforget.cli import main
+from chainforget.config import parse_chain
 from chainforget.errors import DataError
 from lightning_modules.chain import run_chain
 

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from chainforget.cli import main, parse_chain
+from chainforget.cli import main
+from chainforget.config import parse_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "sweeps/configs/smoke.yaml"

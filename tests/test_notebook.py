@@ -9,7 +9,8 @@ import pytest
 from nbclient import NotebookClient
 
 from analysis.runs import load_runs
-from chainforget.cli import main, parse_chain
+from chainforget.cli import main
+from chainforget.config import parse_chain
 from lightning_modules.chain import ChainStopped, run_chain
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from conftest import ROOT
 
-from chainforget.cli import parse_chain
+from chainforget.config import parse_chain
 from lightning_modules.sweeps import agent_command, as_override, load_study_spec, load_sweep
 
 NAMED = re.compile(

@@ -57,7 +57,7 @@ def test_agent_command_expands_args_like_wandb_agent():
 
 def test_shipped_sweeps_validate_and_every_point_parses(monkeypatch):
     monkeypatch.chdir(ROOT)
-    from chainforget.cli import parse_chain
+    from chainforget.config import parse_chain
 
     paths = sorted((ROOT / "sweeps" / "wandb").glob("*.yaml"))
     assert {p.stem for p in paths} >= {"order", "lr", "replay", "mitigation_bayes"}

@@ -20,7 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from chainforget.errors import ChainforgetError, ConfigError
+from chainforget.config import parse_chain
+from chainforget.errors import ChainforgetError
 
 DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
 DEMO_ORDERS = (["bbq", "csqa"], ["csqa", "bbq"])
@@ -60,42 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         print(f"chainforget {command}: error: {message}", file=sys.stderr)
         return 2
-
-
-def chain_parser(prog: str):
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from chainforget.config import ChainConfig
-
-    parser = ArgumentParser(prog=prog, exit_on_error=False, description="Run one chained fine-tuning experiment.")
-    parser.add_argument("--config", action=ActionConfigFile, help="chain YAML (sweeps/configs/*.yaml)")
-    parser.add_class_arguments(ChainConfig)
-    return parser
-
-
-def parse_chain(argv: list[str], prog: str, defaults: Path | None = None):
-    from chainforget.config import ChainConfig
-
-    parser = chain_parser(prog)
-    argv = ["--cache=false" if a == "--no-cache" else a for a in argv]
-    if defaults is not None:
-        argv = ["--config", str(defaults), *argv]
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and not any(
-        a.startswith("-h") or a == "--help" for a in argv
-    ):
-        raise ConfigError("--config: missing; pass a chain YAML such as sweeps/configs/smoke.yaml")
-    for config_file in _config_files(argv):
-        if not Path(config_file).exists():
-            raise ConfigError(f"--config {config_file}: no such file")
-    namespace = parser.parse_args(argv)
-    values = parser.instantiate(namespace)
-    fields = {k: v for k, v in vars(values).items() if k != "config"}
-    return ChainConfig(**fields)
-
-
-def _config_files(argv: list[str]) -> list[str]:
-    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
 
 
 def chain(argv: list[str]) -> int:

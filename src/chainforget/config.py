@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from chainforget.errors import ConfigError
@@ -374,3 +375,25 @@ def primary_order(order: list[str], mitigation: str) -> list[str]:
     """The stages as the user wrote them, with the ``replay_stage`` stage as a repeat of the last one:
     which task a stage trains is decided on this order, so replayed data never counts as training."""
     return [*order, order[-1]] if mitigation == "replay_stage" else list(order)
+
+
+def parse_chain(argv: list[str], prog: str = "chainforget chain", defaults: Path | None = None) -> ChainConfig:
+    """A ChainConfig from ``--config FILE`` arguments (applied in order) and dotted overrides, as the ``chain``
+    command reads it (jsonargparse, the parser LightningCLI uses); ``defaults``: a config file read first."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    argv = ["--cache=false" if a == "--no-cache" else a for a in argv]
+    if defaults is not None:
+        argv = ["--config", str(defaults), *argv]
+    asks_help = any(a.startswith("-h") or a == "--help" for a in argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and not asks_help:
+        raise ConfigError("--config: missing; pass a chain YAML such as sweeps/configs/smoke.yaml")
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    for config_file in files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]:
+        if not Path(config_file).exists():
+            raise ConfigError(f"--config {config_file}: no such file")
+    parser = ArgumentParser(prog=prog, exit_on_error=False, description="Run one chained fine-tuning experiment.")
+    parser.add_argument("--config", action=ActionConfigFile, help="chain YAML (sweeps/configs/*.yaml)")
+    parser.add_class_arguments(ChainConfig)
+    values = parser.instantiate(parser.parse_args(argv))
+    return ChainConfig(**{k: v for k, v in vars(values).items() if k != "config"})
