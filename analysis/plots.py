@@ -109,11 +109,17 @@ def accuracy_figure(evals: pd.DataFrame):
 
 
 def wilson(correct: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
-    """95% Wilson score interval of a proportion, in percent."""
-    p = correct / n
-    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
-    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
-    return 100 * (centre - half), 100 * (centre + half)
+    """95% Wilson score interval of a proportion (scipy's ``binomtest(k, n).proportion_ci``), in percent; ``z`` is
+    the standard normal quantile of the interval (1.96: 95%)."""
+    from scipy import stats
+
+    level = 2 * stats.norm.cdf(z) - 1  # scipy takes the confidence level and finds z from it again
+    bounds = [
+        stats.binomtest(int(k), int(m)).proportion_ci(level, method="wilson") if m > 0 else (np.nan, np.nan)
+        for k, m in zip(np.atleast_1d(correct), np.atleast_1d(n))
+    ]
+    low, high = np.asarray(bounds, dtype=float).reshape(-1, 2).T
+    return 100 * low, 100 * high
 
 
 def save(fig, path) -> None:

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import base64
-import html
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import yaml
+from jinja2 import Environment, PackageLoader
+from markupsafe import Markup
 
 from analysis import plots
 from analysis.runs import Runs, forgetting_frame, load_runs, varying_keys
@@ -24,17 +25,23 @@ from analysis.tables import (
     seed_summary,
 )
 
+# autoescape on: every string the template shows is escaped unless it is Markup (the tables from DataFrame.to_html)
+TEMPLATES = Environment(
+    loader=PackageLoader("analysis", "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True
+)
+
 
 def markdown_table(frame: pd.DataFrame) -> str:
+    """A pipe table through ``DataFrame.to_markdown`` (tabulate): a named index becomes columns, cells print as
+    ``str`` prints them (no number formatting, no padding), None and NaN as empty cells."""
     frame = frame.reset_index() if not isinstance(frame.index, pd.RangeIndex) else frame
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
+    cells = frame.astype(object).where(frame.notna(), None)
+    return cells.to_markdown(index=False, disable_numparse=True, stralign=None, numalign=None)
 
 
-def _cell(value) -> str:
-    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+def html_table(frame: pd.DataFrame, index: bool = False) -> Markup:
+    """``DataFrame.to_html`` (which escapes every cell) with None and NaN as empty cells, for the template."""
+    return Markup(frame.astype(object).where(frame.notna(), "").to_html(index=index))
 
 
 def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str, object] | None]]:
@@ -117,7 +124,7 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
 
 def write_report(source: str | Path, out_dir: Path, keep: Callable[[dict], bool] | None = None) -> Path:
     """Write ``report.md`` (+ PNG figures) and ``report.html`` into ``out_dir`` for the runs of ``source`` that
-    ``keep`` accepts (default: all); return the HTML path."""
+    ``keep`` accepts (default: all); return the HTML path. The HTML page is ``templates/report.html.j2``."""
     runs = load_runs(source)
     if keep is not None:
         runs = runs.select(keep)
@@ -131,48 +138,41 @@ def write_report(source: str | Path, out_dir: Path, keep: Callable[[dict], bool]
     columns = ["run_name", "condition", "seed", *varying_keys(runs.records), "model.name", "model.finetune"]
     run_list = runs.runs.reindex(columns=list(dict.fromkeys(columns)))  # the keys that vary, as columns
     title = f"chainforget report: {len(runs.records)} runs from {source}"
+    skipped = "Runs of the source that have no run record (crashed or stopped chains, runs that are not chains)."
+    configs = [(record["run_name"], yaml.safe_dump(record["config"], sort_keys=False)) for record in runs.records]
 
     markdown = [f"# {title}", ""]
-    page = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-    ]
     for heading, caption, table, figure in parts:
         markdown += [f"## {heading}", "", caption, ""]
-        page += [f"<h2>{html.escape(heading)}</h2><p>{html.escape(caption)}</p>"]
         if figure is not None:
             markdown += [f"![{heading}]({figure[0]})", ""]
-            page.append(f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{figures[figure[0]]}'>")
         if table is not None:
             markdown += [markdown_table(table), ""]
-            shown = table.astype(object).where(table.notna(), "")  # None and NaN both print as empty cells
-            page.append(shown.to_html(index=not isinstance(table.index, pd.RangeIndex)))
     markdown += ["## Runs", "", markdown_table(run_list), ""]
-    page += ["<h2>Runs</h2>", run_list.astype(object).where(run_list.notna(), "").to_html(index=False)]
     if not runs.skipped.empty:
-        caption = "Runs of the source that have no run record (crashed or stopped chains, runs that are not chains)."
-        markdown += ["## Skipped runs", "", caption, "", markdown_table(runs.skipped), ""]
-        skipped = runs.skipped.astype(object).where(runs.skipped.notna(), "").to_html(index=False)
-        page += ["<h2>Skipped runs</h2>", f"<p>{html.escape(caption)}</p>", skipped]
-    for record in runs.records:
-        config = yaml.safe_dump(record["config"], sort_keys=False)
-        markdown += [
-            f"<details><summary>config of {record['run_name']}</summary>",
-            "",
-            "```yaml",
-            config,
-            "```",
-            "</details>",
-            "",
-        ]
-        page.append(
-            f"<details><summary>config of {html.escape(record['run_name'])}</summary>"
-            f"<pre>{html.escape(config)}</pre></details>"
-        )
-    page.append("</body></html>")
+        markdown += ["## Skipped runs", "", skipped, "", markdown_table(runs.skipped), ""]
+    for name, config in configs:
+        markdown += [f"<details><summary>config of {name}</summary>", "", "```yaml", config, "```", "</details>", ""]
     (out_dir / "report.md").write_text("\n".join(markdown), encoding="utf-8")
+
+    page = TEMPLATES.get_template("report.html.j2").render(
+        title=title,
+        sections=[
+            {
+                "heading": heading,
+                "caption": caption,
+                "figure": figures[figure[0]] if figure is not None else None,
+                "table": html_table(table, index=not isinstance(table.index, pd.RangeIndex))
+                if table is not None
+                else None,
+            }
+            for heading, caption, table, figure in parts
+        ],
+        run_list=html_table(run_list),
+        skipped=html_table(runs.skipped) if not runs.skipped.empty else None,
+        skipped_caption=skipped,
+        configs=[{"name": name, "config": config} for name, config in configs],
+    )
     report = out_dir / "report.html"
-    report.write_text("\n".join(page), encoding="utf-8")
+    report.write_text(page, encoding="utf-8")
     return report

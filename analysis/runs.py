@@ -26,9 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from chainforget.config import parse_stage
 from chainforget.errors import DataError
-from chainforget.records import read_record, validate_record
+from chainforget.records import load_record, read_record
 
 # Config keys (and key prefixes) that never change a run's numbers: its name, where its files go, the stage cache
 # (content-addressed: a hit restores the weights the same stage would train), W&B bookkeeping, and how often it logs
@@ -88,12 +87,12 @@ MITIGATION_KNOBS = {
 }
 
 
-def inactive_keys(config: dict) -> tuple[str, ...]:
-    """Key prefixes of the settings that cannot act in this config: the tasks the chain neither trains nor probes,
-    the mitigation knobs its mitigation does not read, LoRA's with full fine-tuning, and curvature's when it is
-    off."""
-    used = [name for entry in config["order"] for name in parse_stage(entry)] + config.get("eval", {}).get("probes", [])
-    prefixes = [f"tasks.{name}" for name in config.get("tasks", {}) if name not in used]
+def inactive_keys(record: dict) -> tuple[str, ...]:
+    """Key prefixes of the settings that cannot act in this run: the tasks the chain neither trains nor probes
+    (the record's ``tasks`` are the ones it evaluated), the mitigation knobs its mitigation does not read, LoRA's
+    with full fine-tuning, and curvature's when it is off."""
+    config = record["config"]
+    prefixes = [f"tasks.{name}" for name in config.get("tasks", {}) if name not in record["tasks"]]
     mitigation, curvature = config.get("mitigation", {}), config.get("curvature", {})
     knobs = MITIGATION_KNOBS.get(mitigation.get("name", "none"), tuple(mitigation))
     prefixes += [f"mitigation.{key}" for key in mitigation if key != "name" and key not in knobs]
@@ -107,7 +106,7 @@ def inactive_keys(config: dict) -> tuple[str, ...]:
 def result_config(record: dict, leave_out: tuple[str, ...] = ()) -> dict:
     """The settings that determine the run's results: its config flattened to dotted keys (lists as tuples)
     without ``seed``, ``NON_RESULT_KEYS``, the ``inactive_keys`` and the keys (or prefixes) in ``leave_out``."""
-    dropped = ("seed", *NON_RESULT_KEYS, *inactive_keys(record["config"]), *leave_out)
+    dropped = ("seed", *NON_RESULT_KEYS, *inactive_keys(record), *leave_out)
     return {key: value for key, value in _flatten(record["config"]).items() if not _under(key, dropped)}
 
 
@@ -128,7 +127,7 @@ def varying_keys(records: list[dict], leave_out: tuple[str, ...] = ()) -> list[s
     """The result-relevant config keys, other than ``order``, whose value differs between the runs where the key
     can act, in config order."""
     configs = [result_config(record, leave_out) for record in records]
-    inactive = [inactive_keys(record["config"]) for record in records]
+    inactive = [inactive_keys(record) for record in records]
 
     def values(key: str) -> set[str]:
         return {repr(c.get(key, UNSET)) for c, off in zip(configs, inactive) if not _under(key, off)}
@@ -145,7 +144,7 @@ def condition_labels(records: list[dict], leave_out: tuple[str, ...] = ()) -> di
     keys = varying_keys(records, leave_out)
     labels = {}
     for record in records:
-        config, inactive = result_config(record, leave_out), inactive_keys(record["config"])
+        config, inactive = result_config(record, leave_out), inactive_keys(record)
         shown = [key for key in keys if not _under(key, inactive)]
         settings = ", ".join(f"{key}={_show(config.get(key, UNSET))}" for key in shown)
         order = "" if "order" in leave_out else " → ".join(record["config"]["order"])
@@ -308,7 +307,7 @@ def _api_runs(path: str, api, cache_dir: Path, filters: dict | None) -> Loaded:
             record = json.loads(local.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"wandb:{path}/{remote.id}/run.json: not a valid run record ({exc})") from None
-        validate_record(record, f"wandb:{path}/{remote.id}/run.json")
+        record = load_record(record, f"wandb:{path}/{remote.id}/run.json")
         records.append(record)
         predictions[record["run_name"]] = lambda fetch=fetch: fetch("predictions.parquet")
     return records, predictions, skipped

@@ -11,8 +11,6 @@ import numpy as np
 import pandas as pd
 
 from analysis.runs import condition_labels, evals_frame
-from chainforget.config import parse_stage, primary_order
-from chainforget.metrics import trained_stages
 
 # ranges (pp) of the quantities averaged over seeds: a difference of two accuracies (F, F_g, accuracy changes),
 # a difference of two such differences (BF_g = F_g - F, order asymmetry), and the spread max_g F_g - min_g F_g
@@ -65,15 +63,14 @@ def score_changes(records: list[dict]) -> pd.DataFrame:
     rows = []
     for record in records:
         run = {"condition": labels[record["run_name"]], "seed": record["config"]["seed"]}
-        order = primary_order(record["config"]["order"], record["config"].get("mitigation", {}).get("name", "none"))
-        trained = trained_stages([parse_stage(entry) for entry in order])
+        trained = {task: facts["trained_stage"] for task, facts in record["tasks"].items()}
         last = max(row["stage"] for row in record["eval"])
         scores = pd.DataFrame(record["metrics"].get("task_scores", []))
         if scores.empty:
             continue
         for (task, kind, group), frame in scores.groupby(["task", "group_kind", "group"], sort=True):
             by_stage = frame.set_index("stage")
-            start = trained.get(task, 0)
+            start = trained.get(task) or 0
             if start == last:
                 continue
             for column, label in SCORE_CHANGES.items():
@@ -132,9 +129,10 @@ def mean_interval(
     mean = float(values.mean())
     if values.size < 2:
         return mean, None, None
-    half = float(stats.t.ppf(0.5 + level / 2, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size))
+    sem = stats.sem(values)  # scipy's t distribution takes no zero scale: seeds that agree give a zero-width interval
+    lo, hi = stats.t.interval(level, values.size - 1, loc=mean, scale=sem) if sem > 0 else (mean, mean)
     low, high = bounds or (-np.inf, np.inf)
-    return mean, max(mean - half, low), min(mean + half, high)
+    return mean, max(float(lo), low), min(float(hi), high)
 
 
 def seed_summary(forgetting: pd.DataFrame) -> pd.DataFrame:
@@ -157,11 +155,10 @@ def asymmetry_seeds(records: list[dict]) -> pd.DataFrame:
     F_S(S→C), ``F_capability`` = F_C(C→S) and their difference ``asymmetry``. ``condition`` is the setting, the
     runs' condition without the order ("" when only the order varies), so runs differing in anything but the
     order and the seed are never paired."""
-    from chainforget import tasks
-
     settings = condition_labels(records, leave_out=("order",))
-    first = {}
+    first, roles = {}, {}
     for record in records:
+        roles |= {task: facts["role"] for task, facts in record["tasks"].items()}
         order = record["config"]["order"]
         if len(order) != 2:
             continue
@@ -171,7 +168,7 @@ def asymmetry_seeds(records: list[dict]) -> pd.DataFrame:
     rows = []
     for (setting, a, b, seed), f_safety in sorted(first.items()):
         partner = (setting, b, a, seed)
-        if partner in first and tasks.get(a).role == "safety" and tasks.get(b).role == "capability":
+        if partner in first and roles[a] == "safety" and roles[b] == "capability":
             pair = {"condition": setting, "safety": a, "capability": b, "seed": seed}
             rows.append(pair | {"F_safety": f_safety, "F_capability": first[partner]})
     frame = pd.DataFrame(rows, columns=["condition", "safety", "capability", "seed", "F_safety", "F_capability"])
@@ -227,6 +224,8 @@ def replay_recovery(records: list[dict]) -> pd.DataFrame:
 def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """Top Hessian eigenvalue at the end of stage 1 vs the forgetting of that stage's task in stage 2, one row
     per two-stage run, and their Spearman correlation with a bootstrap 95% interval over runs."""
+    import warnings
+
     from scipy import stats
 
     rows = []
@@ -252,11 +251,21 @@ def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int =
     if len(frame) < 3:
         return frame, {"spearman": None, "lo": None, "hi": None, "n": len(frame)}
     rho = float(stats.spearmanr(frame["top_eigenvalue"], frame["F"]).statistic)
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(resamples):
-        sample = frame.iloc[rng.integers(0, len(frame), len(frame))]
-        if sample["top_eigenvalue"].nunique() > 1 and sample["F"].nunique() > 1:
-            draws.append(stats.spearmanr(sample["top_eigenvalue"], sample["F"]).statistic)
-    lo, hi = (float(v) for v in np.nanpercentile(draws, [2.5, 97.5])) if draws else (None, None)
+    with warnings.catch_warnings():  # a resample whose eigenvalues or F are all equal has no rank correlation (NaN)
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        result = stats.bootstrap(
+            (frame["top_eigenvalue"].to_numpy(float), frame["F"].to_numpy(float)),
+            lambda x, y: stats.spearmanr(x, y).statistic,
+            paired=True,  # resample runs, keeping each run's eigenvalue with its forgetting
+            vectorized=False,
+            n_resamples=resamples,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
+    lo, hi = result.confidence_interval
+    if np.isnan(lo) or np.isnan(hi):  # scipy's percentiles take every resample: use those that have a correlation
+        draws = result.bootstrap_distribution[~np.isnan(result.bootstrap_distribution)]
+        lo, hi = np.percentile(draws, [2.5, 97.5]) if draws.size else (None, None)
+    lo, hi = (None, None) if lo is None else (float(lo), float(hi))
     return frame, {"spearman": rho, "lo": lo, "hi": hi, "n": len(frame)}

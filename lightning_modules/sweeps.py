@@ -298,7 +298,7 @@ def optuna_study(
     import optuna
 
     from chainforget.config import parse_chain
-    from chainforget.mitigations import apply_replay
+    from chainforget.plan import plan_chain
     from lightning_modules.chain import ChainStopped, run_chain
 
     spec = load_study_spec(path)
@@ -351,7 +351,7 @@ def optuna_study(
         config = parse_chain([*base, *(as_override(k, v) for k, v in params.items())], "chainforget sweep optuna")
         config = replace(config, run_name=f"{name}-trial{trial.number}", wandb=replace(config.wandb, group=name))
 
-        stages = len(apply_replay(config.order, config.mitigation))
+        stages = len(plan_chain(config))
 
         def report(stage: int, summary: dict) -> None:
             # The last stage's value is the trial's result, not an intermediate one: pruning there would throw

@@ -44,13 +44,13 @@ def cut_in_half(source, *_):
 
 def main() -> int:
     mode, n, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    import lightning_modules.chain as chain
+    from chainforget import evaluation
     from lightning_modules.stage import StageModule
 
     if mode == "train_step":
         StageModule.training_step = on_nth_call(StageModule.training_step, n)
     elif mode == "eval":
-        chain.predictions_frame = on_nth_call(chain.predictions_frame, n)
+        evaluation.predictions_frame = on_nth_call(evaluation.predictions_frame, n)
     elif mode in ("rename", "partial"):
         os.replace = on_nth_call(os.replace, n, before=cut_in_half if mode == "partial" else None)
     from chainforget.cli import main as cli

@@ -99,6 +99,11 @@ def test_score_changes_compare_the_trained_stage_with_the_last():
         "run_name": "r",
         "config": {"order": ["bbq", "csqa"], "seed": 0},
         "eval": [{"stage": k} for k in (0, 1, 2)],
+        "tasks": {
+            "bbq": {"role": "safety", "group_kinds": ["category"], "trained_stage": 1},
+            "csqa": {"role": "capability", "group_kinds": [], "trained_stage": 2},
+            "toxigen": {"role": "safety", "group_kinds": ["target"], "trained_stage": None},
+        },
         "metrics": {
             "task_scores": [
                 score("bbq", 1, "Age", s_amb=2.0, s_dis=10.0),
@@ -114,6 +119,7 @@ def test_score_changes_compare_the_trained_stage_with_the_last():
     # toxigen is a probe, never trained: its change is measured from the base model
     assert changes.loc[("toxigen", "balanced acc"), ["from_stage", "change"]].tolist() == [0, 25.0]
     record["config"]["order"] = ["csqa", "bbq"]  # bbq trained last: nothing forgotten yet
+    record["tasks"]["bbq"]["trained_stage"], record["tasks"]["csqa"]["trained_stage"] = 2, 1
     assert "bbq" not in set(score_changes([record])["task"])
 
 

@@ -207,22 +207,44 @@ def test_a_config_without_a_wandb_mode_follows_wandb_mode(smoke_config, monkeypa
 def test_without_credentials_an_online_run_goes_offline_and_says_so_once(smoke_config, monkeypatch, tmp_path, capsys):
     import wandb
 
-    from lightning_modules import chain
+    from lightning_modules import tracking
 
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: never logged in
     monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
     wandb.teardown()  # W&B resolves its settings once per process: make it resolve them again
-    chain.say_offline_once.cache_clear()
+    tracking.say_offline_once.cache_clear()
     try:
-        assert chain.wandb_credentials() is False
-        assert chain.wandb_mode(None) == chain.wandb_mode(None) == "offline"
-        assert chain.wandb_mode("disabled") == "disabled"  # a mode the config names is taken as it is
+        assert tracking.wandb_credentials() is False
+        assert tracking.wandb_mode(None) == tracking.wandb_mode(None) == "offline"
+        assert tracking.wandb_mode("disabled") == "disabled"  # a mode the config names is taken as it is
         monkeypatch.setenv("WANDB_API_KEY", "x" * 86)
         wandb.teardown()
-        assert chain.wandb_credentials() is True and chain.wandb_mode(None) == "online"
+        assert tracking.wandb_credentials() is True and tracking.wandb_mode(None) == "online"
     finally:
         wandb.teardown()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no W&B login and no WANDB_MODE" in err[0]
+
+
+def test_the_record_states_what_each_stage_trained_and_an_old_record_is_upgraded_to_the_same_facts(smoke_config):
+    from chainforget.config import MitigationSpec
+    from chainforget.records import load_record
+
+    config = replace(
+        smoke_config, mitigation=MitigationSpec("replay_stage", 0.25), train=replace(smoke_config.train, steps=2)
+    )
+    record = run_chain(config, progress=False)
+    assert [(s["trains"], s["replays"]) for s in record["stages"]] == [
+        (["bbq"], []),
+        (["csqa"], []),
+        (["csqa"], ["bbq"]),
+    ]
+    assert record["tasks"] == {
+        "bbq": {"role": "safety", "group_kinds": ["category", "target", "context"], "trained_stage": 1},
+        "csqa": {"role": "capability", "group_kinds": [], "trained_stage": 3},
+    }
+    old = {key: value for key, value in record.items() if key != "tasks"} | {"schema_version": 1}
+    old["stages"] = [{k: v for k, v in stage.items() if k not in ("trains", "replays")} for stage in record["stages"]]
+    assert load_record(json.loads(json.dumps(old))) == json.loads(json.dumps(record))

@@ -8,26 +8,6 @@ from chainforget.config import MitigationSpec
 from chainforget.errors import ConfigError
 
 
-def test_replay_mixtures_by_hand():
-    assert mitigations.replay_mixture({"csqa": 1.0}, ["bbq"], 0.05) == "csqa:0.95+bbq:0.05"
-    assert mitigations.replay_mixture({"csqa": 1.0}, ["bbq", "toxigen"], 0.2) == "csqa:0.8+bbq:0.1+toxigen:0.1"
-    assert mitigations.replay_mixture({"csqa": 1.0}, ["bbq"], 0.0) == "csqa:1"
-    assert mitigations.replay_mixture({"csqa": 1.0}, ["bbq"], 1.0) == "bbq:1"
-    order = ["bbq", "csqa"]
-    assert mitigations.apply_replay(order, MitigationSpec("replay_stage", 0.05)) == [
-        "bbq",
-        "csqa",
-        "csqa:0.95+bbq:0.05",
-    ]
-    assert mitigations.apply_replay(order, MitigationSpec("replay_mix", 0.1)) == ["bbq", "csqa:0.9+bbq:0.1"]
-    assert mitigations.apply_replay(["bbq", "csqa", "arc"], MitigationSpec("replay_mix", 0.1, stages=[3])) == [
-        "bbq",
-        "csqa",
-        "arc:0.9+bbq:0.05+csqa:0.05",
-    ]
-    assert mitigations.apply_replay(order, MitigationSpec("l2sp", 1.0)) == order
-
-
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

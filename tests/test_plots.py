@@ -225,3 +225,16 @@ def test_accuracy_figure_gives_wilson_intervals_only_to_a_condition_with_one_run
     fig = plots.accuracy_figure(pd.DataFrame(rows))
     assert [len(ax.containers) for ax in fig.axes[:2]] == [0, 1]  # "a": a band over its two seeds; "b": Wilson bars
     assert "band: range over seeds; one run: 95% Wilson" in fig.texts[0].get_text()
+
+
+def test_wilson_interval_is_the_score_interval_at_every_count():
+    correct, n = np.array([0, 1, 7, 19, 20, 0]), np.array([20, 20, 20, 20, 20, 1])
+    lo, hi = plots.wilson(correct, n)
+    z = 1.96  # the score interval by its formula (Wilson 1927), in percent
+    p = correct / n
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    assert lo == pytest.approx(100 * (centre - half), abs=1e-9) and hi == pytest.approx(100 * (centre + half), abs=1e-9)
+    assert lo[0] == 0.0 and hi[4] == 100.0  # no correct answer / all correct: the bound is the end of the range
+    lo, hi = plots.wilson(np.array([3, 0]), np.array([10, 0]))  # no examples: no interval
+    assert np.isfinite(lo[0]) and np.isnan([lo[1], hi[1]]).all()

@@ -15,6 +15,7 @@ from analysis.tables import (
 )
 
 T_975_DF1 = 12.706204736  # Student t quantile, 1 degree of freedom
+ROLES = {"bbq": "safety", "csqa": "capability"}
 
 
 def record(order, seed, forgetting=None, acc=None, mitigation=None, curvature=None, **config):
@@ -29,6 +30,9 @@ def record(order, seed, forgetting=None, acc=None, mitigation=None, curvature=No
             for (k, t), a in (acc or {}).items()
         ],
         "stages": [{"index": 1, "curvature": {"top_eigenvalue": curvature} if curvature is not None else None}],
+        "tasks": {
+            task: {"role": ROLES[task], "group_kinds": [], "trained_stage": k} for k, task in enumerate(order, 1)
+        },
         "metrics": {
             "forgetting": [
                 {
@@ -184,3 +188,95 @@ def test_replay_recovery_keeps_runs_of_other_settings_apart():
     table = replay_recovery(runs)
     assert table["condition"].tolist() == ["bbq → csqa (train.lr=0.001)", "bbq → csqa (train.lr=0.002)"]
     assert table["seeds"].tolist() == [1, 1]
+
+
+def test_mean_interval_of_seeds_that_agree_has_zero_width():
+    assert mean_interval([5.0, 5.0, 5.0]) == (5.0, 5.0, 5.0)  # scipy's t.interval takes no zero scale
+    assert mean_interval([5.0, None, float("nan"), 5.0], bounds=(0.0, 4.0)) == (5.0, 5.0, 4.0)
+
+
+def test_mean_interval_is_the_student_t_interval_at_any_level():
+    values = [3.0, 7.5, 4.25, 9.0]
+    mean, lo, hi = mean_interval(values, level=0.9)
+    # t quantile 0.95 with 3 degrees of freedom x sample sd (sqrt(23.296875 / 3)) / sqrt(4 seeds)
+    half = 2.353363435 * 2.786687101 / 2
+    assert mean == 5.9375 and lo == pytest.approx(mean - half) and hi == pytest.approx(mean + half)
+
+
+def bootstrap_by_hand(pairs, resamples, seed):
+    """Spearman's rho over resamples of whole runs (each eigenvalue kept with its F), the run indices drawn at once
+    from the seeded generator as scipy's bootstrap draws them; a resample whose eigenvalues or F are all equal has
+    no rho and is left out. Returns the 2.5 and 97.5 percentiles and the number of resamples that have a rho."""
+    import numpy as np
+    from scipy import stats
+
+    x, y = np.array(pairs, dtype=float).T
+    draws = [
+        stats.spearmanr(x[rows], y[rows]).statistic
+        for rows in np.random.default_rng(seed).integers(0, len(pairs), (resamples, len(pairs)))
+        if len(set(x[rows])) > 1 and len(set(y[rows])) > 1
+    ]
+    return (*np.percentile(draws, [2.5, 97.5]), len(draws))
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [(1.0, 5.0), (2.0, 6.0), (3.0, 8.0), (4.0, 7.0), (2.5, 9.0), (6.0, 1.0), (5.0, 3.0), (0.5, 2.0)],
+        [(1.0, 5.0), (2.0, 5.0), (3.0, 8.0), (4.0, 7.0)],  # two runs forgot the same: some resamples have no rho
+    ],
+)
+def test_curvature_bootstrap_resamples_runs_in_pairs_with_its_seed(pairs):
+    runs = [record(["bbq", "csqa"], s, forgetting=f, curvature=c) for s, (c, f) in enumerate(pairs)]
+    _, correlation = curvature_forgetting(runs, resamples=500, seed=3)
+    assert curvature_forgetting(runs, resamples=500, seed=3)[1] == correlation  # one seed, one interval
+    lo, hi, kept = bootstrap_by_hand(pairs, 500, 3)
+    assert kept == 500 if len(pairs) == 8 else kept < 500
+    assert (correlation["lo"], correlation["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+
+
+def test_markdown_tables_print_cells_as_str_without_padding_and_missing_values_empty():
+    import pandas as pd
+
+    from analysis.report import markdown_table
+
+    frame = pd.DataFrame(
+        {"seed": [0, 1], "F": [12.345678, float("nan")], "worst": [None, "Age"], "small": [True, False]},
+        index=pd.Index(["bbq → csqa", "csqa → bbq"], name="condition"),
+    )
+    assert markdown_table(frame).splitlines() == [
+        "| condition | seed | F | worst | small |",
+        "|-------------|--------|-----------|---------|---------|",
+        "| bbq → csqa | 0 | 12.345678 |  | True |",
+        "| csqa → bbq | 1 |  | Age | False |",
+    ]
+
+
+def test_the_html_report_template_ships_with_the_package_and_escapes_what_it_shows():
+    from importlib.resources import files
+
+    from markupsafe import Markup
+
+    from analysis.report import TEMPLATES
+
+    assert files("analysis").joinpath("templates/report.html.j2").is_file()
+    page = TEMPLATES.get_template("report.html.j2").render(
+        title="runs from <dir>",
+        sections=[{"heading": "A & B", "caption": "task's <i>", "figure": "QUJD", "table": Markup("<table></table>")}],
+        run_list=Markup("<table>runs</table>"),
+        skipped=None,
+        configs=[{"name": "<run>", "config": "a: '<b>'\n"}],
+    )
+    assert page.splitlines() == [
+        page.splitlines()[0],
+        "<h1>runs from &lt;dir&gt;</h1>",
+        "<h2>A &amp; B</h2><p>task&#39;s &lt;i&gt;</p>",
+        "<img alt='A &amp; B' src='data:image/png;base64,QUJD'>",
+        "<table></table>",
+        "<h2>Runs</h2>",
+        "<table>runs</table>",
+        "<details><summary>config of &lt;run&gt;</summary><pre>a: &#39;&lt;b&gt;&#39;",
+        "</pre></details>",
+        "</body></html>",
+    ]
+    assert page.startswith("<!doctype html>") and "<title>runs from &lt;dir&gt;</title>" in page

@@ -6,10 +6,10 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
+from chainforget import evaluation
 from chainforget.config import CurvatureSpec, ModelSpec
 from chainforget.errors import ConfigError
 from chainforget.models import load_model
-from lightning_modules import chain as chain_module
 from lightning_modules.chain import run_chain
 from lightning_modules.stage import StageModule, compiled_blocks
 
@@ -26,7 +26,7 @@ def run(config, name, **train):
 
 def kernels_seen(monkeypatch) -> dict[str, set]:
     seen = {"train": set(), "eval": set(), "compiled blocks": set()}
-    original_step, original_scores = StageModule.training_step, chain_module.score_letters
+    original_step, original_scores = StageModule.training_step, evaluation.score_letters
 
     def training_step(self, batch, batch_idx):
         seen["train"].add(self.network.config._attn_implementation)
@@ -39,7 +39,7 @@ def kernels_seen(monkeypatch) -> dict[str, set]:
         return original_scores(model, *args, **kwargs)
 
     monkeypatch.setattr(StageModule, "training_step", training_step)
-    monkeypatch.setattr(chain_module, "score_letters", score_letters)
+    monkeypatch.setattr(evaluation, "score_letters", score_letters)
     return seen
 
 

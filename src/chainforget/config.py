@@ -371,12 +371,6 @@ def parse_stage(entry: str) -> dict[str, float]:
     return {name: value / total for name, value in weights.items()}
 
 
-def primary_order(order: list[str], mitigation: str) -> list[str]:
-    """The stages as the user wrote them, with the ``replay_stage`` stage as a repeat of the last one:
-    which task a stage trains is decided on this order, so replayed data never counts as training."""
-    return [*order, order[-1]] if mitigation == "replay_stage" else list(order)
-
-
 def parse_chain(argv: list[str], prog: str = "chainforget chain", defaults: Path | None = None) -> ChainConfig:
     """A ChainConfig from ``--config FILE`` arguments (applied in order) and dotted overrides, as the ``chain``
     command reads it (jsonargparse, the parser LightningCLI uses); ``defaults``: a config file read first."""

@@ -11,16 +11,6 @@ import pandas as pd
 ALL = "all"
 
 
-def trained_stages(mixtures: list[dict[str, float]]) -> dict[str, int]:
-    """Each task's training stage (1-based): the last stage in which it has the largest mixture weight, so a
-    small replay share does not count as training the task."""
-    trained = {}
-    for index, mixture in enumerate(mixtures, start=1):
-        top = max(mixture.values())
-        trained.update({name: index for name, weight in mixture.items() if weight == top})
-    return trained
-
-
 def eval_rows(predictions: pd.DataFrame, group_kinds: dict[str, tuple[str, ...]]) -> list[dict]:
     """Rows ``(stage, task, group_kind, group, n, correct, acc)`` from per-example predictions.
 

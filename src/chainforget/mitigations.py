@@ -1,7 +1,8 @@
-"""The maths of the mitigations, framework-free: replay mixtures, L2-SP, EWC, LwF and the SAM perturbation.
+"""The maths of the mitigations, framework-free: L2-SP, EWC, LwF and the SAM perturbation.
 
-Each takes one strength knob (replay ratio r, penalty weight lambda, SAM radius rho); at strength 0 each is
-exactly the plain fine-tuning objective. Lightning wiring lives in ``lightning_modules/stage.py``.
+Each takes one strength knob (penalty weight lambda, SAM radius rho); at strength 0 each is exactly the plain
+fine-tuning objective. Lightning wiring lives in ``lightning_modules/stage.py``. Replay is data, not a loss:
+its mixtures are part of the stage plan (``chainforget.plan``).
 """
 
 from __future__ import annotations
@@ -10,43 +11,6 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-
-from chainforget.config import MitigationSpec, parse_stage
-
-
-def replay_mixture(mixture: dict[str, float], earlier: list[str], ratio: float) -> str:
-    """A stage entry training on ``mixture`` scaled by ``1 - ratio`` plus ``ratio`` shared equally by the
-    ``earlier`` tasks, e.g. ``({"csqa": 1}, ["bbq"], 0.05)`` -> ``"csqa:0.95+bbq:0.05"``."""
-    weights = {name: (1.0 - ratio) * weight for name, weight in mixture.items()}
-    for name in earlier:
-        weights[name] = weights.get(name, 0.0) + ratio / len(earlier)
-    return "+".join(f"{name}:{weight:.6g}" for name, weight in weights.items() if weight > 0)
-
-
-def apply_replay(order: list[str], spec: MitigationSpec) -> list[str]:
-    """The chain's stage entries with replay applied.
-
-    ``replay_stage`` appends one stage: the last stage's tasks plus a share r of every earlier task (the
-    paper's third stage; r = 0 is the control that just trains longer). ``replay_mix`` puts that mixture
-    inside each stage it applies to instead.
-    """
-    if spec.name == "replay_stage":
-        return [*order, replay_mixture(parse_stage(order[-1]), earlier_tasks(order, len(order) + 1), spec.strength)]
-    if spec.name == "replay_mix":
-        return [
-            replay_mixture(parse_stage(entry), earlier_tasks(order, index), spec.strength)
-            if spec.applies_to(index) and earlier_tasks(order, index)
-            else entry
-            for index, entry in enumerate(order, start=1)
-        ]
-    return list(order)
-
-
-def earlier_tasks(order: list[str], stage: int) -> list[str]:
-    """Tasks trained before ``stage`` (1-based) that stage ``stage`` does not train itself."""
-    current = parse_stage(order[stage - 1]) if stage <= len(order) else parse_stage(order[-1])
-    seen = [name for entry in order[: stage - 1] for name in parse_stage(entry)]
-    return [name for name in dict.fromkeys(seen) if name not in current]
 
 
 def snapshot(parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

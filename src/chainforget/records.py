@@ -22,10 +22,68 @@ from chainforget import allocator
 from chainforget.errors import DataError, WriteError
 from chainforget.tasks.sources import file_sha256
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: what each stage trains and replays, each task's role and training stage
 CACHE_VERSION = 2  # 2: LoRA adapters initialised from the chain's seed
 SCHEMA_PATH = Path(__file__).with_name("run_schema.json")
 PACKAGES = ("chainforget", "torch", "lightning", "transformers", "peft", "wandb", "pandas", "numpy")
+
+
+def new_record(
+    config: dict, environment: dict, stages: list, eval_rows: list, metrics: dict, tasks: dict, data: dict
+) -> dict:
+    """A run record of this schema version (``run_schema.json``): the resolved config, the environment, what each
+    stage trained and how (``stages``), the eval matrix rows, the derived metrics, the facts about each task
+    (role, groups, training stage) and each task's data (fingerprint, split sizes)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_name": config["run_name"],
+        "config": config,
+        "environment": environment,
+        "stages": stages,
+        "eval": eval_rows,
+        "metrics": metrics,
+        "tasks": tasks,
+        "data": data,
+    }
+
+
+def load_record(record: dict, where: str = "run.json") -> dict:
+    """A run record as this version writes it: older records are upgraded (their facts derived from their
+    config, as the runner of their time decided them), then validated."""
+    if record.get("schema_version") == 1:
+        record = upgrade_v1(record)
+    validate_record(record, where)
+    return record
+
+
+def upgrade_v1(record: dict) -> dict:
+    """Schema 1 -> 2: add each stage's ``trains``/``replays`` and the ``tasks`` facts, from the stage plan."""
+    from chainforget import tasks
+    from chainforget.config import CurvatureSpec, MitigationSpec
+    from chainforget.plan import plan_stages, trained_at
+
+    config = record["config"]
+
+    def spec(kind, values: dict | None):  # the fields this version knows, from an older config block
+        return kind(**{k: v for k, v in (values or {}).items() if k in kind.__dataclass_fields__})
+
+    plans = plan_stages(
+        config["order"],
+        spec(MitigationSpec, config.get("mitigation")),
+        spec(CurvatureSpec, config.get("curvature")),
+        config["seed"],
+    )
+    stages = [
+        {**stage, "trains": list(plan.trains), "replays": list(plan.replays)}
+        for stage, plan in zip(record["stages"], plans)
+    ]
+    trained = trained_at(plans)
+    names = dict.fromkeys(row["task"] for row in record["eval"])
+    facts = {}
+    for name in names:
+        task = tasks.get(name)
+        facts[name] = {"role": task.role, "group_kinds": list(task.group_kinds), "trained_stage": trained.get(name)}
+    return {**record, "schema_version": 2, "stages": stages, "tasks": facts}
 
 
 def validate_record(record: dict, where: str = "run.json") -> None:
@@ -226,5 +284,4 @@ def read_record(run_dir: Path) -> dict:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a valid run record ({exc})") from None
-    validate_record(record, str(path))
-    return record
+    return load_record(record, str(path))

@@ -72,24 +72,36 @@ def pypi_archive(requirement: str, *, sdist: bool = False) -> Path:
     """Download one distribution file of ``name==version`` (its wheel, or its sdist) from the package index
     into the cache, checked against the index's sha256; return its path. Nothing is built or installed.
 
-    The index is pip's (``$PIP_INDEX_URL`` or ``pip config``'s ``global.index-url``, else PyPI), read
-    through its simple API. ``pip download`` is not used: it prepares an sdist's metadata, and pip 26.3
-    refuses bigbench's (a direct-URL dependency) even with ``--no-deps``.
+    The indexes are pip's own (``package_indexes``: its index URL, then each extra index URL, as ``pip install``
+    resolves them from the environment and pip's configuration files), read through their simple API; the
+    first that lists the file is used. ``pip download`` is not used: it prepares an sdist's metadata, and
+    pip 26.3 refuses bigbench's (a direct-URL dependency) even with ``--no-deps``.
     """
     dest = cache_root() / "pypi" / requirement.replace("==", "-")
     existing = sorted(dest.glob("*.tar.gz" if sdist else "*.whl")) if dest.exists() else []
     if existing:
         return existing[0]
     name, _, version = requirement.partition("==")
-    listing = f"{package_index().rstrip('/')}/{canonicalize_name(name)}/"
-    files = [
-        (filename, url, sha256)
-        for filename, url, sha256 in index_files(listing)
-        if is_release_file(filename, name, version, sdist)
-    ]
-    if not files:
-        kind = "sdist" if sdist else "wheel"
-        raise DataError(f"{requirement}: the package index {listing} lists no {kind} of this version")
+    kind = "sdist" if sdist else "wheel"
+    misses = []  # why each index before the one that has it was passed over
+    for index in package_indexes():
+        listing = f"{index.rstrip('/')}/{canonicalize_name(name)}/"
+        try:
+            listed = index_files(listing)
+        except DataError as exc:  # an index that cannot be read (offline, no such project) is passed over, as pip does
+            misses.append(f"{listing} could not be read ({exc.__cause__ or exc})")
+            continue
+        files = [
+            (filename, url, sha256)
+            for filename, url, sha256 in listed
+            if is_release_file(filename, name, version, sdist)
+        ]
+        if files:
+            break
+        misses.append(f"{listing} lists no {kind} of this version")
+    else:
+        others = "".join(f"; the extra index {miss}" for miss in misses[1:])
+        raise DataError(f"{requirement}: the package index {misses[0]}{others}")
     filename, url, sha256 = min(files, key=lambda f: not f[0].endswith("-none-any.whl"))  # a pure wheel if any
     print(f"fetching {requirement} from {listing} (offline archive)", file=sys.stderr)
     url = urllib.parse.urljoin(listing, url)
@@ -100,18 +112,40 @@ def pypi_archive(requirement: str, *, sdist: bool = False) -> Path:
     return path
 
 
-def package_index() -> str:
-    """pip's index URL: ``$PIP_INDEX_URL``, else ``pip config get global.index-url``, else PyPI."""
-    if os.environ.get("PIP_INDEX_URL"):
-        return os.environ["PIP_INDEX_URL"]
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True, text=True, check=False
+PYPI = "https://pypi.org/simple"
+
+
+def package_indexes() -> list[str]:
+    """pip's index URL and then its extra index URLs, in order, resolved by pip's own option parser as
+    ``pip install`` resolves them: ``$PIP_INDEX_URL`` / ``$PIP_EXTRA_INDEX_URL`` over the ``install`` section
+    over the ``global`` section of pip's configuration files (every level: global, user, site,
+    ``$PIP_CONFIG_FILE``), PyPI when nothing is set.
+
+    pip has no public API for this, so its internals are wrapped: where they are missing or have changed, only
+    the two environment variables are read (else PyPI).
+    """
+    # In a child process: pip's install command imports the stdlib distutils, which breaks a later setuptools
+    # import in this one (torch.compile's inductor imports setuptools)
+    ask = (
+        "import json; from pip._internal.commands import create_command; "
+        "options, _ = create_command('install').parse_args([]); "
+        "print(json.dumps([options.index_url, list(options.extra_index_urls or [])]))"
     )
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "https://pypi.org/simple"
+    try:
+        done = subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True, timeout=60, check=True)
+        index, extra = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):  # no pip, a changed internal API, ...
+        index = os.environ.get("PIP_INDEX_URL") or PYPI
+        extra = os.environ.get("PIP_EXTRA_INDEX_URL", "").split()
+    return list(dict.fromkeys([index or PYPI, *extra]))
 
 
 def index_files(listing: str) -> list[tuple[str, str, str | None]]:
-    """``(filename, url, sha256)`` of a project page of a simple-API index, JSON (PEP 691) or HTML (PEP 503)."""
+    """``(filename, url, sha256)`` of a project page of a simple-API index, JSON (PEP 691) or HTML (PEP 503); a
+    ``file:`` index directory is read through its ``index.html``, as pip reads it."""
+    parts = urllib.parse.urlparse(listing)
+    if parts.scheme == "file" and os.path.isdir(urllib.request.url2pathname(parts.path)):
+        listing = urllib.parse.urljoin(listing.rstrip("/") + "/", "index.html")
     request = urllib.request.Request(
         listing, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"}
     )

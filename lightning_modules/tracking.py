@@ -1,0 +1,140 @@
+"""W&B for a chain, in one place: one run per chain that follows W&B's own settings, a history row per stage
+(``stage`` as the step metric), the summary and the run record at the end. The runner calls these."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import pandas as pd
+
+from chainforget import metrics
+from chainforget.config import ChainConfig
+from chainforget.errors import ConfigError
+from chainforget.evaluation import stage_scores
+from chainforget.records import PP, atomic_write_text, score_values, summary_metrics
+
+
+def start_run(config: ChainConfig, run_dir: Path, extra_config: dict | None = None):
+    """One W&B run per chain; ``stage`` is the step metric of every ``eval/*`` series."""
+    import wandb
+
+    mode = wandb_mode(config.wandb.mode)
+    if mode == "disabled":
+        return None
+    # Under `wandb agent` the run's id, project and entity are the sweep's (W&B ignores them with a warning)
+    in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
+    # a re-run of a killed chain (same run directory) continues the same W&B run instead of starting another
+    id_file = run_dir / "wandb_run_id"
+    run_id = os.environ.get("WANDB_RUN_ID") or (
+        id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    )
+    atomic_write_text(id_file, run_id)
+    run = wandb.init(
+        id=None if in_sweep else run_id,
+        resume="allow",
+        project=None if in_sweep else config.wandb.project or os.environ.get("WANDB_PROJECT") or "chainforget",
+        entity=None if in_sweep else config.wandb.entity,
+        group=config.wandb.group or os.environ.get("WANDB_RUN_GROUP") or config.run_name,
+        job_type="chain",
+        name=config.run_name,
+        dir=str(run_dir),
+        config={**config.to_dict(), **(extra_config or {})},
+        tags=config.wandb.tags,
+        mode=mode,
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+    run.define_metric("stage")
+    run.define_metric("eval/*", step_metric="stage")
+    return run
+
+
+def wandb_mode(configured: str | None) -> str:
+    """The config's ``wandb.mode`` if set, else W&B's own (``$WANDB_MODE``, ``wandb offline``, a sweep agent's
+    environment); where that is online but no credentials exist, offline, said once per process on stderr."""
+    if configured:
+        return configured
+    import wandb
+
+    try:
+        mode = wandb.setup().settings.mode
+    except ValueError as exc:  # pydantic's ValidationError: a malformed WANDB_MODE
+        raise ConfigError(
+            f"WANDB_MODE={os.environ.get('WANDB_MODE')!r}: not allowed; use online, offline or disabled"
+        ) from exc
+    if mode in ("online", "run", "shared") and not wandb_credentials():
+        say_offline_once()
+        return "offline"
+    return mode
+
+
+@functools.cache
+def say_offline_once() -> None:
+    print(
+        "chainforget: no W&B login and no WANDB_MODE: W&B runs are logged offline in each run directory's wandb/ "
+        "(`wandb login`, then `wandb sync <dir>` uploads them; WANDB_MODE=disabled turns W&B off)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def wandb_credentials() -> bool:
+    """Whether W&B finds credentials (``$WANDB_API_KEY``, ``.netrc`` from ``wandb login``, its settings) without
+    prompting. The lookup lives in a private module that moves between wandb releases: without it, wandb.init
+    decides."""
+    import wandb
+
+    try:
+        from wandb.sdk.lib.wbauth import authenticate_session
+    except ImportError:
+        return True
+    try:
+        host = wandb.setup().settings.base_url
+        return authenticate_session(host=host, source="chainforget", prompt=False, update_session=False) is not None
+    except Exception:  # a malformed key: let wandb.init report it in its own words
+        return True
+
+
+def log_stage(run, predictions: pd.DataFrame, data) -> None:
+    """History row of one stage: accuracy per task and group, and the task-specific scores."""
+    if run is None:
+        return
+    stage = int(predictions["stage"].iloc[0])
+    rows = metrics.eval_rows(predictions, {name: data[name].group_kinds for name in predictions["task"].unique()})
+    history = {"stage": stage}
+    for row in rows:
+        suffix = "acc" if row["group_kind"] == metrics.ALL else f"{row['group_kind']}/{row['group']}/acc"
+        history[f"eval/{row['task']}/{suffix}"] = PP * row["acc"]
+    for row in stage_scores(predictions):
+        for name, value in score_values(row).items():
+            history[f"eval/{row['task']}/{row['group_kind']}/{row['group']}/{name}"] = value
+    run.log(history)
+
+
+def finish_run(run, record: dict, run_dir: Path) -> None:
+    if run is None:
+        return
+    import wandb
+
+    run.summary.update(summary_metrics(record))
+    run.log({"eval_matrix": wandb.Table(dataframe=pd.DataFrame(record["eval"]))})
+    for name in ("run.json", "predictions.parquet"):  # the run's files folder is uploaded as it is at the end
+        shutil.copy2(run_dir / name, Path(run.dir) / name)
+    run.finish()
+
+
+def stop_run(run, reason: str | None) -> None:
+    """End a chain's run early: cleanly, tagged ``stopped``, when it was stopped on purpose (``reason``), else as
+    failed (exit code 1)."""
+    if run is None:
+        return
+    if reason is None:
+        run.finish(exit_code=1)
+        return
+    run.tags = (*run.tags, "stopped")
+    run.summary["stopped"] = reason
+    run.finish()
