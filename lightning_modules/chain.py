@@ -7,7 +7,6 @@ take it from the stage cache) and evaluate it, then write the run record. What i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -41,7 +40,6 @@ from chainforget.plan import StagePlan, plan_chain
 from chainforget.progress import bar_options
 from chainforget.records import StageCache, content_key, environment, new_record, summary_metrics, write_record
 from chainforget.tasks import TaskData
-from chainforget.tasks.sources import cache_root
 from lightning_modules import tracking
 from lightning_modules.checkpoint import SafetensorsCheckpointIO, StageCheckpoint
 from lightning_modules.stage import CurvatureCallback, StageDataModule, StageModule, answer_loss
@@ -126,7 +124,7 @@ def run_chain(
     model = load_model(config.model, config.seed).to(eval_device(config))
     run_dir = Path(config.out) / config.run_name  # created only once data and model have loaded
     run_dir.mkdir(parents=True, exist_ok=True)
-    cache = StageCache(Path(config.cache_dir) if config.cache_dir else cache_root() / "stages", read=config.cache)
+    cache = StageCache.at(config.cache_dir, read=config.cache)
     tracker = tracking.start_run(config, run_dir, wandb_config)
     chain = ChainRun(config, plans, data, tokenizer, model, cache, run_dir, tracker, progress)
     try:
@@ -194,22 +192,17 @@ def train_or_reuse(chain: ChainRun, plan: StagePlan, previous_key: str) -> tuple
         asdict(config.curvature) if plan.curvature else None,
         *([config.trainer.numerics()] if config.trainer.numerics() else []),
     )
-    cached = chain.cache.get(key)
+    cached = chain.cache.get_stage(key)
     if cached is not None:
-        load_trainable(model, cached / "weights.safetensors")
-        outcome = json.loads((cached / "stage.json").read_text())
+        weights, outcome = cached
+        load_trainable(model, weights)
     else:
         ewc = mitigation is not None and mitigation.name == "ewc"
         fisher = estimate_fisher(chain, chain.plans[plan.index - 2].entry) if ewc else None
         checkpoints = chain.run_dir / "checkpoints" / key
         outcome = train_stage(chain, plan, fisher, checkpoints)
         model.to(eval_device(config))  # Lightning hands the module back on the CPU
-
-        def store(entry_dir: Path) -> None:
-            save_trainable(model, entry_dir / "weights.safetensors")
-            (entry_dir / "stage.json").write_text(json.dumps(outcome))
-
-        chain.cache.put(key, store)
+        chain.cache.put_stage(key, lambda path: save_trainable(model, path), outcome)
         shutil.rmtree(checkpoints, ignore_errors=True)  # the cache entry supersedes them
     save_pretrained(model, chain.tokenizer, chain.run_dir / f"stage{plan.index}")
     facts = {"index": plan.index, "name": plan.entry, "tasks": plan.mixture, "trains": list(plan.trains)}
@@ -395,10 +388,10 @@ def evaluate(chain: ChainRun, stage: int, stage_key: str) -> pd.DataFrame:
     for name, task in chain.data.items():
         settings = (config.train.max_seq_len, config.trainer.precision, config.eval.mode)
         key = content_key("eval", stage_key, task.fingerprint, *settings)
-        cached = chain.cache.get(key)
-        if cached is None:
+        frame = chain.cache.get_predictions(key)
+        if frame is None:
             desc = f"eval {name} @ stage {stage}"
             frame = evaluation.predictions_frame(chain.model, chain.tokenizer, task, config, chain.progress, desc)
-            cached = chain.cache.put(key, lambda d: frame.to_parquet(d / "predictions.parquet", index=False))
-        frames.append(pd.read_parquet(cached / "predictions.parquet").assign(stage=stage))
+            frame = chain.cache.put_predictions(key, frame)
+        frames.append(frame.assign(stage=stage))
     return pd.concat(frames, ignore_index=True)

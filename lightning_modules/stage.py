@@ -14,7 +14,6 @@ import time
 import typing
 import warnings
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -29,11 +28,10 @@ from chainforget import curvature, mitigations
 from chainforget.config import CurvatureSpec, MitigationSpec, ModelSpec, TaskSpec, check_attention, parse_stage
 from chainforget.errors import ConfigError, DataError
 from chainforget.models import load_model, load_tokenizer, load_trainable, trainable_parameters
-from chainforget.records import read_record
+from chainforget.records import StageCache
 from chainforget.scoring import autocast_for, encode_prompt, left_pad, letter_token_ids
 from chainforget.tasks import TaskData
 from chainforget.tasks import load as load_task
-from chainforget.tasks.sources import cache_root
 from lightning_modules.checkpoint import SafetensorsCheckpointIO
 
 
@@ -187,7 +185,7 @@ class StageModule(L.LightningModule):
         if self.network is None:
             self.network = load_model(self.spec, self.hparams.seed)
             if self.hparams.init_from:
-                load_trainable(self.network, resolve_init(self.hparams.init_from, self.hparams.cache_dir))
+                load_trainable(self.network, StageCache.at(self.hparams.cache_dir).weights_for(self.hparams.init_from))
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return trainable_parameters(self.network)
@@ -399,25 +397,6 @@ def as_spec(kind: type, value, field: str):
         raise ConfigError(f"{field}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(hints)}")
     nested = {k: as_spec(hints[k], v, f"{field}.{k}") for k, v in value.items() if dataclasses.is_dataclass(hints[k])}
     return kind(**{**value, **nested})
-
-
-def resolve_init(init_from: str, cache_dir: str | None) -> Path:
-    """The weights file behind ``init_from`` (see :class:`StageModule`)."""
-    root = Path(cache_dir) if cache_dir else cache_root() / "stages"
-    path = Path(init_from).expanduser()
-    if path.is_file():
-        return path
-    if (path / "run.json").exists():
-        stages = read_record(path)["stages"]
-        if not stages or "cache_key" not in stages[-1]:
-            raise ConfigError(f"model.init_from {init_from}: the run record names no cached stage to start from")
-        path = root / stages[-1]["cache_key"]
-    elif not path.is_dir():
-        path = root / init_from
-    weights = path / "weights.safetensors"
-    if not weights.exists():
-        raise ConfigError(f"model.init_from {init_from}: no weights.safetensors at {path} (cache dir {root})")
-    return weights
 
 
 class CurvatureCallback(L.Callback):

@@ -77,3 +77,28 @@ def test_temp_entries_a_killed_writer_left_are_removed_once_stale(tmp_path):
     cache.put("k3", lambda entry: (entry / "x").write_text("1"))
     assert not abandoned.exists() and in_progress.exists()  # another worker may still be writing that one
     assert cache.get("k3") is not None
+
+
+def test_the_stage_cache_owns_its_layout_and_resolves_init_from(tmp_path):
+    import pandas as pd
+
+    from chainforget.errors import ConfigError
+
+    cache = StageCache(tmp_path / "stages")
+    assert cache.get_stage("k") is None and cache.get_predictions("e") is None
+    cache.put_stage("k", lambda path: path.write_bytes(b"weights"), {"train": {"steps": 3}})
+    weights, summary = cache.get_stage("k")
+    assert weights.read_bytes() == b"weights" and summary == {"train": {"steps": 3}}
+    frame = pd.DataFrame({"example_id": ["a", "b"], "pred": [0, 2]})
+    assert cache.put_predictions("e", frame).equals(frame) and cache.get_predictions("e").equals(frame)
+
+    assert cache.weights_for("k") == weights  # a cache key
+    assert cache.weights_for(str(weights.parent)) == weights  # an entry's directory
+    assert cache.weights_for(str(weights)) == weights  # a weights file
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    with pytest.raises(Exception):  # a run directory: its record must be valid
+        cache.weights_for(str(run))
+    with pytest.raises(ConfigError, match="model.init_from nokey: no weights.safetensors at"):
+        cache.weights_for("nokey")

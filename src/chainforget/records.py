@@ -19,7 +19,7 @@ import jsonschema
 import pandas as pd
 
 from chainforget import allocator
-from chainforget.errors import DataError, WriteError
+from chainforget.errors import ConfigError, DataError, WriteError
 from chainforget.tasks.sources import file_sha256
 
 SCHEMA_VERSION = 2  # 2: what each stage trains and replays, each task's role and training stage
@@ -214,12 +214,61 @@ class StageCache:
     """Finished stages (and their evaluations) stored under a content hash.
 
     An entry is a directory written in a temp location and renamed into place, with a ``manifest.json``
-    of file checksums that is verified on every read; a damaged entry is discarded with a warning.
+    of file checksums that is verified on every read; a damaged entry is discarded with a warning. A stage's
+    entry holds its trainable weights and its training summary, an evaluation's its predictions; only this
+    class knows the file names.
     """
+
+    WEIGHTS, SUMMARY, PREDICTIONS = "weights.safetensors", "stage.json", "predictions.parquet"
 
     def __init__(self, root: Path, read: bool = True):
         self.root = Path(root)
         self.read = read
+
+    @classmethod
+    def at(cls, cache_dir: str | None, read: bool = True) -> StageCache:
+        """The cache in ``cache_dir``, or the user cache directory's ``stages/`` when it is ``None``."""
+        from chainforget.tasks.sources import cache_root
+
+        return cls(Path(cache_dir) if cache_dir else cache_root() / "stages", read=read)
+
+    def get_stage(self, key: str) -> tuple[Path, dict] | None:
+        """A finished stage: its weights file and its training summary, or ``None``."""
+        entry = self.get(key)
+        return None if entry is None else (entry / self.WEIGHTS, json.loads((entry / self.SUMMARY).read_text()))
+
+    def put_stage(self, key: str, save_weights: Callable[[Path], None], summary: dict) -> None:
+        def write(entry: Path) -> None:
+            save_weights(entry / self.WEIGHTS)
+            (entry / self.SUMMARY).write_text(json.dumps(summary))
+
+        self.put(key, write)
+
+    def get_predictions(self, key: str) -> pd.DataFrame | None:
+        entry = self.get(key)
+        return None if entry is None else pd.read_parquet(entry / self.PREDICTIONS)
+
+    def put_predictions(self, key: str, frame: pd.DataFrame) -> pd.DataFrame:
+        """Store an evaluation's predictions; returns them as read back, as a later cache hit will see them."""
+        entry = self.put(key, lambda entry: frame.to_parquet(entry / self.PREDICTIONS, index=False))
+        return pd.read_parquet(entry / self.PREDICTIONS)
+
+    def weights_for(self, init_from: str) -> Path:
+        """The weights file behind a fit's ``model.init_from``: a ``.safetensors`` file, a chain's run directory
+        (its last stage), a cache entry's directory, or a cache key."""
+        path = Path(init_from).expanduser()
+        if path.is_file():
+            return path
+        if (path / "run.json").exists():
+            stages = read_record(path)["stages"]
+            if not stages or "cache_key" not in stages[-1]:
+                raise ConfigError(f"model.init_from {init_from}: the run record names no cached stage to start from")
+            path = self.root / stages[-1]["cache_key"]
+        elif not path.is_dir():
+            path = self.root / init_from
+        if not (path / self.WEIGHTS).exists():
+            raise ConfigError(f"model.init_from {init_from}: no {self.WEIGHTS} at {path} (cache dir {self.root})")
+        return path / self.WEIGHTS
 
     def get(self, key: str) -> Path | None:
         entry = self.root / key
