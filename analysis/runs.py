@@ -356,5 +356,35 @@ def load_runs(
             "(crashed or stopped chains, runs that are not chains); Runs.skipped lists them with the reason",
             stacklevel=2,
         )
-    records = sorted(records, key=lambda r: r["run_name"])
+    records, repeats = drop_repeats(sorted(records, key=lambda r: r["run_name"]))
+    if repeats:
+        warnings.warn(
+            f"{text}: {len(repeats)} runs repeat another run's settings and seed (e.g. two sweeps into one folder) and "
+            "were left out, so that a seed counts once; Runs.skipped lists them",
+            stacklevel=2,
+        )
+        skipped = pd.concat([skipped, pd.DataFrame(repeats, columns=SKIPPED_COLUMNS)], ignore_index=True)
     return Runs(records, runs_frame(records), evals_frame(records), predictions, skipped)
+
+
+def drop_repeats(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The records without those that repeat an earlier one's settings (``result_config``) and seed, and a
+    skipped row for each repeat: intervals over seeds would otherwise count one seed twice (zero-width bands)."""
+    kept, first, repeats = [], {}, []
+    for record in records:
+        key = (json.dumps(result_config(record), sort_keys=True, default=str), record["config"]["seed"])
+        if key in first:
+            reason = f"repeats {first[key]} (same settings and seed)"
+            repeats.append(
+                {
+                    "id": record["run_name"],
+                    "name": record["run_name"],
+                    "state": "finished",
+                    "reason": reason,
+                    "where": "",
+                }
+            )
+        else:
+            first[key] = record["run_name"]
+            kept.append(record)
+    return kept, repeats

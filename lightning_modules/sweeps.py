@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +46,9 @@ def read_mapping(path: Path, kind: str, fields: str) -> dict:
 
 def load_sweep(path: Path) -> dict:
     """A W&B sweep YAML, validated with the sweep engine's own schema."""
-    import sweeps
+    with warnings.catch_warnings():  # the engine's pydantic models use v1 option names: nothing a user can change
+        warnings.filterwarnings("ignore", message="Valid config keys have changed in V2")
+        import sweeps
 
     config = read_mapping(path, "sweep", "method, metric, parameters and command")
     violations = sweeps.schema_violations_from_proposed_config(config)
@@ -95,8 +99,14 @@ def wandb_local(path: Path, *, count: int | None = None, sweep_id: str | None = 
     sweep = load_sweep(path)
     if count is None and sweep.get("method") != "grid":
         raise ConfigError(f"{path}: method {sweep.get('method')!r} never runs out of suggestions; pass --count N")
-    sweep_id = sweep_id or path.stem
+    sweep_id = sweep_id or sweep.get("name") or path.stem
     metric = (sweep.get("metric") or {}).get("name")
+    program = next(part for part in agent_command(sweep, {}) if part != "/usr/bin/env")
+    if shutil.which(program) is None:  # every run would fail to start: say why once
+        raise ConfigError(
+            f"{path}: command {program!r} is not on PATH; activate the environment it is installed in "
+            "(e.g. source .venv/bin/activate)"
+        )
     state_file = chain_run_dir(agent_command(sweep, {}), "-").parent / "sweeps" / f"{sweep_id}.json"
     runs = read_sweep_state(state_file, sweep, sweep_id)
     results = []
@@ -151,9 +161,12 @@ def wandb_local(path: Path, *, count: int | None = None, sweep_id: str | None = 
                 "run_dir": str(run_dir),
                 "returncode": done.returncode,
                 "parameters": parameters,
+                "metric": metric,
                 "objective": objective,
             }
         )
+    if not results:
+        print(f"[{sweep_id}] no run left to start: {len(runs)} runs are recorded in {state_file}", file=sys.stderr)
     return results
 
 
@@ -320,15 +333,17 @@ def optuna_study(
     pruner = pruners[pruner_name](**pruner_spec)
     multi = len(spec["objectives"]) > 1
     grid = (spec.get("sampler") or {}).get("name") == "grid"
-    study = optuna.create_study(
-        study_name=name,
-        storage=make_storage(storage_url, spec.get("heartbeat")),
-        load_if_exists=True,
-        directions=spec["directions"],
-        sampler=make_sampler(spec),
-        pruner=pruner,
-    )
-    study.set_metric_names(list(spec["objectives"]))  # what optuna-dashboard and trials_dataframe() show
+    with warnings.catch_warnings():  # heartbeats and metric names are "experimental" in Optuna: nothing to act on
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(
+            study_name=name,
+            storage=make_storage(storage_url, spec.get("heartbeat")),
+            load_if_exists=True,
+            directions=spec["directions"],
+            sampler=make_sampler(spec),
+            pruner=pruner,
+        )
+        study.set_metric_names(list(spec["objectives"]))  # what optuna-dashboard and trials_dataframe() show
     base = [arg for config_file in [*spec["base"], *configs] for arg in ("--config", config_file)] + list(
         spec.get("overrides") or []
     )

@@ -89,7 +89,8 @@ def test_a_run_started_by_wandb_agent_reports_to_its_sweep(tmp_path, monkeypatch
         "WANDB_PROJECT",
         "WANDB_ENTITY",
     ):
-        monkeypatch.delenv(name, raising=False)  # the agent sets these in its own process; restored after the test
+        monkeypatch.setenv(name, "")  # recorded, so that what the agent sets in this process is undone afterwards
+        monkeypatch.delenv(name)
     monkeypatch.setenv("WANDB_MODE", "offline")  # no server here: the run stays on disk
     sweep = yaml.safe_load(
         sweep_file(tmp_path, "grid", {"train.lr": {"values": [0.002]}}, "forgetting/bbq").read_text()
@@ -192,3 +193,11 @@ def test_a_metric_missing_from_every_summary_is_said_and_the_sweep_goes_on(tmp_p
     (result,) = wandb_local(path)
     assert result["returncode"] == 0 and result["objective"] is None
     assert "its summary has no 'forgetting/nonexistent'" in capsys.readouterr().err
+
+
+def test_a_sweep_whose_program_is_not_on_path_stops_before_any_run(tmp_path, monkeypatch):
+    path = sweep_file(tmp_path, "grid", {"train.lr": {"values": [0.001]}}, "forgetting/bbq")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # e.g. the environment was not activated
+    with pytest.raises(ConfigError, match="command 'chainforget' is not on PATH; activate the environment"):
+        wandb_local(path)
+    assert not (tmp_path / "runs").exists()

@@ -280,3 +280,16 @@ def test_the_html_report_template_ships_with_the_package_and_escapes_what_it_sho
         "</body></html>",
     ]
     assert page.startswith("<!doctype html>") and "<title>runs from &lt;dir&gt;</title>" in page
+
+
+def test_a_run_that_repeats_another_runs_settings_and_seed_is_left_out_once():
+    from analysis.runs import drop_repeats
+
+    first = record(["bbq", "csqa"], 0, forgetting={"all": 4.0})
+    again = {**first, "run_name": "zz-same-settings-and-seed"}
+    other_seed = record(["bbq", "csqa"], 1, forgetting={"all": 6.0})
+    kept, repeats = drop_repeats([first, again, other_seed])
+    assert [r["run_name"] for r in kept] == [first["run_name"], other_seed["run_name"]]
+    assert [(r["id"], r["reason"]) for r in repeats] == [
+        ("zz-same-settings-and-seed", f"repeats {first['run_name']} (same settings and seed)")
+    ]

@@ -89,7 +89,7 @@ def demo(argv: list[str]) -> int:
     for order in DEMO_ORDERS:
         wandb = replace(base.wandb, group=base.wandb.group or base.run_name)  # both orders in one W&B group
         config = replace(base, order=order, run_name="-".join(order), wandb=wandb)
-        print(f"== chain {' -> '.join(order)} ==", flush=True)
+        print(f"== chain {' -> '.join(order)} ==", file=sys.stderr, flush=True)
         records.append(run_chain(config))
     print(summary_text(records))
     report = write_report(Path(base.out), Path(base.out) / "report")
@@ -174,11 +174,10 @@ def sweep(argv: list[str]) -> int:
     from lightning_modules.sweeps import wandb_local
 
     results = wandb_local(args.file, count=args.count, sweep_id=args.sweep_id)
-    failed = [r for r in results if r["returncode"] != 0]
     for result in results:
-        status = "failed" if result["returncode"] else f"objective {result['objective']}"  # None: metric missing
+        status = "failed" if result["returncode"] else f"objective {result['metric']} = {result['objective']}"
         print(f"{result['run_id']}: {status}  {result['run_dir']}")
-    return 1 if failed else 0
+    return 1 if any(r["returncode"] != 0 for r in results) else 0
 
 
 def report(argv: list[str]) -> int:
