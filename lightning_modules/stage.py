@@ -25,7 +25,15 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from chainforget import curvature, mitigations
-from chainforget.config import CurvatureSpec, MitigationSpec, ModelSpec, TaskSpec, check_attention, parse_stage
+from chainforget.config import (
+    CurvatureSpec,
+    MitigationSpec,
+    ModelSpec,
+    TaskSpec,
+    TrainSpec,
+    check_attention,
+    parse_stage,
+)
 from chainforget.errors import ConfigError, DataError
 from chainforget.models import load_model, load_tokenizer, load_trainable, trainable_parameters
 from chainforget.records import StageCache
@@ -89,15 +97,15 @@ class StageModule(L.LightningModule):
     def __init__(
         self,
         model: ModelSpec | None = None,
-        lr: float = 2e-4,
-        warmup_ratio: float = 0.1,
-        weight_decay: float = 0.0,
+        lr: float = TrainSpec.lr,
+        warmup_ratio: float = TrainSpec.warmup_ratio,
+        weight_decay: float = TrainSpec.weight_decay,
         seed: int = 0,
         mitigation: MitigationSpec | None = None,
         init_from: str | None = None,
         cache_dir: str | None = None,
-        attention: str = "auto",
-        compile: bool = False,
+        attention: str = TrainSpec.attention,
+        compile: bool = TrainSpec.compile,
         optimizer: dict | None = None,
         lr_scheduler: dict | None = None,
     ):
@@ -499,11 +507,11 @@ class StageDataModule(L.LightningDataModule):
         tasks: dict[str, TaskSpec] | None = None,
         stage: str = "bbq",
         model: ModelSpec | None = None,
-        batch_size: int = 8,
-        steps: int = 100,
-        max_seq_len: int = 384,
+        batch_size: int = TrainSpec.batch_size,
+        steps: int = TrainSpec.steps,
+        max_seq_len: int = TrainSpec.max_seq_len,
         seed: int = 0,
-        bucket: bool = True,
+        bucket: bool = TrainSpec.bucket,
         accumulate_grad_batches: int = 1,
     ):
         super().__init__()
@@ -539,7 +547,7 @@ class StageDataModule(L.LightningDataModule):
         steps: int,
         max_seq_len: int,
         seed: int,
-        bucket: bool = True,
+        bucket: bool = TrainSpec.bucket,
     ):
         """A module over already loaded data and tokenizer, drawing ``steps`` batches, without eval data: the chain
         runner evaluates between stages itself."""

@@ -263,3 +263,19 @@ def test_bad_stage_input_prints_one_line_and_exits_2(args, message, capsys, tmp_
     assert len(err) == 1, err
     assert message in err[0]
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_fit_and_chain_share_one_set_of_stage_defaults():
+    import inspect
+    from dataclasses import fields
+
+    from chainforget.config import TrainSpec
+
+    defaults = {f.name: f.default for f in fields(TrainSpec)}
+    shared = 0
+    for cls in (StageModule, StageDataModule):
+        for name, parameter in inspect.signature(cls.__init__).parameters.items():
+            if name in defaults:
+                assert parameter.default == defaults[name], f"{cls.__name__}.{name}"
+                shared += 1
+    assert shared == 9  # lr, warmup_ratio, weight_decay, attention, compile; batch_size, steps, max_seq_len, bucket
