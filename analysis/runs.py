@@ -27,21 +27,12 @@ from pathlib import Path
 import pandas as pd
 
 from chainforget.errors import DataError
-from chainforget.records import load_record, read_record
+from chainforget.records import NON_RESULT_KEYS, flat_config, load_record, read_record
 
 # Config keys (and key prefixes) that never change a run's numbers: its name, where its files go, the stage cache
 # (content-addressed: a hit restores the weights the same stage would train), W&B bookkeeping, and how often it logs
 # or checkpoints. Every other key, data paths and eval batch size included, is part of the run's condition, except
 # where ``inactive_keys`` finds it cannot act (a knob of a mitigation the run does not use, say).
-NON_RESULT_KEYS = (
-    "run_name",
-    "out",
-    "cache_dir",
-    "cache",
-    "wandb",
-    "trainer.log_every_n_steps",
-    "trainer.checkpoint_every",
-)
 SKIPPED_COLUMNS = ["id", "name", "state", "reason", "where"]
 
 
@@ -106,14 +97,7 @@ def inactive_keys(record: dict) -> tuple[str, ...]:
 def result_config(record: dict, leave_out: tuple[str, ...] = ()) -> dict:
     """The settings that determine the run's results: its config flattened to dotted keys (lists as tuples)
     without ``seed``, ``NON_RESULT_KEYS``, the ``inactive_keys`` and the keys (or prefixes) in ``leave_out``."""
-    dropped = ("seed", *NON_RESULT_KEYS, *inactive_keys(record), *leave_out)
-    return {key: value for key, value in _flatten(record["config"]).items() if not _under(key, dropped)}
-
-
-def _flatten(value, prefix: str = "") -> dict:
-    if isinstance(value, dict):
-        return {key: leaf for name, item in value.items() for key, leaf in _flatten(item, f"{prefix}{name}.").items()}
-    return {prefix[:-1]: tuple(value) if isinstance(value, list) else value}
+    return flat_config(record["config"], ("seed", *NON_RESULT_KEYS, *inactive_keys(record), *leave_out))
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:

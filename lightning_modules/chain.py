@@ -7,6 +7,7 @@ take it from the stage cache) and evaluate it, then write the run record. What i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from chainforget import evaluation, metrics, mitigations, tasks
 from chainforget.config import ChainConfig
+from chainforget.errors import ConfigError
 from chainforget.models import (
     load_model,
     load_tokenizer,
@@ -38,7 +40,16 @@ from chainforget.models import (
 )
 from chainforget.plan import StagePlan, plan_chain
 from chainforget.progress import bar_options
-from chainforget.records import StageCache, content_key, environment, new_record, summary_metrics, write_record
+from chainforget.records import (
+    StageCache,
+    atomic_write_text,
+    content_key,
+    environment,
+    flat_config,
+    new_record,
+    summary_metrics,
+    write_record,
+)
 from chainforget.tasks import TaskData
 from lightning_modules import tracking
 from lightning_modules.checkpoint import SafetensorsCheckpointIO, StageCheckpoint
@@ -71,6 +82,34 @@ def quiet_libraries():
         notes.setLevel(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+RUN_CONFIG = "config.json"  # the resolved config of the chain that writes (or wrote) a run directory
+
+
+def refuse_a_different_run(run_dir: Path, config: ChainConfig) -> None:
+    """A run directory belongs to one chain: the same config again resumes it (a killed run continues, a finished
+    one is read back from the cache); a config that differs in what it computes (``records.NON_RESULT_KEYS``
+    aside) is refused, so an earlier run is never overwritten."""
+    written = run_dir / RUN_CONFIG
+    if not written.exists() and (run_dir / "run.json").exists():  # a run written before config.json existed
+        written = run_dir / "run.json"
+    if not written.exists():
+        return
+    try:
+        content = json.loads(written.read_text(encoding="utf-8"))
+        earlier = flat_config(content["config"] if written.name == "run.json" else content)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{written}: unreadable ({exc}); move the run directory away to start over") from None
+    now = flat_config(config.to_dict())
+    changed = [key for key in dict.fromkeys([*earlier, *now]) if earlier.get(key, "unset") != now.get(key, "unset")]
+    if changed:
+        shown = ", ".join(f"{key}: {earlier.get(key, 'unset')!r} -> {now.get(key, 'unset')!r}" for key in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ConfigError(
+            f"run_name {config.run_name!r}: {run_dir} holds a run with a different config ({shown}{more}); the same "
+            "config resumes it; pass --run_name=NEW or another --out to keep both, or move that directory away"
+        )
 
 
 def run_name(config: ChainConfig) -> str:
@@ -116,14 +155,16 @@ def run_chain(
     config (e.g. an Optuna trial's parameters).
     """
     config = replace(config, run_name=run_name(config))
+    run_dir = Path(config.out) / config.run_name
+    refuse_a_different_run(run_dir, config)  # before anything is written or removed
     plans = plan_chain(config)
     # only the tasks this chain trains or probes: a config may list more (e.g. paper.yaml for a sweep)
     names = dict.fromkeys([task for plan in plans for task in plan.mixture] + config.eval.probes)
     data = tasks.load_all({name: config.tasks[name] for name in names}, config.seed, config.train_size)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, config.seed).to(eval_device(config))
-    run_dir = Path(config.out) / config.run_name  # created only once data and model have loaded
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)  # created only once data and model have loaded
+    atomic_write_text(run_dir / RUN_CONFIG, json.dumps(config.to_dict(), indent=1))
     cache = StageCache.at(config.cache_dir, read=config.cache)
     tracker = tracking.start_run(config, run_dir, wandb_config)
     chain = ChainRun(config, plans, data, tokenizer, model, cache, run_dir, tracker, progress)

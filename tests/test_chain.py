@@ -248,3 +248,34 @@ def test_the_record_states_what_each_stage_trained_and_an_old_record_is_upgraded
     old = {key: value for key, value in record.items() if key != "tasks"} | {"schema_version": 1}
     old["stages"] = [{k: v for k, v in stage.items() if k not in ("trains", "replays")} for stage in record["stages"]]
     assert load_record(json.loads(json.dumps(old))) == json.loads(json.dumps(record))
+
+
+@pytest.mark.parametrize("name", ["../outside", "/tmp/absolute", "a/b", "..", "x" * 129, "spaces are odd"])
+def test_a_run_name_is_one_folder_inside_out(smoke_config, name, capsys):
+    from chainforget.cli import main
+
+    code = main(["chain", "--config", "sweeps/configs/smoke.yaml", f"--out={smoke_config.out}", f"--run_name={name}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "run_name:" in err[0] and "is not allowed" in err[0]
+    assert not Path(smoke_config.out).exists() and not (ROOT / "outside").exists()
+
+
+def test_a_different_config_never_overwrites_a_run_and_the_same_one_resumes_it(smoke_config, capsys):
+    from chainforget.cli import main
+
+    args = ["chain", "--config", "sweeps/configs/smoke.yaml", f"--out={smoke_config.out}"]
+    args += [f"--cache_dir={smoke_config.cache_dir}", "--train.steps=3", "--wandb.mode=disabled"]
+    args += ["--trainer.log_every_n_steps=1"]
+    assert main(args) == 0
+    run_dir = Path(smoke_config.out) / "smoke"
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    assert run_dir / "run.json" in before and run_dir / "lightning_logs" / "stage1" / "metrics.csv" in before
+    capsys.readouterr()
+
+    assert main([*args, "--train.lr=0.01", "--seed=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run with a different config (train.lr: 0.003 -> 0.01, seed: 0 -> 3)" in err[0]
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before  # nothing touched
+
+    assert main([*args, "--trainer.log_every_n_steps=2", "--wandb.mode=offline"]) == 0  # same run: resumed
+    assert json.loads((run_dir / "run.json").read_text())["stages"][0]["cache_hit"] is True

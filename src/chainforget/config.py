@@ -338,6 +338,11 @@ class ChainConfig:
     cache: bool = True
 
     def __post_init__(self) -> None:
+        if self.run_name is not None and not is_plain_name(self.run_name):
+            raise ConfigError(
+                f"run_name: {self.run_name!r} is not allowed; use 1-{MAX_NAME} letters, digits and . _ - "
+                "(a folder name inside out, no path separators or '..')"
+            )
         if not self.order:
             raise ConfigError("order: empty; list at least one stage, e.g. [bbq, csqa]")
         for stage in self.order:
@@ -353,6 +358,14 @@ class ChainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MAX_NAME = 128  # run names are folder names and W&B run names: well inside every filesystem's limit
+
+
+def is_plain_name(name: str) -> bool:
+    """A name that is one folder inside ``out``: letters, digits, ``. _ -``, not ``.`` or ``..``."""
+    return 0 < len(name) <= MAX_NAME and name not in (".", "..") and all(c.isalnum() or c in "._-" for c in name)
 
 
 def parse_stage(entry: str) -> dict[str, float]:

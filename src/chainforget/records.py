@@ -28,6 +28,36 @@ SCHEMA_PATH = Path(__file__).with_name("run_schema.json")
 PACKAGES = ("chainforget", "torch", "lightning", "transformers", "peft", "wandb", "pandas", "numpy")
 
 
+# Keys that say where a run is written or how it is logged, not what it computes: two configs that differ only in
+# these (and, for analysis, in the seed) describe the same experiment.
+NON_RESULT_KEYS = (
+    "run_name",
+    "out",
+    "cache_dir",
+    "cache",
+    "wandb",
+    "trainer.log_every_n_steps",
+    "trainer.checkpoint_every",
+)
+
+
+def flat_config(config: dict, leave_out: tuple[str, ...] = NON_RESULT_KEYS) -> dict:
+    """A config as dotted keys (lists as tuples), without the keys (or key prefixes) in ``leave_out``."""
+
+    def flatten(value, prefix: str) -> dict:
+        if isinstance(value, dict):
+            return {
+                key: leaf for name, item in value.items() for key, leaf in flatten(item, f"{prefix}{name}.").items()
+            }
+        return {prefix[:-1]: tuple(value) if isinstance(value, list) else value}
+
+    return {
+        key: value
+        for key, value in flatten(config, "").items()
+        if not any(key == cut or key.startswith(cut + ".") for cut in leave_out)
+    }
+
+
 def new_record(
     config: dict, environment: dict, stages: list, eval_rows: list, metrics: dict, tasks: dict, data: dict
 ) -> dict:
