@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -112,6 +113,20 @@ def refuse_a_different_run(run_dir: Path, config: ChainConfig) -> None:
         )
 
 
+def check_trainer_options(config: ChainConfig) -> None:
+    """Lightning's own checks of the ``trainer`` block (accelerator, precision, strategy, devices, profiler names),
+    run on a throwaway Trainer before anything loads or is written; its refusal becomes one line."""
+    try:
+        L.Trainer(**trainer_options(config), logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    except (ValueError, MisconfigurationException) as exc:
+        raise ConfigError(f"trainer: {str(exc).strip().splitlines()[0]}") from None
+
+
+def trainer_options(config: ChainConfig) -> dict:
+    """The ``lightning.Trainer`` arguments the config's ``trainer`` block sets."""
+    return {name: value for name, value in asdict(config.trainer).items() if name != "checkpoint_every"}
+
+
 def run_name(config: ChainConfig) -> str:
     """The configured name, else the sweep agent's run id, else stages + seed + a hash of the config."""
     if config.run_name:
@@ -157,6 +172,7 @@ def run_chain(
     config = replace(config, run_name=run_name(config))
     run_dir = Path(config.out) / config.run_name
     refuse_a_different_run(run_dir, config)  # before anything is written or removed
+    check_trainer_options(config)
     plans = plan_chain(config)
     # only the tasks this chain trains or probes: a config may list more (e.g. paper.yaml for a sweep)
     names = dict.fromkeys([task for plan in plans for task in plan.mixture] + config.eval.probes)
@@ -373,9 +389,8 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
     resume = checkpoints / "last.ckpt"
     if chain.tracker is not None:
         loggers.append(WandbLogger(experiment=chain.tracker, prefix=f"stage{index}"))
-    options = {name: value for name, value in asdict(config.trainer).items() if name != "checkpoint_every"}
     trainer = L.Trainer(
-        **options,
+        **trainer_options(config),
         max_steps=config.train.steps,
         logger=loggers,
         callbacks=callbacks,

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from chainforget.config import parse_chain
-from chainforget.errors import ChainforgetError
+from chainforget.errors import ChainforgetError, ConfigError
 
 DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
 DEMO_ORDERS = (["bbq", "csqa"], ["csqa", "bbq"])
@@ -210,6 +210,8 @@ def run_optuna(args) -> int:
 def _single_thread_if_asked() -> None:
     threads = os.environ.get("CHAINFORGET_THREADS")
     if threads:
+        if not (threads.isdigit() and int(threads) > 0):
+            raise ConfigError(f"CHAINFORGET_THREADS={threads!r}: not allowed; use a positive number of torch threads")
         import torch
 
         torch.set_num_threads(int(threads))

@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 from chainforget.errors import ConfigError
+
+SEED_LIMIT = 2**32 - 1  # numpy and Lightning seed their generators with 32-bit integers
+
+
+def ranged(default, low: float | None = None, high: float | None = None, *, above: float | None = None, below=None):
+    """A numeric config field with its allowed range (``low``/``high`` inclusive, ``above``/``below`` exclusive),
+    checked by :func:`check_ranges`, so the rule lives beside the field it constrains."""
+    return field(default=default, metadata={"low": low, "high": high, "above": above, "below": below})
+
+
+def check_ranges(spec, block: str) -> None:
+    """Every number of ``spec`` finite and inside its field's range; else one line naming the first that is not."""
+    for spec_field in fields(spec):
+        value, rule = getattr(spec, spec_field.name), spec_field.metadata
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not rule:
+            continue
+        bounds = [
+            (rule["low"], ">=", value >= rule["low"] if rule["low"] is not None else True),
+            (rule["above"], ">", value > rule["above"] if rule["above"] is not None else True),
+            (rule["high"], "<=", value <= rule["high"] if rule["high"] is not None else True),
+            (rule["below"], "<", value < rule["below"] if rule["below"] is not None else True),
+        ]
+        if not math.isfinite(value) or not all(ok for _, _, ok in bounds):
+            kind = "an integer" if isinstance(spec_field.default, int) else "a finite number"
+            allowed = " and ".join(f"{sign} {limit}" for limit, sign, _ in bounds if limit is not None)
+            key = f"{block}.{spec_field.name}" if block else spec_field.name
+            raise ConfigError(f"{key}: {value} is not allowed; use {kind} {allowed}")
 
 
 @dataclass
@@ -57,17 +84,12 @@ class TaskSpec:
 
     source: Literal["auto", "release", "pypi", "hub"] = "auto"
     path: str | None = None
-    max_train: int | None = None
-    max_eval: int | None = None
-    eval_fraction: float = 0.3
+    max_train: int | None = ranged(None, 1)
+    max_eval: int | None = ranged(None, 1)
+    eval_fraction: float = ranged(0.3, above=0.0, below=1.0)
 
     def __post_init__(self) -> None:
-        for name in ("max_train", "max_eval"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"tasks.*.{name}: {value} is not allowed; use a positive count or null")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ConfigError(f"tasks.*.eval_fraction: {self.eval_fraction} is not allowed; use 0 < value < 1")
+        check_ranges(self, "tasks.*")
 
 
 @dataclass
@@ -88,24 +110,18 @@ class TrainSpec:
             change slightly, so it is part of the stage's cache key).
     """
 
-    steps: int = 100
-    batch_size: int = 8
-    lr: float = 2e-4
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_seq_len: int = 384
+    steps: int = ranged(100, 1)
+    batch_size: int = ranged(8, 1)
+    lr: float = ranged(2e-4, above=0.0)
+    warmup_ratio: float = ranged(0.1, 0.0, below=1.0)
+    weight_decay: float = ranged(0.0, 0.0)
+    max_seq_len: int = ranged(384, 8)  # room for the answer cue and a few tokens of the question
     bucket: bool = True
     attention: str = "auto"
     compile: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: {getattr(self, name)} is not allowed; use a positive integer")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr: {self.lr} is not allowed; use a positive learning rate")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} is not allowed; use 0 <= value < 1")
+        check_ranges(self, "train")
         check_attention(self.attention, "train.attention")
 
 
@@ -135,10 +151,13 @@ class EvalSpec:
     """
 
     mode: Literal["letter", "text", "text_norm"] = "letter"
-    batch_size: int = 32
-    min_group_size: int = 20
-    bootstrap: int = 1000
+    batch_size: int = ranged(32, 1)
+    min_group_size: int = ranged(20, 1)
+    bootstrap: int = ranged(1000, 0)
     probes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "eval")
 
 
 MITIGATIONS = ("none", "replay_stage", "replay_mix", "l2sp", "ewc", "lwf", "sam")
@@ -160,22 +179,17 @@ class MitigationSpec:
     """
 
     name: Literal["none", "replay_stage", "replay_mix", "l2sp", "ewc", "lwf", "sam"] = "none"
-    strength: float = 0.0
-    temperature: float = 2.0
-    fisher_batches: int = 8
+    strength: float = ranged(0.0, 0.0)
+    temperature: float = ranged(2.0, above=0.0)
+    fisher_batches: int = ranged(8, 1)
     stages: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in MITIGATIONS:
             raise ConfigError(f"mitigation.name: {self.name!r} is unknown; use one of {', '.join(MITIGATIONS)}")
-        if not math.isfinite(self.strength) or self.strength < 0:
-            raise ConfigError(f"mitigation.strength: {self.strength} is not allowed; use a finite value >= 0")
+        check_ranges(self, "mitigation")
         if self.name.startswith("replay") and self.strength > 1:
             raise ConfigError(f"mitigation.strength: replay ratio {self.strength} is not allowed; use 0 <= r <= 1")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ConfigError(f"mitigation.temperature: {self.temperature} is not allowed; use a value > 0")
-        if self.fisher_batches < 1:
-            raise ConfigError(f"mitigation.fisher_batches: {self.fisher_batches} is not allowed; use >= 1")
         if self.stages is not None and any(stage < 1 for stage in self.stages):
             raise ConfigError(f"mitigation.stages: {self.stages} is not allowed; stages count from 1")
 
@@ -202,12 +216,17 @@ class CurvatureSpec:
     """
 
     enabled: bool = False
-    batches: int = 2
-    max_iter: int = 30
-    tol: float = 1e-3
-    trace_samples: int = 0
-    seed: int = 0
+    batches: int = ranged(2, 1)
+    max_iter: int = ranged(30, 1)
+    tol: float = ranged(1e-3, above=0.0)
+    trace_samples: int = ranged(0, 0)
+    seed: int = ranged(0, 0, SEED_LIMIT)
     stages: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "curvature")
+        if self.stages is not None and any(stage < 1 for stage in self.stages):
+            raise ConfigError(f"curvature.stages: {self.stages} is not allowed; stages count from 1")
 
     def applies_to(self, stage: int) -> bool:
         return self.enabled and (self.stages is None or stage in self.stages)
@@ -227,10 +246,10 @@ class TrainerSpec:
     accelerator: str = "auto"
     strategy: str = "auto"
     devices: int | str | list[int] = 1
-    num_nodes: int = 1
+    num_nodes: int = ranged(1, 1)
     precision: str = "bf16-mixed"
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = ranged(1, 1)
+    gradient_clip_val: float | None = ranged(None, 0.0)
     gradient_clip_algorithm: Literal["norm", "value"] | None = None
     deterministic: bool | Literal["warn"] | None = None
     benchmark: bool | None = None
@@ -239,23 +258,18 @@ class TrainerSpec:
     sync_batchnorm: bool = False
     detect_anomaly: bool = False
     profiler: str | None = None
-    log_every_n_steps: int = 10
-    checkpoint_every: int = 10
+    log_every_n_steps: int = ranged(10, 1)
+    checkpoint_every: int = ranged(10, 0)  # 0: never
 
     def __post_init__(self) -> None:
-        if self.checkpoint_every < 0:
-            raise ConfigError(
-                f"trainer.checkpoint_every: {self.checkpoint_every} is not allowed; use steps >= 0 (0 = never)"
-            )
-        for name in ("num_nodes", "accumulate_grad_batches", "log_every_n_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"trainer.{name}: {getattr(self, name)} is not allowed; use a positive integer")
-        if self.gradient_clip_val is not None and not (
-            math.isfinite(self.gradient_clip_val) and self.gradient_clip_val >= 0
+        check_ranges(self, "trainer")
+        if (
+            isinstance(self.devices, int)
+            and not isinstance(self.devices, bool)
+            and self.devices < 1
+            and self.devices != -1
         ):
-            raise ConfigError(
-                f"trainer.gradient_clip_val: {self.gradient_clip_val} is not allowed; use a finite value >= 0 or null"
-            )
+            raise ConfigError(f"trainer.devices: {self.devices} is not allowed; use a count >= 1, -1 (all) or a list")
 
     def numerics(self) -> dict:
         """The settings, beyond precision, that change what a stage learns and differ from the defaults (part of
@@ -325,19 +339,20 @@ class ChainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
-    train_size: int | None = None
+    train_size: int | None = ranged(None, 1)
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     mitigation: MitigationSpec = field(default_factory=MitigationSpec)
     curvature: CurvatureSpec = field(default_factory=CurvatureSpec)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     wandb: WandbSpec = field(default_factory=WandbSpec)
-    seed: int = 0
+    seed: int = ranged(0, 0, SEED_LIMIT)
     out: str = "runs"
     cache_dir: str | None = None
     cache: bool = True
 
     def __post_init__(self) -> None:
+        check_ranges(self, "")
         if self.run_name is not None and not is_plain_name(self.run_name):
             raise ConfigError(
                 f"run_name: {self.run_name!r} is not allowed; use 1-{MAX_NAME} letters, digits and . _ - "
@@ -352,6 +367,10 @@ class ChainConfig:
                         f"order: stage {stage!r} names task {task!r}, which is not under tasks "
                         f"(configured: {', '.join(sorted(self.tasks)) or 'none'})"
                     )
+        stages = len(self.order) + (self.mitigation.name == "replay_stage")
+        for block, spec in (("mitigation", self.mitigation), ("curvature", self.curvature)):
+            if spec.stages and max(spec.stages) > stages:
+                raise ConfigError(f"{block}.stages: {spec.stages} is not allowed; this chain has stages 1 to {stages}")
         for probe in self.eval.probes:
             if probe not in self.tasks:
                 raise ConfigError(f"eval.probes: {probe!r} is not under tasks")
