@@ -25,23 +25,9 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
+from chainforget.config import read_mapping
 from chainforget.errors import ConfigError
 from chainforget.records import atomic_write_text, read_record, summary_metrics
-
-
-def read_mapping(path: Path, kind: str, fields: str) -> dict:
-    """A YAML mapping from ``path`` (safe loader), or a one-line error naming the file."""
-    if not path.exists():
-        raise ConfigError(f"{path}: no such {kind} file")
-    try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})".split("\n")[0]) from None
-    if not isinstance(content, dict):
-        raise ConfigError(f"{path}: a {kind} file is a mapping with {fields}")
-    return content
 
 
 def load_sweep(path: Path) -> dict:

@@ -105,3 +105,28 @@ def test_lightning_refuses_its_own_options_in_one_line_before_anything_loads(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("chainforget chain: error: trainer: ") and words in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("order: [bbq, csqa\nseed: 1\n", ":2:5: not valid YAML (expected ',' or ']', but got ':')"),
+        (
+            "train:\n  steps: 3\n  lr: 0.1\n  steps: 5\n",
+            ":4:3: not valid YAML (duplicate key 'steps' (first given on line 2))",
+        ),
+        ("seed: 1\nseed: 2\n", ":2:1: not valid YAML (duplicate key 'seed' (first given on line 1))"),
+        ("", ": a chain config file is a mapping with keys such as model, tasks, order, train; it is empty"),
+        (
+            "- bbq\n- csqa\n",
+            ": a chain config file is a mapping with keys such as model, tasks, order, train; it holds a list",
+        ),
+    ],
+)
+def test_a_config_file_yaml_cannot_read_is_one_line_with_its_place(content, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    code = main(["chain", "--config", "sweeps/configs/smoke.yaml", "--config", str(path), f"--out={tmp_path / 'runs'}"])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"chainforget chain: error: {path}{message}"]
+    assert not (tmp_path / "runs").exists()

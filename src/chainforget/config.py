@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from chainforget.errors import ConfigError
 
 SEED_LIMIT = 2**32 - 1  # numpy and Lightning seed their generators with 32-bit integers
@@ -403,6 +405,43 @@ def parse_stage(entry: str) -> dict[str, float]:
     return {name: value / total for name, value in weights.items()}
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (YAML forbids it; PyYAML
+    would keep the later value without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first[key] + 1})", key_node.start_mark
+                )
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_mapping(path: Path, kind: str, fields: str) -> dict:
+    """A YAML mapping from ``path``, or one line naming the file (with line and column where YAML has them)."""
+    if not path.exists():
+        raise ConfigError(f"{path}: no such {kind} file")
+    try:
+        loader = UniqueKeyLoader(path.read_text(encoding="utf-8"))  # a safe loader, by construction
+        try:
+            content = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({exc.problem})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".split("\n")[0]) from None
+    if not isinstance(content, dict):
+        found = "it is empty" if content is None else f"it holds a {type(content).__name__}"
+        raise ConfigError(f"{path}: a {kind} file is a mapping with {fields}; {found}")
+    return content
+
+
 def parse_chain(argv: list[str], prog: str = "chainforget chain", defaults: Path | None = None) -> ChainConfig:
     """A ChainConfig from ``--config FILE`` arguments (applied in order) and dotted overrides, as the ``chain``
     command reads it (jsonargparse, the parser LightningCLI uses); ``defaults``: a config file read first."""
@@ -418,6 +457,7 @@ def parse_chain(argv: list[str], prog: str = "chainforget chain", defaults: Path
     for config_file in files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]:
         if not Path(config_file).exists():
             raise ConfigError(f"--config {config_file}: no such file")
+        read_mapping(Path(config_file), "chain config", "keys such as model, tasks, order, train")
     parser = ArgumentParser(prog=prog, exit_on_error=False, description="Run one chained fine-tuning experiment.")
     parser.add_argument("--config", action=ActionConfigFile, help="chain YAML (sweeps/configs/*.yaml)")
     parser.add_class_arguments(ChainConfig)
