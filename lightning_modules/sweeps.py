@@ -249,7 +249,7 @@ def make_storage(url: str, heartbeat: dict | None = None, attempts: int = 3):
     Workers started together race to create the schema; the loser retries and finds it there.
     """
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     beat = {"interval": 10, "grace_period": 30, "max_retry": 2, **(heartbeat or {})}
     for attempt in range(attempts):
@@ -260,9 +260,13 @@ def make_storage(url: str, heartbeat: dict | None = None, attempts: int = 3):
                 grace_period=beat["grace_period"],
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=beat["max_retry"]),
             )
-        except (IntegrityError, ProgrammingError):
-            if attempt == attempts - 1:
-                raise
+        except (IntegrityError, ProgrammingError, OperationalError) as exc:
+            # SQLite says "table ... already exists" (an OperationalError) where PostgreSQL raises the other two
+            lost_race = not isinstance(exc, OperationalError) or "already exists" in str(exc)
+            if not lost_race or attempt == attempts - 1:
+                raise ConfigError(
+                    f"--storage {url}: cannot open the study storage ({type(exc).__name__}: {exc})".split("\n")[0]
+                ) from None
             time.sleep(1.0 + attempt)
         except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
             raise ConfigError(

@@ -257,3 +257,30 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_until_the_stu
     assert retries[0].params == trials[0].params
     complete = sorted(t.params["train.lr"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
     assert complete == choices  # the study completed: every grid point ran, the killed one again
+
+
+def test_a_worker_that_loses_the_race_to_create_a_sqlite_study_retries(tmp_path, monkeypatch):
+    from optuna import storages
+    from sqlalchemy.exc import OperationalError
+
+    from lightning_modules import sweeps
+
+    real, calls = storages.RDBStorage, []
+
+    def racing(url, **kwargs):  # the first attempt meets the schema another worker is creating
+        calls.append(url)
+        if len(calls) == 1:
+            raise OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(storages, "RDBStorage", racing)
+    monkeypatch.setattr(sweeps.time, "sleep", lambda seconds: None)
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    assert isinstance(sweeps.make_storage(url), real) and len(calls) == 2
+
+    def unreadable(url, **kwargs):
+        raise OperationalError("connect", {}, Exception("unable to open database file"))
+
+    monkeypatch.setattr(storages, "RDBStorage", unreadable)
+    with pytest.raises(ConfigError, match="cannot open the study storage .*unable to open database file"):
+        sweeps.make_storage(url)
