@@ -76,7 +76,10 @@ class StageCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         # checked here, before anything is seeded, built or written
-        trainer = self.config[self.config.subcommand].trainer
+        config = self.config[self.config.subcommand]
+        data = config.data
+        StageDataModule.check_arguments(list(data.tasks or {}), data.stage, data.batch_size, data.max_seq_len)
+        trainer = config.trainer
         meanings = {"max_steps": "the stage's length in optimizer steps", "accumulate_grad_batches": "batches per step"}
         for field, meaning in meanings.items():
             value = trainer[field]

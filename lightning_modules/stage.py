@@ -32,6 +32,7 @@ from chainforget.config import (
     TaskSpec,
     TrainSpec,
     check_attention,
+    check_field,
     parse_stage,
 )
 from chainforget.errors import ConfigError, DataError
@@ -515,6 +516,7 @@ class StageDataModule(L.LightningDataModule):
         accumulate_grad_batches: int = 1,
     ):
         super().__init__()
+        self.check_arguments(list(tasks or []), stage, batch_size, max_seq_len)
         self.specs = tasks or {name: TaskSpec() for name in parse_stage(stage)}
         self.mixture = parse_stage(stage)
         self.model_spec = model or ModelSpec()
@@ -535,6 +537,19 @@ class StageDataModule(L.LightningDataModule):
         self.eval_tasks = list(self.mixture)  # the tasks whose eval split validation, test and predict read
         self.eval_samples: list[dict] = []
         self.eval_letters: torch.Tensor | None = None
+
+    @staticmethod
+    def check_arguments(tasks: list[str], stage: str, batch_size: int, max_seq_len: int) -> None:
+        """The data settings a user gives ``fit``, checked by the chain's rules for the same settings; ``tasks``
+        (when any are configured) must hold every task the stage draws from."""
+        for name, value in (("batch_size", batch_size), ("max_seq_len", max_seq_len)):
+            check_field(TrainSpec, name, value, f"data.{name}")
+        missing = [name for name in parse_stage(stage) if tasks and name not in tasks]
+        if missing:
+            raise ConfigError(
+                f"data.stage: {stage!r} names task {missing[0]!r}, which is not under data.tasks "
+                f"(configured: {', '.join(sorted(tasks))})"
+            )
 
     @classmethod
     def prepared(

@@ -255,6 +255,12 @@ def test_eval_commands_offer_lightnings_flags(command, capsys):
         (["--trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches: 0 is not allowed"),
         (["--data.steps=5"], 'Linked "data.steps" must be given via "trainer.max_steps"'),
         (["--optimizer=NoSuchOptimizer"], "NoSuchOptimizer"),
+        (["--data.batch_size=0"], "data.batch_size: 0 is not allowed; use an integer >= 1"),
+        (["--data.max_seq_len=2"], "data.max_seq_len: 2 is not allowed; use an integer >= 8"),
+        (
+            ["--data.stage=csqa"],
+            "data.stage: 'csqa' names task 'csqa', which is not under data.tasks (configured: bbq)",
+        ),
     ],
 )
 def test_bad_stage_input_prints_one_line_and_exits_2(args, message, capsys, tmp_path):

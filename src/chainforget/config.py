@@ -23,20 +23,27 @@ def ranged(default, low: float | None = None, high: float | None = None, *, abov
 def check_ranges(spec, block: str) -> None:
     """Every number of ``spec`` finite and inside its field's range; else one line naming the first that is not."""
     for spec_field in fields(spec):
-        value, rule = getattr(spec, spec_field.name), spec_field.metadata
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not rule:
-            continue
-        bounds = [
-            (rule["low"], ">=", value >= rule["low"] if rule["low"] is not None else True),
-            (rule["above"], ">", value > rule["above"] if rule["above"] is not None else True),
-            (rule["high"], "<=", value <= rule["high"] if rule["high"] is not None else True),
-            (rule["below"], "<", value < rule["below"] if rule["below"] is not None else True),
-        ]
-        if not math.isfinite(value) or not all(ok for _, _, ok in bounds):
-            kind = "an integer" if isinstance(spec_field.default, int) else "a finite number"
-            allowed = " and ".join(f"{sign} {limit}" for limit, sign, _ in bounds if limit is not None)
-            key = f"{block}.{spec_field.name}" if block else spec_field.name
-            raise ConfigError(f"{key}: {value} is not allowed; use {kind} {allowed}")
+        key = f"{block}.{spec_field.name}" if block else spec_field.name
+        check_field(type(spec), spec_field.name, getattr(spec, spec_field.name), key)
+
+
+def check_field(kind, name: str, value, key: str) -> None:
+    """``value`` inside the range that field ``name`` of the config class ``kind`` declares, reported as ``key``
+    (e.g. ``fit``'s ``data.batch_size`` follows ``train.batch_size``'s rule)."""
+    spec_field = kind.__dataclass_fields__[name]
+    rule = spec_field.metadata
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not rule:
+        return
+    bounds = [
+        (rule["low"], ">=", value >= rule["low"] if rule["low"] is not None else True),
+        (rule["above"], ">", value > rule["above"] if rule["above"] is not None else True),
+        (rule["high"], "<=", value <= rule["high"] if rule["high"] is not None else True),
+        (rule["below"], "<", value < rule["below"] if rule["below"] is not None else True),
+    ]
+    if not math.isfinite(value) or not all(ok for _, _, ok in bounds):
+        number = "an integer" if isinstance(spec_field.default, int) else "a finite number"
+        allowed = " and ".join(f"{sign} {limit}" for limit, sign, _ in bounds if limit is not None)
+        raise ConfigError(f"{key}: {value} is not allowed; use {number} {allowed}")
 
 
 @dataclass
