@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -27,6 +28,14 @@ def check_ranges(spec, block: str) -> None:
         check_field(type(spec), spec_field.name, getattr(spec, spec_field.name), key)
 
 
+BOUNDS = (
+    ("low", ">=", operator.ge),
+    ("above", ">", operator.gt),
+    ("high", "<=", operator.le),
+    ("below", "<", operator.lt),
+)
+
+
 def check_field(kind, name: str, value, key: str) -> None:
     """``value`` inside the range that field ``name`` of the config class ``kind`` declares, reported as ``key``
     (e.g. ``fit``'s ``data.batch_size`` follows ``train.batch_size``'s rule)."""
@@ -34,15 +43,10 @@ def check_field(kind, name: str, value, key: str) -> None:
     rule = spec_field.metadata
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not rule:
         return
-    bounds = [
-        (rule["low"], ">=", value >= rule["low"] if rule["low"] is not None else True),
-        (rule["above"], ">", value > rule["above"] if rule["above"] is not None else True),
-        (rule["high"], "<=", value <= rule["high"] if rule["high"] is not None else True),
-        (rule["below"], "<", value < rule["below"] if rule["below"] is not None else True),
-    ]
-    if not math.isfinite(value) or not all(ok for _, _, ok in bounds):
+    limits = [(sign, rule[bound], test) for bound, sign, test in BOUNDS if rule[bound] is not None]
+    if not math.isfinite(value) or not all(test(value, limit) for _, limit, test in limits):
         number = "an integer" if isinstance(spec_field.default, int) else "a finite number"
-        allowed = " and ".join(f"{sign} {limit}" for limit, sign, _ in bounds if limit is not None)
+        allowed = " and ".join(f"{sign} {limit}" for sign, limit, _ in limits)
         raise ConfigError(f"{key}: {value} is not allowed; use {number} {allowed}")
 
 
@@ -199,8 +203,7 @@ class MitigationSpec:
         check_ranges(self, "mitigation")
         if self.name.startswith("replay") and self.strength > 1:
             raise ConfigError(f"mitigation.strength: replay ratio {self.strength} is not allowed; use 0 <= r <= 1")
-        if self.stages is not None and any(stage < 1 for stage in self.stages):
-            raise ConfigError(f"mitigation.stages: {self.stages} is not allowed; stages count from 1")
+        check_stages(self.stages, "mitigation.stages")
 
     def applies_to(self, stage: int) -> bool:
         if self.name in ("none", "replay_stage"):
@@ -234,8 +237,7 @@ class CurvatureSpec:
 
     def __post_init__(self) -> None:
         check_ranges(self, "curvature")
-        if self.stages is not None and any(stage < 1 for stage in self.stages):
-            raise ConfigError(f"curvature.stages: {self.stages} is not allowed; stages count from 1")
+        check_stages(self.stages, "curvature.stages")
 
     def applies_to(self, stage: int) -> bool:
         return self.enabled and (self.stages is None or stage in self.stages)
@@ -386,6 +388,11 @@ class ChainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_stages(stages: list[int] | None, key: str) -> None:
+    if stages is not None and any(stage < 1 for stage in stages):
+        raise ConfigError(f"{key}: {stages} is not allowed; stages count from 1")
 
 
 MAX_NAME = 128  # run names are folder names and W&B run names: well inside every filesystem's limit
