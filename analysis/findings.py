@@ -30,7 +30,7 @@ from analysis.tables import (
 
 
 def mitigation(record: dict) -> str:
-    return record["config"].get("mitigation", {}).get("name", "none")
+    return record["mitigation"]["name"]
 
 
 def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
@@ -41,8 +41,8 @@ def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
     points = curvature_forgetting(two_stage)[0].merge(run_keys(two_stage), on="run_name")
     return {
         "order_asymmetry": order_asymmetry(plain),
-        "group_forgetting": group_forgetting(plain),
-        "biased_forgetting": biased_forgetting(plain),
+        "group_forgetting": group_forgetting_over_seeds(plain),
+        "biased_forgetting": biased_forgetting_over_seeds(plain),
         "curvature_points": points,
         "curvature_correlation": pd.DataFrame([correlation]),
         "sam_vs_plain": sam_vs_plain(points),
@@ -62,7 +62,7 @@ def run_keys(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def group_forgetting(records: list[dict]) -> pd.DataFrame:
+def group_forgetting_over_seeds(records: list[dict]) -> pd.DataFrame:
     """Per group of every forgotten task: F_g averaged over seeds (interval over seeds), and in how many seeds
     the paired-bootstrap interval of ``BF_g = F_g - F`` excludes 0 (the group forgot more or less than the task
     as a whole, beyond what the interval allows)."""
@@ -78,7 +78,7 @@ def group_table(frame: pd.DataFrame) -> pd.DataFrame:
     return summary.merge(counts.reset_index().rename(columns={"beyond": "seeds_beyond_interval"}), on=keys)
 
 
-def biased_forgetting(records: list[dict]) -> pd.DataFrame:
+def biased_forgetting_over_seeds(records: list[dict]) -> pd.DataFrame:
     """Per condition x task x group kind: the headline BF (worst group) and the spread over seeds, and how many of the
     (run, group) pairs large enough to count have a ``BF_g`` interval that excludes 0 (about 5% would by chance
     if every group forgot alike)."""

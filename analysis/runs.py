@@ -66,18 +66,6 @@ class Runs:
         return Runs(records, runs_frame(records), evals_frame(records), self._predictions, self.skipped)
 
 
-# the MitigationSpec knobs each mitigation reads; a mitigation missing here has all of them count
-MITIGATION_KNOBS = {
-    "none": (),
-    "replay_stage": ("strength",),
-    "replay_mix": ("strength", "stages"),
-    "l2sp": ("strength", "stages"),
-    "ewc": ("strength", "stages", "fisher_batches"),
-    "lwf": ("strength", "stages", "temperature"),
-    "sam": ("strength", "stages"),
-}
-
-
 def inactive_keys(record: dict) -> tuple[str, ...]:
     """Key prefixes of the settings that cannot act in this run: the tasks the chain neither trains nor probes
     (the record's ``tasks`` are the ones it evaluated), the mitigation knobs its mitigation does not read, LoRA's
@@ -85,7 +73,7 @@ def inactive_keys(record: dict) -> tuple[str, ...]:
     config = record["config"]
     prefixes = [f"tasks.{name}" for name in config.get("tasks", {}) if name not in record["tasks"]]
     mitigation, curvature = config.get("mitigation", {}), config.get("curvature", {})
-    knobs = MITIGATION_KNOBS.get(mitigation.get("name", "none"), tuple(mitigation))
+    knobs = record["mitigation"]["knobs"]
     prefixes += [f"mitigation.{key}" for key in mitigation if key != "name" and key not in knobs]
     if not curvature.get("enabled", False):
         prefixes += [f"curvature.{key}" for key in curvature if key != "enabled"]
@@ -316,7 +304,7 @@ def load_runs(
     if text.startswith("wandb:"):
         import wandb
 
-        from chainforget.tasks.sources import cache_root
+        from chainforget.tasks.downloads import cache_root
 
         path = text.removeprefix("wandb:")
         cache = Path(cache_dir) if cache_dir else cache_root() / "analysis" / path.replace("/", "_")

@@ -196,14 +196,15 @@ def replay_recovery(records: list[dict]) -> pd.DataFrame:
     """Replay-stage runs by condition (without the ratio) and ratio r: how much of the first task's lost accuracy
     the replay stage won back (``recovered = (Acc3 - Acc2) / (Acc1 - Acc2)``) and how the last task's accuracy moved
     (pp), over seeds."""
-    replayed = [record for record in records if record["config"].get("mitigation", {}).get("name") == "replay_stage"]
+    replayed = [record for record in records if record["mitigation"]["name"] == "replay_stage"]
     settings = condition_labels(replayed, leave_out=("mitigation.strength",))
     rows = []
     for record in replayed:
-        first, last = record["config"]["order"][0], record["config"]["order"][-1]
+        replay_stage = record["stages"][-1]
+        first, last = replay_stage["replays"][0], replay_stage["trains"][0]
         acc = {(r["stage"], r["task"]): 100.0 * r["acc"] for r in record["eval"] if r["group_kind"] == "all"}
-        before = len(record["config"]["order"])  # the last stage before the replay stage
-        after = before + 1
+        after = replay_stage["index"]
+        before = after - 1  # the last stage before the replay stage
         lost, recovered = acc[(1, first)] - acc[(before, first)], acc[(after, first)] - acc[(before, first)]
         run = {"condition": settings[record["run_name"]], "ratio": record["config"]["mitigation"]["strength"]}
         run |= {"seed": record["config"]["seed"], "safety_task": first, "safety_lost": lost}
@@ -244,7 +245,7 @@ def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int =
                     "task": task,
                     "top_eigenvalue": stage["curvature"]["top_eigenvalue"],
                     "F": forgotten[0],
-                    "mitigation": record["config"].get("mitigation", {}).get("name", "none"),
+                    "mitigation": record["mitigation"]["name"],
                 }
             )
     frame = pd.DataFrame(rows)

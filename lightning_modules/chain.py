@@ -7,6 +7,7 @@ take it from the stage cache) and evaluate it, then write the run record. What i
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 
 from chainforget import evaluation, metrics, mitigations, tasks
 from chainforget.config import ChainConfig
@@ -51,9 +52,10 @@ from chainforget.records import (
     summary_metrics,
     write_record,
 )
+from chainforget.scoring import check_prompt_fits
 from chainforget.tasks import TaskData
 from lightning_modules import tracking
-from lightning_modules.checkpoint import SafetensorsCheckpointIO, StageCheckpoint
+from lightning_modules.checkpoint import SafetensorsCheckpointIO, StageCheckpoint, StageCSVLogger
 from lightning_modules.stage import CurvatureCallback, StageDataModule, StageModule, answer_loss
 
 
@@ -113,12 +115,43 @@ def refuse_a_different_run(run_dir: Path, config: ChainConfig) -> None:
         )
 
 
+def hold_run_dir(run_dir: Path, name: str, held: ExitStack) -> None:
+    """Lock ``run_dir`` for this process until ``held`` closes (or the process dies): two independent processes on
+    one run would interleave their logs and write two W&B runs with one id, so the second is refused. The ranks
+    above 0 of one data-parallel run (Lightning's launcher sets ``LOCAL_RANK``/``NODE_RANK``) share rank 0's."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return
+    descriptor = os.open(run_dir, os.O_RDONLY)
+    held.callback(os.close, descriptor)  # closing it releases the lock
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(
+            f"run_name {name!r}: {run_dir} is in use by another running chain; wait for it to end (then the same "
+            "command resumes or reads back its run), or pass --run_name=NEW"
+        ) from None
+    except OSError:  # a filesystem without flock (some network mounts): run unlocked rather than not at all
+        pass
+
+
+def preflight(config: ChainConfig) -> tuple[ChainConfig, list[StagePlan]]:
+    """What a chain checks before it reads data or loads a model: its run name, that its run directory holds no
+    different run, Lightning's trainer options, its stage plan. A user's error raises ChainforgetError; nothing is
+    written. Returns the config with its run name, and the plan."""
+    config = replace(config, run_name=run_name(config))
+    refuse_a_different_run(Path(config.out) / config.run_name, config)
+    check_trainer_options(config)
+    return config, plan_chain(config)
+
+
 def check_trainer_options(config: ChainConfig) -> None:
     """Lightning's own checks of the ``trainer`` block (accelerator, precision, strategy, devices, profiler names),
-    run on a throwaway Trainer before anything loads or is written; its refusal becomes one line."""
+    run on a throwaway Trainer before anything loads or is written; its refusal becomes one line. A Trainer built
+    from the user's options alone raises TypeError for a form it cannot take (a device list on the CPU)."""
     try:
-        L.Trainer(**trainer_options(config), logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    except (ValueError, MisconfigurationException) as exc:
+        with quiet_libraries():  # Lightning's hardware notes about a Trainer that never runs
+            L.Trainer(**trainer_options(config), logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    except (ValueError, TypeError, MisconfigurationException) as exc:
         raise ConfigError(f"trainer: {str(exc).strip().splitlines()[0]}") from None
 
 
@@ -171,30 +204,36 @@ def run_chain(
     """
     config = replace(config, run_name=run_name(config))
     run_dir = Path(config.out) / config.run_name
-    refuse_a_different_run(run_dir, config)  # before anything is written or removed
-    check_trainer_options(config)
-    plans = plan_chain(config)
-    # only the tasks this chain trains or probes: a config may list more (e.g. paper.yaml for a sweep)
-    names = dict.fromkeys([task for plan in plans for task in plan.mixture] + config.eval.probes)
-    data = tasks.load_all({name: config.tasks[name] for name in names}, config.seed, config.train_size)
-    tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, config.seed).to(eval_device(config))
-    run_dir.mkdir(parents=True, exist_ok=True)  # created only once data and model have loaded
-    atomic_write_text(run_dir / RUN_CONFIG, json.dumps(config.to_dict(), indent=1))
-    cache = StageCache.at(config.cache_dir, read=config.cache)
-    tracker = tracking.start_run(config, run_dir, wandb_config)
-    chain = ChainRun(config, plans, data, tokenizer, model, cache, run_dir, tracker, progress)
-    try:
-        record, frame = run_stages(chain, on_stage)
-    except ChainStopped as stop:
-        tracking.stop_run(tracker, str(stop))
-        raise
-    except BaseException:
-        tracking.stop_run(tracker, None)
-        raise
-    write_record(run_dir, record, frame)
-    tracking.finish_run(tracker, record, run_dir)
-    return record
+    with ExitStack() as held:
+        resuming = run_dir.exists()
+        if resuming:  # refuse a second process on this run before either loads anything
+            hold_run_dir(run_dir, config.run_name, held)
+        config, plans = preflight(config)  # before anything is written or removed
+        # only the tasks this chain trains or probes: a config may list more (e.g. paper.yaml for a sweep)
+        names = dict.fromkeys([task for plan in plans for task in plan.mixture] + config.eval.probes)
+        data = tasks.load_all({name: config.tasks[name] for name in names}, config.seed, config.train_size)
+        tokenizer = load_tokenizer(config.model)
+        check_prompt_fits(tokenizer, data, config.train.max_seq_len, "train.max_seq_len")
+        model = load_model(config.model, config.seed).to(eval_device(config))
+        run_dir.mkdir(parents=True, exist_ok=True)  # created only once data and model have loaded
+        if not resuming:
+            hold_run_dir(run_dir, config.run_name, held)
+            refuse_a_different_run(run_dir, config)  # another process may have written it while this one loaded
+        atomic_write_text(run_dir / RUN_CONFIG, json.dumps(config.to_dict(), indent=1))
+        cache = StageCache.at(config.cache_dir, read=config.cache)
+        tracker = tracking.start_run(config, run_dir, wandb_config)
+        chain = ChainRun(config, plans, data, tokenizer, model, cache, run_dir, tracker, progress)
+        try:
+            record, frame = run_stages(chain, on_stage)
+        except ChainStopped as stop:
+            tracking.stop_run(tracker, str(stop))
+            raise
+        except BaseException:
+            tracking.stop_run(tracker, None)
+            raise
+        write_record(run_dir, record, frame)
+        tracking.finish_run(tracker, record, run_dir)
+        return record
 
 
 def run_stages(chain: ChainRun, on_stage: Callable[[int, dict], None] | None) -> tuple[dict, pd.DataFrame]:
@@ -224,6 +263,7 @@ def run_stages(chain: ChainRun, on_stage: Callable[[int, dict], None] | None) ->
         eval_rows=rows,
         metrics=evaluation.chain_metrics(frame, rows, chain.plans, data, config),
         tasks=evaluation.task_facts(chain.plans, data),
+        mitigation=mitigations.facts(config.mitigation.name),
         data={
             name: {"fingerprint": d.fingerprint, "train": len(d.train), "eval": len(d.eval)} for name, d in data.items()
         },
@@ -254,8 +294,8 @@ def train_or_reuse(chain: ChainRun, plan: StagePlan, previous_key: str) -> tuple
         weights, outcome = cached
         load_trainable(model, weights)
     else:
-        ewc = mitigation is not None and mitigation.name == "ewc"
-        fisher = estimate_fisher(chain, chain.plans[plan.index - 2].entry) if ewc else None
+        needs_fisher = mitigation is not None and "fisher" in mitigation.rule.needs
+        fisher = estimate_fisher(chain, chain.plans[plan.index - 2].entry) if needs_fisher else None
         checkpoints = chain.run_dir / "checkpoints" / key
         outcome = train_stage(chain, plan, fisher, checkpoints)
         model.to(eval_device(config))  # Lightning hands the module back on the CPU
@@ -314,7 +354,7 @@ def stage_data(chain: ChainRun, entry: str, batches: int, seed: int) -> StageDat
     datamodule = StageDataModule.prepared(
         chain.data,
         chain.tokenizer,
-        stage=entry,
+        mixture=entry,
         batch_size=train.batch_size,
         steps=batches,
         max_seq_len=train.max_seq_len,
@@ -380,13 +420,14 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
     module.fisher = fisher
     batches = config.train.steps * config.trainer.accumulate_grad_batches
     datamodule = stage_data(chain, plan.entry, batches, plan.seed)
-    loggers = [CSVLogger(run_dir, name="lightning_logs", version=f"stage{index}")]
+    resume = checkpoints / "last.ckpt"
+    resumed_at = SafetensorsCheckpointIO.global_step(resume) if resume.exists() else None
+    loggers = [StageCSVLogger(run_dir, name="lightning_logs", version=f"stage{index}", resumed_at=resumed_at)]
     callbacks = [StageProgressBar(f"train stage {index} ({plan.entry})")] if chain.progress else []
     if plan.curvature:
         callbacks.append(CurvatureCallback(config.curvature))
     if config.trainer.checkpoint_every:
         callbacks.append(StageCheckpoint(checkpoints, config.trainer.checkpoint_every))
-    resume = checkpoints / "last.ckpt"
     if chain.tracker is not None:
         loggers.append(WandbLogger(experiment=chain.tracker, prefix=f"stage{index}"))
     trainer = L.Trainer(
@@ -421,21 +462,18 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
 
 
 def mitigation_summary(config: ChainConfig, plan: StagePlan, module: StageModule, datamodule) -> dict | None:
-    """What the mitigation did in this stage: the replayed example ids, or its mean penalty (SAM perturbation)."""
+    """What the mitigation did in this stage: the replayed example ids, or its mean penalty (SAM: perturbation)
+    with the settings it read."""
     spec = config.mitigation
     if plan.replays:
         ids = {name: datamodule.drawn_ids.get(name, []) for name in plan.replays}
         return {"name": spec.name, "strength": spec.strength, "replay_ids": ids}
-    if spec.name.startswith("replay") or module.mitigation.name == "none":
+    if plan.mitigation is None:
         return None
     mean = module.mitigation_total / max(1, config.train.steps)
-    field = "mean_perturbation" if spec.name == "sam" else "mean_penalty"
-    return {
-        "name": spec.name,
-        "strength": spec.strength,
-        field: mean,
-        **({"temperature": spec.temperature} if spec.name == "lwf" else {}),
-    }
+    settings = {knob: getattr(spec, knob) for knob in spec.rule.knobs if knob not in ("strength", "stages")}
+    field = "mean_perturbation" if spec.rule.kind == "sam" else "mean_penalty"
+    return {"name": spec.name, "strength": spec.strength, field: mean, **settings}
 
 
 def evaluate(chain: ChainRun, stage: int, stage_key: str) -> pd.DataFrame:

@@ -8,6 +8,7 @@ every ``every_n_steps`` optimizer steps through the trainer, so under DDP only r
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.loggers import CSVLogger
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -66,18 +68,30 @@ class SafetensorsCheckpointIO(CheckpointIO):
         atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: structure}))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                structure = (handle.metadata() or {}).get(METADATA_KEY)
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except Exception as exc:  # safetensors raises its own error types for damaged headers
-            raise DataError(f"{path}: not a chainforget stage checkpoint ({exc})") from None
-        if structure is None:
-            raise DataError(f"{path}: not a chainforget stage checkpoint (no {METADATA_KEY} metadata)")
-        return decode(json.loads(structure), tensors)
+        structure, tensors = read_checkpoint(path, with_tensors=True)
+        return decode(structure, tensors)
 
     def remove_checkpoint(self, path) -> None:
         Path(path).unlink(missing_ok=True)
+
+    @staticmethod
+    def global_step(path) -> int:
+        """The optimizer step a checkpoint was saved at, from its metadata alone (no tensor is read)."""
+        structure, _ = read_checkpoint(path, with_tensors=False)
+        return dict(structure["__dict__"])["global_step"]
+
+
+def read_checkpoint(path, with_tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A checkpoint's encoded structure and (``with_tensors``) its tensors; a damaged file is a DataError."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            structure = (handle.metadata() or {}).get(METADATA_KEY)
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()} if with_tensors else {}
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise DataError(f"{path}: not a chainforget stage checkpoint ({exc})") from None
+    if structure is None:
+        raise DataError(f"{path}: not a chainforget stage checkpoint (no {METADATA_KEY} metadata)")
+    return json.loads(structure), tensors
 
 
 class StageCheckpoint(L.Callback):
@@ -93,3 +107,26 @@ class StageCheckpoint(L.Callback):
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0  # not midway through an accumulation
         if stepped and step % self.every_n_steps == 0 and step < trainer.max_steps:
             trainer.save_checkpoint(self.path, weights_only=False)
+
+
+class StageCSVLogger(CSVLogger):
+    """Lightning's CSV logger for one stage. Lightning starts ``metrics.csv`` over when the file exists; a stage
+    resumed from a checkpoint at step ``resumed_at`` keeps the rows its earlier attempt logged before that step
+    (the ones after it are logged again), so the file reads as if the stage had never stopped."""
+
+    def __init__(self, *args, resumed_at: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resumed_at = resumed_at
+
+    @property
+    def experiment(self):
+        if self._experiment is None and self.resumed_at is not None:
+            path = Path(self.log_dir) / "metrics.csv"
+            kept = []
+            if path.exists():
+                with path.open(newline="") as file:
+                    kept = [row for row in csv.DictReader(file) if int(row["step"]) < self.resumed_at]
+            writer = super().experiment  # removes the old file
+            writer.metrics = [{k: v for k, v in row.items() if v != ""} for row in kept] + writer.metrics
+            return writer
+        return super().experiment

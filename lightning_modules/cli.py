@@ -78,13 +78,18 @@ class StageCLI(LightningCLI):
         # checked here, before anything is seeded, built or written
         config = self.config[self.config.subcommand]
         data = config.data
-        StageDataModule.check_arguments(list(data.tasks or {}), data.stage, data.batch_size, data.max_seq_len)
+        StageDataModule.check_arguments(list(data.tasks or {}), data.mixture, data.batch_size, data.max_seq_len)
         trainer = config.trainer
         meanings = {"max_steps": "the stage's length in optimizer steps", "accumulate_grad_batches": "batches per step"}
         for field, meaning in meanings.items():
             value = trainer[field]
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"trainer.{field}: {value} is not allowed; use a positive integer ({meaning})")
+
+    def before_fit(self) -> None:
+        self.datamodule.load()  # Lightning creates the log directory before its own data setup
+
+    before_validate = before_test = before_predict = before_fit
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would ``torch.load`` ``--ckpt_path`` here to copy its hyper-parameters into the config.

@@ -38,7 +38,7 @@ from chainforget.config import (
 from chainforget.errors import ConfigError, DataError
 from chainforget.models import load_model, load_tokenizer, load_trainable, trainable_parameters
 from chainforget.records import StageCache
-from chainforget.scoring import autocast_for, encode_prompt, left_pad, letter_token_ids
+from chainforget.scoring import autocast_for, check_prompt_fits, encode_prompt, left_pad, letter_token_ids
 from chainforget.tasks import TaskData
 from chainforget.tasks import load as load_task
 from lightning_modules.checkpoint import SafetensorsCheckpointIO
@@ -131,7 +131,7 @@ class StageModule(L.LightningModule):
             "lr_scheduler": lr_scheduler,
         }
         self.save_hyperparameters(hparams, logger=False)
-        self.automatic_optimization = self.mitigation.name != "sam"
+        self.automatic_optimization = self.mitigation.rule.kind != "sam"
         self.network = None
         self.fisher: dict[str, torch.Tensor] | None = None
         self.anchor: dict[str, torch.Tensor] | None = None
@@ -203,14 +203,15 @@ class StageModule(L.LightningModule):
         self.network.train()  # from_pretrained and evaluation leave the network in eval mode
 
     def on_train_start(self) -> None:
-        name = self.mitigation.name
-        if name == "ewc" and self.fisher is None:
+        needs = self.mitigation.rule.needs
+        if "fisher" in needs and self.fisher is None:
             raise ConfigError(
-                "mitigation ewc needs the previous stage's data for its Fisher; run it inside `chainforget chain`"
+                f"mitigation {self.mitigation.name} needs the previous stage's data for its Fisher; "
+                "run it inside `chainforget chain`"
             )
-        if name in ("l2sp", "ewc") and self.anchor is None:  # a resumed stage keeps its stage-start anchor
+        if "anchor" in needs and self.anchor is None:  # a resumed stage keeps its stage-start anchor
             self.anchor = mitigations.snapshot(self.trainable())
-        if name == "lwf" and self.teacher is None:
+        if "teacher" in needs and self.teacher is None:
             self.teacher = self._teacher_logits()
         attention = self.hparams.attention
         if attention == "auto":
@@ -268,16 +269,13 @@ class StageModule(L.LightningModule):
         return teacher
 
     def penalty(self, batch, logits: torch.Tensor) -> torch.Tensor | None:
-        spec = self.mitigation
-        if spec.name == "l2sp":
-            return mitigations.l2sp_penalty(self.trainable(), self.anchor, spec.strength)
-        if spec.name == "ewc":
-            return mitigations.ewc_penalty(self.trainable(), self.anchor, self.fisher, spec.strength)
-        if spec.name == "lwf":
-            letters = self.trainer.datamodule.letters
-            teacher = self.teacher[batch["index"].cpu()].to(logits.device)
-            return mitigations.lwf_penalty(logits[:, letters], teacher, spec.temperature, spec.strength)
-        return None
+        penalty = self.mitigation.rule.penalty
+        if penalty is None:
+            return None
+        letters = self.trainer.datamodule.letters
+        teacher = None if self.teacher is None else self.teacher[batch["index"].cpu()].to(logits.device)
+        step = mitigations.StepState(self.trainable(), logits[:, letters], self.anchor, self.fisher, teacher)
+        return penalty(step, self.mitigation)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()
@@ -492,7 +490,7 @@ class StageDataModule(L.LightningDataModule):
 
     Args:
         tasks: task specs by registry name.
-        stage: a task name or a mixture such as ``bbq:0.95+csqa:0.05``.
+        mixture: a task name or a mixture of tasks with weights, such as ``bbq:0.95+csqa:0.05``.
         model: the model whose tokenizer encodes the prompts.
         batch_size: examples per batch (training and evaluation).
         steps: optimizer steps the stage will take (under ``chainforget fit``: ``trainer.max_steps``).
@@ -506,7 +504,7 @@ class StageDataModule(L.LightningDataModule):
     def __init__(
         self,
         tasks: dict[str, TaskSpec] | None = None,
-        stage: str = "bbq",
+        mixture: str = "bbq",
         model: ModelSpec | None = None,
         batch_size: int = TrainSpec.batch_size,
         steps: int = TrainSpec.steps,
@@ -516,9 +514,9 @@ class StageDataModule(L.LightningDataModule):
         accumulate_grad_batches: int = 1,
     ):
         super().__init__()
-        self.check_arguments(list(tasks or []), stage, batch_size, max_seq_len)
-        self.specs = tasks or {name: TaskSpec() for name in parse_stage(stage)}
-        self.mixture = parse_stage(stage)
+        self.check_arguments(list(tasks or []), mixture, batch_size, max_seq_len)
+        self.specs = tasks or {name: TaskSpec() for name in parse_stage(mixture)}
+        self.mixture = parse_stage(mixture)
         self.model_spec = model or ModelSpec()
         self.batch_size, self.steps, self.max_seq_len, self.seed, self.bucket = (
             batch_size,
@@ -539,15 +537,15 @@ class StageDataModule(L.LightningDataModule):
         self.eval_letters: torch.Tensor | None = None
 
     @staticmethod
-    def check_arguments(tasks: list[str], stage: str, batch_size: int, max_seq_len: int) -> None:
+    def check_arguments(tasks: list[str], mixture: str, batch_size: int, max_seq_len: int) -> None:
         """The data settings a user gives ``fit``, checked by the chain's rules for the same settings; ``tasks``
-        (when any are configured) must hold every task the stage draws from."""
+        (when any are configured) must hold every task the mixture draws from."""
         for name, value in (("batch_size", batch_size), ("max_seq_len", max_seq_len)):
             check_field(TrainSpec, name, value, f"data.{name}")
-        missing = [name for name in parse_stage(stage) if tasks and name not in tasks]
+        missing = [name for name in parse_stage(mixture) if tasks and name not in tasks]
         if missing:
             raise ConfigError(
-                f"data.stage: {stage!r} names task {missing[0]!r}, which is not under data.tasks "
+                f"data.mixture: {mixture!r} names task {missing[0]!r}, which is not under data.tasks "
                 f"(configured: {', '.join(sorted(tasks))})"
             )
 
@@ -557,7 +555,7 @@ class StageDataModule(L.LightningDataModule):
         data,
         tokenizer,
         *,
-        stage: str,
+        mixture: str,
         batch_size: int,
         steps: int,
         max_seq_len: int,
@@ -567,17 +565,30 @@ class StageDataModule(L.LightningDataModule):
         """A module over already loaded data and tokenizer, drawing ``steps`` batches, without eval data: the chain
         runner evaluates between stages itself."""
         module = cls(
-            tasks={}, stage=stage, batch_size=batch_size, steps=steps, max_seq_len=max_seq_len, seed=seed, bucket=bucket
+            tasks={},
+            mixture=mixture,
+            batch_size=batch_size,
+            steps=steps,
+            max_seq_len=max_seq_len,
+            seed=seed,
+            bucket=bucket,
         )
         module.data, module.tokenizer = data, tokenizer
         module.eval_tasks = []
         return module
 
-    def setup(self, stage: str | None = None) -> None:
+    def load(self) -> None:
+        """The tokenizer and the data, once, checked against ``max_seq_len`` (the chain hands in data it has
+        checked against ``train.max_seq_len``). ``chainforget fit`` calls it before Lightning creates the log
+        directory, so bad data or settings leave nothing behind."""
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.model_spec)
         if self.data is None:
             self.data = {name: load_task(name, self.specs[name], self.seed) for name in self.mixture}
+            check_prompt_fits(self.tokenizer, self.data, self.max_seq_len, "data.max_seq_len")
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
         if stage in (None, "fit"):
             self.draw_training()
         if stage is not None:

@@ -13,7 +13,9 @@ ordinary runs of the chain config's project, grouped by the sweep's name.
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
 import shlex
 import shutil
@@ -25,24 +27,133 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from chainforget.config import read_mapping
+from chainforget.config import INT_LIMIT, is_file, is_plain_name, key_type, parse_chain, read_mapping
 from chainforget.errors import ConfigError
 from chainforget.records import atomic_write_text, read_record, summary_metrics
 
 
 def load_sweep(path: Path) -> dict:
-    """A W&B sweep YAML, validated with the sweep engine's own schema."""
+    """A W&B sweep YAML, validated with the sweep engine's own schema, then every parameter against the chain
+    config its command runs: a name that is no config key, or a value the chain would refuse, is one line now
+    rather than a failed run later."""
+    sweeps = import_sweeps()
+    config = read_mapping(path, "sweep", "method, metric, parameters and command")
+    command = config.get("command")
+    if not command:
+        raise ConfigError(f"{path}: command: missing; give the chainforget command with ${{args}}")
+    parameters = config.get("parameters")
+    if not isinstance(parameters, dict) or not parameters:  # the engine's own check fails on these with a traceback
+        raise ConfigError(f"{path}: parameters: {parameters!r} is not allowed; use a mapping of chain config keys")
+    for name, spec in parameters.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{path}: parameters.{name}: {spec!r} is not allowed; use {{values: [...]}} or {{...}}")
+        for bound in ("min", "max"):
+            value = spec.get(bound, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= INT_LIMIT:
+                raise ConfigError(f"{path}: parameters.{name}.{bound}: {value!r} is not allowed; use a finite number")
+    violations = sweeps.schema_violations_from_proposed_config(config)
+    for name, spec in parameters.items() if violations else ():
+        alone = {"method": config.get("method"), "parameters": {name: spec}, "command": command}
+        wrong = sweeps.schema_violations_from_proposed_config(alone)
+        if wrong:  # the engine names neither the parameter nor what it takes
+            raise ConfigError(
+                f"{path}: invalid sweep: parameters.{name}: {spec!r} is not allowed "
+                f"({'; '.join(dict.fromkeys(wrong))}); use {{values: [...]}}, {{value: v}} or {{distribution: ..., "
+                "min: a, max: b}"
+            )
+    if violations:
+        raise ConfigError(f"{path}: invalid sweep: {'; '.join(dict.fromkeys(violations))}")
+    if not isinstance(command, list) or "${args}" not in command:
+        raise ConfigError(
+            f"{path}: command: {command!r} is not allowed; use a list with ${{args}} where the parameters go, "
+            "e.g. [chainforget, chain, --config, FILE, '${args}']"
+        )
+    if config.get("method") == "bayes" and not (config.get("metric") or {}).get("name"):
+        raise ConfigError(f"{path}: metric: missing; method bayes needs {{name: SUMMARY KEY, goal: minimize|maximize}}")
+    check_sweep_parameters(path, config)
+    return config
+
+
+def import_sweeps():
+    """W&B's sweep engine (the ``sweeps`` package)."""
     with warnings.catch_warnings():  # the engine's pydantic models use v1 option names: nothing a user can change
         warnings.filterwarnings("ignore", message="Valid config keys have changed in V2")
         import sweeps
+    return sweeps
 
-    config = read_mapping(path, "sweep", "method, metric, parameters and command")
-    violations = sweeps.schema_violations_from_proposed_config(config)
-    if violations:
-        raise ConfigError(f"{path}: invalid sweep: {'; '.join(violations)}")
-    if not config.get("command"):
-        raise ConfigError(f"{path}: command: missing; give the chainforget command with ${{args}}")
-    return config
+
+def check_sweep_parameters(path: Path, sweep: dict) -> None:
+    """Each parameter a chain config key, each value it can take (every one of ``values``, a distribution's ends
+    and middle) one the chain accepts with the others at their first value, and a run directory per run."""
+    from sweeps.params import HyperParameter
+
+    def arguments(values: dict) -> list[str]:
+        return chain_arguments(agent_command(sweep, {name: {"value": value} for name, value in values.items()}))
+
+    candidates = {}
+    for name, spec in sweep["parameters"].items():
+        key_type(name, f"{path}: parameters.")
+        if "parameters" in spec:
+            raise ConfigError(f"{path}: parameters.{name}: nested parameters are not allowed; name each setting")
+        if "values" in spec:
+            candidates[name] = [(f"values[{i}]", value) for i, value in enumerate(spec["values"])]
+        elif "value" in spec:
+            candidates[name] = [("value", spec["value"])]
+        else:  # a distribution: its lowest, middle and highest value (an unbounded one: its middle)
+            hyper = HyperParameter(name, spec)
+            values = [plain(hyper.ppf(q)) for q in (0.0, 0.5, 1.0)]
+            if hyper.type in VALUE_RANGES:  # min and max are values: take them as written, not as rounded by ppf
+                values = [spec["min"], values[1], spec["max"]]
+            candidates[name] = [(at, v) for at, v in zip(("min", "middle", "max"), values) if is_finite(v)]
+    try:
+        parse_chain(arguments({}), "chainforget chain")  # the command alone, as wandb_local resolves its run directory
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: command: {exc}") from None
+    check_candidates(path, "parameters", candidates, arguments)
+    config = parse_chain(arguments({name: found[0][1] for name, found in candidates.items() if found}))
+    if config.run_name is not None:
+        raise ConfigError(
+            f"{path}: command: its chain config sets run_name {config.run_name!r}, so every run would write to "
+            f"{Path(config.out) / config.run_name}; add --run_name=null before ${{args}} (each run gets its id)"
+        )
+
+
+VALUE_RANGES = ("param_uniform", "param_int_uniform", "param_loguniform_v2", "param_inv_loguniform_v2")
+
+
+def plain(value):
+    """A numpy scalar as the Python number it holds."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def is_finite(value) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def check_candidates(path: Path, block: str, candidates: dict, arguments) -> None:
+    """Every candidate value of every parameter accepted by the chain, the other parameters at their first value;
+    ``candidates``: ``{name: [(where, value), ...]}``, ``arguments(values)``: the chain's command line for them."""
+    from lightning_modules.chain import preflight
+
+    first = {name: found[0][1] for name, found in candidates.items() if found}
+    for name, found in candidates.items():
+        for where, value in found:
+            try:
+                preflight(parse_chain(arguments({**first, name: value}), "chainforget chain"))
+            except ConfigError as exc:
+                message = str(exc)
+                if message.startswith(f"{name}: "):  # the chain's refusal of this very value: name where it is
+                    raise ConfigError(f"{path}: {block}.{name}.{where}: {message.removeprefix(f'{name}: ')}") from None
+                raise ConfigError(
+                    f"{path}: {block}.{name}.{where}: with {name} = {value!r} the chain config is refused: {message}"
+                ) from None
+
+
+def chain_arguments(command: list[str]) -> list[str]:
+    """The arguments after ``chain`` in a command that runs ``chainforget chain``."""
+    if "chain" not in command:
+        raise ConfigError(f"sweep command {shlex.join(command)!r} does not run `chainforget chain`")
+    return command[command.index("chain") + 1 :]
 
 
 def agent_command(sweep: dict, parameters: dict) -> list[str]:
@@ -64,11 +175,7 @@ def agent_command(sweep: dict, parameters: dict) -> list[str]:
 
 def chain_run_dir(command: list[str], run_id: str) -> Path:
     """Where the chain that ``command`` starts writes its record (resolving its config like it will)."""
-    from chainforget.config import parse_chain
-
-    if "chain" not in command:
-        raise ConfigError(f"sweep command {shlex.join(command)!r} does not run `chainforget chain`")
-    config = parse_chain(command[command.index("chain") + 1 :], "chainforget chain")
+    config = parse_chain(chain_arguments(command), "chainforget chain")
     return Path(config.out) / (config.run_name or run_id)
 
 
@@ -80,12 +187,16 @@ def wandb_local(path: Path, *, count: int | None = None, sweep_id: str | None = 
     so running the same command again continues the sweep: a run that was killed is run again under its id
     (the chain resumes from its checkpoints), then the engine suggests the next.
     """
-    import sweeps
-
+    sweeps = import_sweeps()
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ConfigError(f"--count {count}: not allowed; use a positive number of runs")
     sweep = load_sweep(path)
     if count is None and sweep.get("method") != "grid":
         raise ConfigError(f"{path}: method {sweep.get('method')!r} never runs out of suggestions; pass --count N")
-    sweep_id = sweep_id or sweep.get("name") or path.stem
+    given = f"--sweep-id {sweep_id}" if sweep_id else f"{path}: name" if sweep.get("name") else f"{path}: file name"
+    sweep_id = sweep_id or str(sweep.get("name") or path.stem)
+    if not is_plain_name(sweep_id):  # it names the state file and every run
+        raise ConfigError(f"{given}: {sweep_id!r} is not allowed as a sweep id; use letters, digits and . _ -")
     metric = (sweep.get("metric") or {}).get("name")
     program = next(part for part in agent_command(sweep, {}) if part != "/usr/bin/env")
     if shutil.which(program) is None:  # every run would fail to start: say why once
@@ -184,11 +295,16 @@ STUDY_KEYS = {
     "n_trials",
     "heartbeat",
 }
-SAMPLERS = ("tpe", "random", "grid", "nsga2")
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "nsga2": "NSGAIISampler"}
+PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "threshold": "ThresholdPruner"}
+PARAM_KEYS = {"categorical": ("type", "choices"), "float": ("type", "low", "high", "log", "step")}
+PARAM_KEYS["int"] = PARAM_KEYS["float"]
 
 
-def load_study_spec(path: Path) -> dict:
-    """An Optuna study spec (``sweeps/optuna/*.yaml``), checked field by field."""
+def load_study_spec(path: Path, configs: list[str] = ()) -> dict:
+    """An Optuna study spec (``sweeps/optuna/*.yaml``), checked field by field, then every parameter value against
+    the chain config it varies (``configs``: chain config files applied after ``base``): nothing a trial would refuse
+    reaches a study."""
     spec = read_mapping(path, "study", ", ".join(sorted(STUDY_KEYS)))
     unknown = sorted(set(spec) - STUDY_KEYS)
     if unknown:
@@ -196,28 +312,112 @@ def load_study_spec(path: Path) -> dict:
     for field in ("study_name", "base", "objectives", "params"):
         if not spec.get(field):
             raise ConfigError(f"{path}: field {field!r} is missing")
+    name = spec["study_name"]
+    if not isinstance(name, str) or not is_plain_name(f"{name}-trial0"):  # it names the SQLite file and every run
+        raise ConfigError(f"{path}: study_name: {name!r} is not allowed; use letters, digits and . _ -")
+    for field in ("base", "objectives", "overrides"):
+        value = spec.get(field, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            raise ConfigError(f"{path}: {field}: {value!r} is not allowed; use a list of strings")
+    for where, config_file in [(f"{path}: base", f) for f in spec["base"]] + [("--config", f) for f in configs]:
+        if not is_file(config_file):
+            raise ConfigError(f"{where}: {config_file}: no such chain config file (relative to {Path.cwd()})")
     spec.setdefault("directions", ["minimize"] * len(spec["objectives"]))
-    if len(spec["directions"]) != len(spec["objectives"]) or not set(spec["directions"]) <= {"minimize", "maximize"}:
-        raise ConfigError(f"{path}: directions {spec['directions']} must be minimize/maximize, one per objective")
-    for name, param in spec["params"].items():
-        kind = (param or {}).get("type")
-        if kind == "categorical" and param.get("choices"):
-            continue
-        if kind in ("float", "int") and "low" in param and "high" in param and param["low"] <= param["high"]:
-            continue
-        raise ConfigError(
-            f"{path}: params.{name}: {param!r}; use {{type: categorical, choices: [...]}} "
-            "or {type: float|int, low, high[, log]}"
-        )
+    directions = spec["directions"]
+    if (
+        not isinstance(directions, list)
+        or len(directions) != len(spec["objectives"])
+        or not all(direction in ("minimize", "maximize") for direction in directions)
+    ):
+        raise ConfigError(f"{path}: directions {directions} must be minimize/maximize, one per objective")
+    trials = spec.get("n_trials")
+    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
+        raise ConfigError(f"{path}: n_trials: {trials!r} is not allowed; use a positive integer")
     beat = spec.get("heartbeat") or {}
     if not isinstance(beat, dict) or set(beat) - {"interval", "grace_period", "max_retry"}:
         raise ConfigError(f"{path}: heartbeat: {beat!r}; use {{interval: s, grace_period: s, max_retry: n}} (seconds)")
-    sampler = (spec.get("sampler") or {}).get("name", "tpe")
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"{path}: sampler.name {sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
-    if sampler == "grid" and any(p["type"] != "categorical" for p in spec["params"].values()):
-        raise ConfigError(f"{path}: sampler grid needs every param to be categorical")
+    for key, value in beat.items():
+        least = 0 if key == "max_retry" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{path}: heartbeat.{key}: {value!r} is not allowed; use an integer >= {least}")
+    if not isinstance(spec["params"], dict):
+        raise ConfigError(f"{path}: params: {spec['params']!r} is not allowed; use a mapping of chain config keys")
+    for key, param in spec["params"].items():
+        check_param(path, key, param)
+    make_sampler(spec, path)
+    make_pruner(spec, path)
+    for key in spec["params"]:
+        key_type(key, f"{path}: params.")
+    candidates = {key: param_values(param) for key, param in spec["params"].items()}
+    start = study_arguments(spec, configs)
+    check_candidates(
+        path, "params", candidates, lambda values: [*start, *(as_override(k, v) for k, v in values.items())]
+    )
     return spec
+
+
+def check_param(path: Path, name: str, param) -> None:
+    """One search-space entry in the form Optuna samples from: a non-empty list of distinct choices Optuna can
+    store, or finite bounds low <= high (low > 0 on a log scale) with an optional positive step."""
+    key = f"{path}: params.{name}"
+    kind = param.get("type") if isinstance(param, dict) else None
+    if not isinstance(kind, str) or kind not in PARAM_KEYS:
+        raise ConfigError(
+            f"{key}: {param!r} is not allowed; use {{type: categorical, choices: [...]}} "
+            "or {type: float|int, low, high[, log][, step]}"
+        )
+    unknown = sorted(set(param) - set(PARAM_KEYS[kind]))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key; a {kind} param has {', '.join(PARAM_KEYS[kind])}")
+    if kind == "categorical":
+        choices = param.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{key}.choices: {choices!r} is not allowed; use a non-empty list")
+        for i, choice in enumerate(choices):
+            if not (choice is None or isinstance(choice, (bool, int, str)) or is_finite_float(choice)):
+                raise ConfigError(
+                    f"{key}.choices[{i}]: {choice!r} is not allowed; use null, true, false, a finite number or a "
+                    "string (what Optuna can store)"
+                )
+            if (type(choice), choice) in [(type(c), c) for c in choices[:i]]:
+                raise ConfigError(f"{key}.choices[{i}]: {choice!r} is given twice; list each choice once")
+        return
+    number = "an integer" if kind == "int" else "a finite number"
+    for bound in ("low", "high", "step"):
+        value = param.get(bound)
+        if value is None and bound == "step":
+            continue
+        if isinstance(value, bool) or not (isinstance(value, int) or kind == "float" and is_finite_float(value)):
+            raise ConfigError(f"{key}.{bound}: {value!r} is not allowed; use {number}")
+    low, high, step, log = param["low"], param["high"], param.get("step"), param.get("log", False)
+    if low > high:
+        raise ConfigError(f"{key}: low {low} > high {high} is not allowed; use low <= high")
+    if not isinstance(log, bool):
+        raise ConfigError(f"{key}.log: {log!r} is not allowed; use true or false")
+    if log and low <= 0:
+        raise ConfigError(f"{key}.low: {low} is not allowed with log: true; use low > 0")
+    if step is not None and step <= 0:
+        raise ConfigError(f"{key}.step: {step} is not allowed; use a step > 0")
+    if step is not None and log:
+        raise ConfigError(f"{key}: step with log: true is not allowed; Optuna samples a log scale without steps")
+
+
+def is_finite_float(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def param_values(param: dict) -> list[tuple[str, object]]:
+    """The values of one search-space entry worth checking against the chain config: every choice, or both ends."""
+    if param["type"] == "categorical":
+        return [(f"choices[{i}]", choice) for i, choice in enumerate(param["choices"])]
+    return [("low", param["low"]), ("high", param["high"])]
+
+
+def study_arguments(spec: dict, configs: list[str] = ()) -> list[str]:
+    """The chain command line every trial starts from: the study's base files, then ``configs``, then its overrides."""
+    return [arg for config_file in [*spec["base"], *configs] for arg in ("--config", config_file)] + list(
+        spec.get("overrides") or []
+    )
 
 
 def as_override(name: str, value) -> str:
@@ -227,19 +427,93 @@ def as_override(name: str, value) -> str:
     return f"--{name}={value}"
 
 
-def make_sampler(spec: dict):
+def make_sampler(spec: dict, path: Path | str = "study"):
+    """The study's sampler, its options checked against the sampler class (a grid's space comes from params)."""
     import optuna
 
-    settings = dict(spec.get("sampler") or {})
-    name, seed = settings.pop("name", "tpe"), settings.pop("seed", 0)
+    settings = options_of(spec, "sampler", path)
+    name = settings.pop("name", "tpe")
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise ConfigError(f"{path}: sampler.name {name!r} is unknown; use one of {', '.join(SAMPLERS)}")
+    settings.setdefault("seed", 0)  # a study reproduces unless its file says otherwise
+    given = {}
     if name == "grid":
-        space = {key: param["choices"] for key, param in spec["params"].items()}
-        return optuna.samplers.GridSampler(space, seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **settings)
-    return optuna.samplers.TPESampler(seed=seed, **settings)
+        if any(p["type"] != "categorical" for p in spec["params"].values()):
+            raise ConfigError(f"{path}: sampler grid needs every param to be categorical")
+        given["search_space"] = {key: param["choices"] for key, param in spec["params"].items()}
+    return build(getattr(optuna.samplers, SAMPLERS[name]), settings, given, f"{path}: sampler")
+
+
+def make_pruner(spec: dict, path: Path | str = "study"):
+    """The study's pruner (none by default), its options checked against the pruner class."""
+    import optuna
+
+    settings = options_of(spec, "pruner", path)
+    name = settings.pop("name", "none")
+    if not isinstance(name, str) or name not in PRUNERS:
+        raise ConfigError(f"{path}: pruner.name {name!r} is unknown; use one of {', '.join(PRUNERS)}")
+    if name != "none" and len(spec["objectives"]) > 1:
+        raise ConfigError(f"{path}: pruner {name!r}: Optuna prunes single-objective studies only; use name: none")
+    return build(getattr(optuna.pruners, PRUNERS[name]), settings, {}, f"{path}: pruner")
+
+
+def options_of(spec: dict, field: str, path) -> dict:
+    settings = spec.get(field) or {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: {field}: {settings!r} is not allowed; use a mapping such as {{name: ..., seed: 0}}")
+    return dict(settings)
+
+
+# What YAML can give an option, by the name its annotation uses, and how a message says it (integers here are
+# counts, steps or seeds: never negative)
+YAML_TYPES = {
+    "None": (type(None), "null"),
+    "bool": (bool, "true or false"),
+    "int": (int, "an integer >= 0"),
+    "float": (float, "a finite number"),
+    "str": (str, "a string"),
+}
+
+
+def build(cls, settings: dict, given: dict, where: str):
+    """``cls(**settings, **given)`` with every option of ``settings`` checked first: a name ``cls`` takes, a value
+    its annotation allows (YAML holds no Python objects, so options that take one are not settable), then the
+    class's own checks of the values; each refusal one line."""
+    settable = {}
+    for name, parameter in inspect.signature(cls).parameters.items():
+        annotation = parameter.annotation
+        words = [w.strip() for w in getattr(annotation, "__name__", str(annotation)).split("|")]
+        if name not in given and all(word in YAML_TYPES for word in words):
+            settable[name] = [YAML_TYPES[word] for word in words]
+    for name, value in settings.items():
+        if name not in settable:
+            raise ConfigError(f"{where}.{name}: unknown option of {cls.__name__}; use {', '.join(settable) or 'none'}")
+        kinds = [kind for kind, _ in settable[name]]
+        fits = type(value) in kinds or (type(value) is int and float in kinds)
+        if not fits or not is_finite(value) or (type(value) is int and int in kinds and value < 0):
+            allowed = " or ".join(words for _, words in settable[name])
+            raise ConfigError(f"{where}.{name}: {value!r} is not allowed; use {allowed}")
+    try:
+        return cls(**settings, **given)
+    except (ValueError, TypeError) as exc:  # Optuna's own checks of the values, e.g. population_size >= 2
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def check_storage(url: str) -> None:
+    """An RDB URL whose database SQLAlchemy knows (nothing is connected to or created yet)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ConfigError(
+            f"--storage {url}: not allowed ({exc}); use an RDB URL such as sqlite:///runs/optuna/NAME.db "
+            "or postgresql://USER@HOST/DB"
+        ) from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(f"--storage {url}: an in-memory database ends with this worker; use sqlite:///FILE")
 
 
 def make_storage(url: str, heartbeat: dict | None = None, attempts: int = 3):
@@ -249,7 +523,7 @@ def make_storage(url: str, heartbeat: dict | None = None, attempts: int = 3):
     Workers started together race to create the schema; the loser retries and finds it there.
     """
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
     beat = {"interval": 10, "grace_period": 30, "max_retry": 2, **(heartbeat or {})}
     for attempt in range(attempts):
@@ -268,7 +542,7 @@ def make_storage(url: str, heartbeat: dict | None = None, attempts: int = 3):
                     f"--storage {url}: cannot open the study storage ({type(exc).__name__}: {exc})".split("\n")[0]
                 ) from None
             time.sleep(1.0 + attempt)
-        except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
+        except (SQLAlchemyError, ImportError) as exc:  # an unreachable server, a database driver not installed
             raise ConfigError(
                 f"--storage {url}: cannot open the study storage ({type(exc).__name__}: {exc})".split("\n")[0]
             ) from None
@@ -300,29 +574,27 @@ def optuna_study(
     """
     import optuna
 
-    from chainforget.config import parse_chain
     from chainforget.plan import plan_chain
     from lightning_modules.chain import ChainStopped, run_chain
 
-    spec = load_study_spec(path)
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise ConfigError(f"--n-trials {n_trials}: not allowed; use a positive number of trials")
+    if storage:
+        check_storage(storage)
+    spec = load_study_spec(path, configs)  # everything a user can get wrong is refused before anything is created
     name = spec["study_name"]
-    if (spec.get("sampler") or {}).get("name") != "grid" and not (n_trials or spec.get("n_trials")):
+    grid = (spec.get("sampler") or {}).get("name") == "grid"
+    if not grid and not (n_trials or spec.get("n_trials")):
         raise ConfigError(f"{path}: n_trials: missing; only a grid study knows when it is done (or pass --n-trials)")
     storage_url = storage or f"sqlite:///{Path(out or 'runs') / 'optuna' / name}.db"
+    sampler, pruner = make_sampler(spec, path), make_pruner(spec, path)
     if storage_url.startswith("sqlite:///"):
-        Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    pruner_spec = dict(spec.get("pruner") or {"name": "none"})
-    pruners = {
-        "none": optuna.pruners.NopPruner,
-        "median": optuna.pruners.MedianPruner,
-        "threshold": optuna.pruners.ThresholdPruner,
-    }
-    pruner_name = pruner_spec.pop("name")
-    if pruner_name not in pruners:
-        raise ConfigError(f"{path}: pruner.name {pruner_name!r} is unknown; use one of {', '.join(pruners)}")
-    pruner = pruners[pruner_name](**pruner_spec)
+        folder = Path(storage_url.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--storage {storage_url}: cannot create {folder} ({exc.strerror})") from None
     multi = len(spec["objectives"]) > 1
-    grid = (spec.get("sampler") or {}).get("name") == "grid"
     with warnings.catch_warnings():  # heartbeats and metric names are "experimental" in Optuna: nothing to act on
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.create_study(
@@ -330,25 +602,21 @@ def optuna_study(
             storage=make_storage(storage_url, spec.get("heartbeat")),
             load_if_exists=True,
             directions=spec["directions"],
-            sampler=make_sampler(spec),
+            sampler=sampler,
             pruner=pruner,
         )
         study.set_metric_names(list(spec["objectives"]))  # what optuna-dashboard and trials_dataframe() show
-    base = [arg for config_file in [*spec["base"], *configs] for arg in ("--config", config_file)] + list(
-        spec.get("overrides") or []
-    )
-    if out:
-        base.append(f"--out={out}")
+    base = study_arguments(spec, configs) + ([f"--out={out}"] if out else [])
 
     def objective(trial):
         params = {}
         for key, param in spec["params"].items():
             if param["type"] == "categorical":
                 params[key] = trial.suggest_categorical(key, param["choices"])
-            elif param["type"] == "int":
-                params[key] = trial.suggest_int(key, param["low"], param["high"], log=param.get("log", False))
             else:
-                params[key] = trial.suggest_float(key, param["low"], param["high"], log=param.get("log", False))
+                suggest = trial.suggest_int if param["type"] == "int" else trial.suggest_float
+                step = {"step": param["step"]} if "step" in param else {}
+                params[key] = suggest(key, param["low"], param["high"], log=param.get("log", False), **step)
         original = duplicate_of(trial) if grid else None
         if original is not None:
             trial.set_user_attr("duplicate_of", original)

@@ -98,6 +98,7 @@ def test_score_changes_compare_the_trained_stage_with_the_last():
     record = {
         "run_name": "r",
         "config": {"order": ["bbq", "csqa"], "seed": 0},
+        "mitigation": {"name": "none", "kind": "none", "knobs": []},
         "eval": [{"stage": k} for k in (0, 1, 2)],
         "tasks": {
             "bbq": {"role": "safety", "group_kinds": ["category"], "trained_stage": 1},

@@ -230,7 +230,7 @@ CASES = [
         "sweep parameter that is not a config key",
         ["sweep", "wandb-local"],
         sweep_file("method: grid\nparameters: {trian.lr: {values: [0.1]}}\n" + SWEEP_COMMAND),
-        "unrecognized arguments: --trian.lr=0.1",
+        "parameters.trian: unknown key; the keys of a chain config are run_name, model, tasks",
     ),
     (
         "study with an unknown field",

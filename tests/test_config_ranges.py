@@ -9,7 +9,16 @@ import pytest
 from conftest import ROOT
 
 from chainforget.cli import main
-from chainforget.config import ChainConfig, CurvatureSpec, EvalSpec, MitigationSpec, TaskSpec, TrainerSpec, TrainSpec
+from chainforget.config import (
+    ChainConfig,
+    CurvatureSpec,
+    EvalSpec,
+    LoraSpec,
+    MitigationSpec,
+    TaskSpec,
+    TrainerSpec,
+    TrainSpec,
+)
 
 BLOCKS = {
     "": ChainConfig,
@@ -19,6 +28,7 @@ BLOCKS = {
     "trainer": TrainerSpec,
     "mitigation": MitigationSpec,
     "tasks.bbq": TaskSpec,
+    "model.lora": LoraSpec,
 }
 
 

@@ -65,6 +65,7 @@ def forgetting_record(seed: int, bf_a: float) -> dict:
     return {
         "run_name": f"r{seed}",
         "config": {"order": ["bbq", "csqa"], "seed": seed},
+        "mitigation": {"name": "none", "kind": "none", "knobs": []},
         "metrics": {
             "forgetting": [
                 row("all", "all", 5.0, None, None),
@@ -89,13 +90,13 @@ def forgetting_record(seed: int, bf_a: float) -> dict:
 
 
 def test_groups_count_as_unequal_only_when_their_paired_bf_interval_excludes_zero():
-    from analysis.findings import biased_forgetting, group_forgetting
+    from analysis.findings import biased_forgetting_over_seeds, group_forgetting_over_seeds
 
     records = [forgetting_record(0, 10.0), forgetting_record(1, 14.0)]
-    groups = group_forgetting(records).set_index("group")
+    groups = group_forgetting_over_seeds(records).set_index("group")
     assert groups.loc["a", "seeds_beyond_interval"] == 2 and groups.loc["b", "seeds_beyond_interval"] == 0
     assert groups.loc["a", "F"] == 17.0  # (15 + 19) / 2
-    (row,) = biased_forgetting(records).to_dict("records")
+    (row,) = biased_forgetting_over_seeds(records).to_dict("records")
     assert (row["group_runs_tested"], row["group_runs_beyond_interval"], row["share_beyond"]) == (4, 2, 0.5)
     assert row["BF"] == 12.0 and row["spread"] == 17.0 and row["worst_groups"] == "a"
     # spreads 15 and 19: 17 -+ 12.706 * 2.828 / 1.414 = 17 -+ 25.4; a spread is never below 0

@@ -24,7 +24,7 @@ STAGE = ["--config", "sweeps/configs/stage_smoke.yaml", "--trainer.enable_progre
 TINY = ModelSpec(name="tiny", finetune="full")
 BBQ = TaskSpec(source="release", path="tests/fixtures/bbq", eval_fraction=0.5)  # as in stage_smoke.yaml
 CSQA = TaskSpec(source="release", path="tests/fixtures/csqa")
-MIXED = ["--data.stage=bbq+csqa", "--data.tasks.csqa.source=release", "--data.tasks.csqa.path=tests/fixtures/csqa"]
+MIXED = ["--data.mixture=bbq+csqa", "--data.tasks.csqa.source=release", "--data.tasks.csqa.path=tests/fixtures/csqa"]
 CHECKPOINT = ["--trainer.enable_checkpointing=true"]
 EVERY_2_STEPS = [
     *CHECKPOINT,
@@ -233,7 +233,7 @@ def test_fit_print_config_shows_the_stage_length_on_the_trainer(capsys):
     assert "steps:" not in data_section  # it follows trainer.max_steps
     assert "class_path" not in model_section  # the stage module is fixed, its arguments are top-level keys
     assert "class_path: lightning_modules.checkpoint.SafetensorsCheckpointIO" in out  # checkpoints never pickle
-    assert "stage: bbq" in out and "lr: 0.003" in out and "name: tiny" in out
+    assert "mixture: bbq" in out and "lr: 0.003" in out and "name: tiny" in out
 
 
 @pytest.mark.parametrize("command", ["validate", "test", "predict"])
@@ -243,7 +243,7 @@ def test_eval_commands_offer_lightnings_flags(command, capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: chainforget [options] {command}")
-    assert "--ckpt_path" in out and "--trainer.limit_val_batches" in out and "--data.stage" in out
+    assert "--ckpt_path" in out and "--trainer.limit_val_batches" in out and "--data.mixture" in out
 
 
 @pytest.mark.parametrize(
@@ -258,8 +258,8 @@ def test_eval_commands_offer_lightnings_flags(command, capsys):
         (["--data.batch_size=0"], "data.batch_size: 0 is not allowed; use an integer >= 1"),
         (["--data.max_seq_len=2"], "data.max_seq_len: 2 is not allowed; use an integer >= 8"),
         (
-            ["--data.stage=csqa"],
-            "data.stage: 'csqa' names task 'csqa', which is not under data.tasks (configured: bbq)",
+            ["--data.mixture=csqa"],
+            "data.mixture: 'csqa' names task 'csqa', which is not under data.tasks (configured: bbq)",
         ),
     ],
 )

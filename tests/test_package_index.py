@@ -10,8 +10,8 @@ import threading
 import pytest
 
 from chainforget.errors import DataError
-from chainforget.tasks import sources
-from chainforget.tasks.sources import package_indexes, pypi_archive
+from chainforget.tasks import downloads
+from chainforget.tasks.downloads import package_indexes, pypi_archive
 
 SDIST = b"bigbench sdist bytes"
 WHEEL = b"pure wheel bytes"
@@ -173,7 +173,7 @@ def test_environment_variables_override_the_pip_config_as_in_pip(tmp_path, pip_c
 
 
 def test_without_pip_internals_the_environment_variables_are_still_read(monkeypatch):
-    monkeypatch.setattr(sources.sys, "executable", "/nonexistent/python")  # no pip to ask
+    monkeypatch.setattr(downloads.sys, "executable", "/nonexistent/python")  # no pip to ask
     monkeypatch.setenv("PIP_INDEX_URL", "file:///a")
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "file:///b file:///c")
     assert package_indexes() == ["file:///a", "file:///b", "file:///c"]

@@ -168,3 +168,46 @@ def test_a_stage_with_a_mitigation_resumes_with_its_anchor_teacher_and_optimizer
         pd.read_parquet(run_dir / "predictions.parquet"),
         pd.read_parquet(tmp_path / "ref" / record["run_name"] / "predictions.parquet"),
     )
+
+
+def test_a_resumed_stage_keeps_the_metrics_logged_before_its_checkpoint(tmp_path):
+    def args(where: Path) -> list[str]:
+        return [*chain_args(where, "run"), "--trainer.log_every_n_steps=1", "--wandb.mode=disabled"]
+
+    reference = launch("none", 0, args(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    killed = launch("train_step", 10, args(tmp_path))  # in stage 1, after its checkpoint at step 8
+    assert killed.returncode == -signal.SIGKILL
+    logs = tmp_path / "runs" / "run" / "lightning_logs" / "stage1" / "metrics.csv"
+    assert pd.read_csv(logs)["step"].max() >= 8  # the killed attempt had logged past the checkpoint
+    resumed = launch("none", 0, args(tmp_path))
+    assert resumed.returncode == 0 and "stage 1 resumes from its checkpoint" in resumed.stderr
+
+    def losses(root: Path) -> pd.DataFrame:
+        frame = pd.read_csv(root / "runs" / "run" / "lightning_logs" / "stage1" / "metrics.csv")
+        return frame[["step", "train/loss", "train/lr"]].dropna().reset_index(drop=True)
+
+    expected = losses(tmp_path / "reference")
+    assert len(expected) == 30  # one row per step of the 30-step stage
+    pd.testing.assert_frame_equal(losses(tmp_path), expected)
+
+
+def test_a_second_process_on_a_running_chain_is_refused_and_changes_nothing(tmp_path, capsys):
+    import fcntl
+
+    from chainforget.cli import main
+
+    run_dir = tmp_path / "runs" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "lightning_logs").mkdir()
+    (run_dir / "lightning_logs" / "metrics.csv").write_text("step,train/loss\n0,1.5\n")
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    holder = os.open(run_dir, os.O_RDONLY)  # what the running chain holds
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(chain_args(tmp_path, "run")) == 2
+    finally:
+        os.close(holder)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "is in use by another running chain" in line and str(run_dir) in line
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before

@@ -147,7 +147,7 @@ def test_length_bucketing_keeps_every_sample_once_and_cuts_padding():
 
     def padding(bucket):
         module = StageDataModule.prepared(
-            data, tiny_tokenizer(), stage="bbq+csqa", batch_size=8, steps=40, max_seq_len=512, seed=3, bucket=bucket
+            data, tiny_tokenizer(), mixture="bbq+csqa", batch_size=8, steps=40, max_seq_len=512, seed=3, bucket=bucket
         )
         module.setup()
         batches = module.batches()

@@ -13,6 +13,7 @@ from analysis.tables import (
     replay_recovery,
     seed_summary,
 )
+from chainforget import mitigations
 
 T_975_DF1 = 12.706204736  # Student t quantile, 1 degree of freedom
 ROLES = {"bbq": "safety", "csqa": "capability"}
@@ -21,6 +22,7 @@ ROLES = {"bbq": "safety", "csqa": "capability"}
 def record(order, seed, forgetting=None, acc=None, mitigation=None, curvature=None, **config):
     """A run record with just the fields the tables read; ``config`` adds config blocks (``train={"lr": 0.001}``)."""
     mitigation = mitigation or {"name": "none", "strength": 0.0}
+    replayed = mitigation["name"] == "replay_stage"  # a third stage: the last task with the first replayed
     return {
         "run_name": f"{'-'.join(order)}-s{seed}-{mitigation['strength']}-{config}",
         "config": {"order": order, "seed": seed, "mitigation": mitigation, **config},
@@ -29,7 +31,9 @@ def record(order, seed, forgetting=None, acc=None, mitigation=None, curvature=No
             {"stage": k, "task": t, "group_kind": "all", "group": "all", "n": 10, "correct": 0, "acc": a}
             for (k, t), a in (acc or {}).items()
         ],
-        "stages": [{"index": 1, "curvature": {"top_eigenvalue": curvature} if curvature is not None else None}],
+        "stages": [{"index": 1, "curvature": {"top_eigenvalue": curvature} if curvature is not None else None}]
+        + ([{"index": len(order) + 1, "trains": order[-1:], "replays": order[:-1]}] if replayed else []),
+        "mitigation": mitigations.facts(mitigation["name"]),
         "tasks": {
             task: {"role": ROLES[task], "group_kinds": [], "trained_stage": k} for k, task in enumerate(order, 1)
         },

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from chainforget.config import parse_chain
+from chainforget.config import ChainConfig, parse_chain
 from chainforget.errors import ChainforgetError, ConfigError
 
 DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
@@ -68,11 +68,22 @@ def chain(argv: list[str]) -> int:
     from analysis.tables import summary_text
     from lightning_modules.chain import run_chain
 
-    config = parse_chain(argv, "chainforget chain")
+    config = check_chain(argv)
     record = run_chain(config)
     print(summary_text([record]))
     print(f"run written to {Path(config.out) / record['run_name']}")
     return 0
+
+
+def check_chain(argv: list[str], prog: str = "chainforget chain") -> ChainConfig:
+    """The config ``chain`` runs, checked as ``run_chain`` checks it before it reads data or loads a model
+    (``lightning_modules.chain.preflight``): a user's error raises ChainforgetError, nothing is written. Cheap
+    (no data, no model), so tests can try many configs through it."""
+    from lightning_modules.chain import preflight
+
+    config = parse_chain(argv, prog)
+    preflight(config)
+    return config
 
 
 def demo(argv: list[str]) -> int:
@@ -145,13 +156,28 @@ def list_tasks(argv: list[str]) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose every refusal ``main`` prints on one line: argparse's own ``error`` prints the usage too and
+    exits, which it still does for unknown or missing arguments under ``exit_on_error=False``."""
+
+    def error(self, message: str):
+        raise argparse.ArgumentError(None, message)
+
+
+def positive(text: str) -> int:
+    """A count of runs or trials."""
+    if not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not allowed; use a positive integer")
+    return int(text)
+
+
 def sweep(argv: list[str]) -> int:
     """``sweep wandb-local FILE``: drive a W&B sweep YAML with W&B's own engine, without a server."""
-    parser = argparse.ArgumentParser(prog="chainforget sweep", exit_on_error=False)
+    parser = Parser(prog="chainforget sweep", exit_on_error=False)
     engines = parser.add_subparsers(dest="engine", required=True)
     local = engines.add_parser("wandb-local", help="run a W&B sweep YAML without a W&B server (offline runs)")
     local.add_argument("file", type=Path)
-    local.add_argument("--count", type=int, default=None, help="runs to start (required for random and bayes)")
+    local.add_argument("--count", type=positive, default=None, help="runs to start (required for random and bayes)")
     local.add_argument(
         "--sweep-id",
         default=None,
@@ -162,7 +188,7 @@ def sweep(argv: list[str]) -> int:
     study.add_argument("file", type=Path)
     study.add_argument("--storage", default=None, help="Optuna RDB URL (default: sqlite:///<out>/optuna/<study>.db)")
     study.add_argument(
-        "--n-trials", type=int, default=None, help="trials for this worker (grid studies stop by themselves)"
+        "--n-trials", type=positive, default=None, help="trials for this worker (grid studies stop by themselves)"
     )
     study.add_argument("--out", default=None, help="run directory root (default: the chain config's out)")
     study.add_argument(
@@ -182,7 +208,7 @@ def sweep(argv: list[str]) -> int:
 
 def report(argv: list[str]) -> int:
     """``report --source S --out DIR``: S is a run directory tree, ``wandb-offline:DIR`` or ``wandb:ENTITY/PROJECT``."""
-    parser = argparse.ArgumentParser(prog="chainforget report", exit_on_error=False)
+    parser = Parser(prog="chainforget report", exit_on_error=False)
     parser.add_argument("--source", required=True, help="runs dir, wandb-offline:<dir> or wandb:<entity>/<project>")
     parser.add_argument("--out", required=True, type=Path, help="directory for report.html, report.md and figures")
     args = parser.parse_args(argv)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
 import operator
-from dataclasses import asdict, dataclass, field, fields
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +18,7 @@ import yaml
 from chainforget.errors import ConfigError
 
 SEED_LIMIT = 2**32 - 1  # numpy and Lightning seed their generators with 32-bit integers
+INT_LIMIT = 2**63 - 1  # torch, numpy and Lightning hold integers in 64 bits: a larger one overflows there
 
 
 def ranged(default, low: float | None = None, high: float | None = None, *, above: float | None = None, below=None):
@@ -44,8 +50,11 @@ def check_field(kind, name: str, value, key: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not rule:
         return
     limits = [(sign, rule[bound], test) for bound, sign, test in BOUNDS if rule[bound] is not None]
+    integer = str(spec_field.type).startswith("int")
+    if integer and rule["high"] is None and value > INT_LIMIT:
+        limits.append(("<=", INT_LIMIT, operator.le))
     if not math.isfinite(value) or not all(test(value, limit) for _, limit, test in limits):
-        number = "an integer" if isinstance(spec_field.default, int) else "a finite number"
+        number = "an integer" if integer else "a finite number"
         allowed = " and ".join(f"{sign} {limit}" for sign, limit, _ in limits)
         raise ConfigError(f"{key}: {value} is not allowed; use {number} {allowed}")
 
@@ -54,10 +63,15 @@ def check_field(kind, name: str, value, key: str) -> None:
 class LoraSpec:
     """LoRA adapter shape (peft)."""
 
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    rank: int = ranged(8, 1)
+    alpha: int = ranged(16, 1)
+    dropout: float = ranged(0.0, 0.0, below=1.0)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "model.lora")  # peft would refuse these only when the model loads, in a traceback
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules: [] is not allowed; name at least one module, e.g. [q_proj]")
 
 
 @dataclass
@@ -173,12 +187,10 @@ class EvalSpec:
         check_ranges(self, "eval")
 
 
-MITIGATIONS = ("none", "replay_stage", "replay_mix", "l2sp", "ewc", "lwf", "sam")
-
-
 @dataclass
 class MitigationSpec:
-    """One mitigation of forgetting, behind one strength knob a sweep can vary.
+    """One mitigation of forgetting, behind one strength knob a sweep can vary (``chainforget.mitigations``
+    says what each one is and reads).
 
     Args:
         name: ``replay_stage`` (extra last stage: last task + share r of earlier tasks), ``replay_mix``
@@ -191,26 +203,38 @@ class MitigationSpec:
         stages: the stages (1-based) it applies to; ``null``: every stage after the first (every stage for sam).
     """
 
-    name: Literal["none", "replay_stage", "replay_mix", "l2sp", "ewc", "lwf", "sam"] = "none"
+    name: str = "none"
     strength: float = ranged(0.0, 0.0)
     temperature: float = ranged(2.0, above=0.0)
     fisher_batches: int = ranged(8, 1)
     stages: list[int] | None = None
 
     def __post_init__(self) -> None:
+        from chainforget.mitigations import MITIGATIONS  # here, not at the top: it imports torch
+
         if self.name not in MITIGATIONS:
             raise ConfigError(f"mitigation.name: {self.name!r} is unknown; use one of {', '.join(MITIGATIONS)}")
         check_ranges(self, "mitigation")
-        if self.name.startswith("replay") and self.strength > 1:
-            raise ConfigError(f"mitigation.strength: replay ratio {self.strength} is not allowed; use 0 <= r <= 1")
+        if self.strength > self.rule.max_strength:
+            what, symbol = self.rule.strength_is.rsplit(" ", 1)
+            raise ConfigError(
+                f"mitigation.strength: {what} {self.strength} is not allowed for {self.name}; "
+                f"use 0 <= {symbol} <= {self.rule.max_strength:g}"
+            )
         check_stages(self.stages, "mitigation.stages")
 
+    @property
+    def rule(self):
+        """This mitigation's entry in ``chainforget.mitigations.MITIGATIONS``."""
+        from chainforget.mitigations import MITIGATIONS
+
+        return MITIGATIONS[self.name]
+
     def applies_to(self, stage: int) -> bool:
-        if self.name in ("none", "replay_stage"):
+        """Whether it acts in stage ``stage`` (a replay that adds a stage acts in that stage only)."""
+        if self.rule.kind == "none" or self.rule.adds_stage:
             return False
-        if self.stages is not None:
-            return stage in self.stages
-        return self.name == "sam" or stage > 1
+        return stage in self.stages if self.stages is not None else stage >= self.rule.first_stage
 
 
 @dataclass
@@ -274,13 +298,7 @@ class TrainerSpec:
 
     def __post_init__(self) -> None:
         check_ranges(self, "trainer")
-        if (
-            isinstance(self.devices, int)
-            and not isinstance(self.devices, bool)
-            and self.devices < 1
-            and self.devices != -1
-        ):
-            raise ConfigError(f"trainer.devices: {self.devices} is not allowed; use a count >= 1, -1 (all) or a list")
+        check_devices(self.devices)
 
     def numerics(self) -> dict:
         """The settings, beyond precision, that change what a stage learns and differ from the defaults (part of
@@ -296,6 +314,30 @@ class TrainerSpec:
             "deterministic",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(defaults, name)}
+
+
+def check_devices(devices: int | str | list[int]) -> None:
+    """``trainer.devices`` in one of Lightning's forms: a count >= 1, -1 (all), ``auto``, or device indices as a list
+    or a string such as ``"0,1"``. Lightning reads a string as the int or list it spells; anything else, or a number
+    beyond 64 bits, fails inside Lightning with a TypeError or OverflowError that names no setting."""
+    value = devices.strip() if isinstance(devices, str) else devices
+    if value == "auto":
+        return
+    if isinstance(value, str) and re.fullmatch(r"-1|\d+", value):
+        value = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"(\d+,)+\d*", value):
+        value = [int(index) for index in value.split(",") if index]
+    if isinstance(value, (bool, str)):
+        fits = False
+    elif isinstance(value, int):
+        fits = value == -1 or 1 <= value <= INT_LIMIT
+    else:
+        fits = bool(value) and all(0 <= index <= INT_LIMIT for index in value)
+    if not fits:
+        raise ConfigError(
+            f"trainer.devices: {devices!r} is not allowed; use a count >= 1, -1 (all), auto, or device indices "
+            "as a list or a string such as '0,1'"
+        )
 
 
 @dataclass
@@ -364,6 +406,7 @@ class ChainConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "")
+        check_strings(self.to_dict())
         if self.run_name is not None and not is_plain_name(self.run_name):
             raise ConfigError(
                 f"run_name: {self.run_name!r} is not allowed; use 1-{MAX_NAME} letters, digits and . _ - "
@@ -378,7 +421,7 @@ class ChainConfig:
                         f"order: stage {stage!r} names task {task!r}, which is not under tasks "
                         f"(configured: {', '.join(sorted(self.tasks)) or 'none'})"
                     )
-        stages = len(self.order) + (self.mitigation.name == "replay_stage")
+        stages = len(self.order) + self.mitigation.rule.adds_stage
         for block, spec in (("mitigation", self.mitigation), ("curvature", self.curvature)):
             if spec.stages and max(spec.stages) > stages:
                 raise ConfigError(f"{block}.stages: {spec.stages} is not allowed; this chain has stages 1 to {stages}")
@@ -388,6 +431,29 @@ class ChainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+NAME_BYTES = 255  # the longest file or folder name Linux, macOS and Windows filesystems hold
+
+
+def check_strings(tree: dict, prefix: str = "") -> None:
+    """No NUL character in any setting, and no folder name the OS cannot hold in ``out`` and ``cache_dir``: either
+    would fail in the first file operation that meets it, as a ValueError or OSError that names no setting."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            check_strings(value, f"{name}.")
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and "\x00" in text:
+                raise ConfigError(f"{name}: {text!r} is not allowed; a NUL character is part of no name or path")
+        if (
+            name in ("out", "cache_dir")
+            and value
+            and any(len(part.encode()) > NAME_BYTES for part in Path(value).parts)
+        ):
+            raise ConfigError(
+                f"{name}: {value!r} is not allowed; use a path whose folder names have at most {NAME_BYTES} bytes"
+            )
 
 
 def check_stages(stages: list[int] | None, key: str) -> None:
@@ -412,8 +478,10 @@ def parse_stage(entry: str) -> dict[str, float]:
             value = float(weight) if weight else 1.0
         except ValueError:
             value = -1.0
-        if not name or value <= 0:
-            raise ConfigError(f"order: stage {entry!r} is not allowed; use 'task' or 'task:weight+task:weight'")
+        if not name or not 0 < value < math.inf:  # NaN and inf weights would make every share NaN
+            raise ConfigError(
+                f"order: stage {entry!r} is not allowed; use 'task' or 'task:weight+task:weight' (weights finite, > 0)"
+            )
         weights[name] = weights.get(name, 0.0) + value
     total = sum(weights.values())
     return {name: value / total for name, value in weights.items()}
@@ -435,9 +503,18 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def is_file(path: str | Path) -> bool:
+    """Whether ``path`` names a file; a name the OS refuses (too long, a NUL character) names none (``Path.exists``
+    would raise OSError or ValueError instead)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def read_mapping(path: Path, kind: str, fields: str) -> dict:
     """A YAML mapping from ``path``, or one line naming the file (with line and column where YAML has them)."""
-    if not path.exists():
+    if not is_file(path):
         raise ConfigError(f"{path}: no such {kind} file")
     try:
         loader = UniqueKeyLoader(path.read_text(encoding="utf-8"))  # a safe loader, by construction
@@ -450,17 +527,126 @@ def read_mapping(path: Path, kind: str, fields: str) -> dict:
         raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({exc.problem})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})".split("\n")[0]) from None
+    except OSError as exc:  # e.g. no permission to read it
+        raise ConfigError(f"{path}: cannot read this {kind} file ({exc.strerror})") from None
     if not isinstance(content, dict):
         found = "it is empty" if content is None else f"it holds a {type(content).__name__}"
         raise ConfigError(f"{path}: a {kind} file is a mapping with {fields}; {found}")
     return content
 
 
+def check_shape(tree: dict, where: str, kind=None, prefix: str = "") -> None:
+    """Every key of ``tree`` a field of the config class ``kind`` (default ChainConfig), every block a mapping and
+    every list where a list belongs; else one line starting with ``where`` (e.g. ``"FILE: "``) naming the key, the
+    value and what is allowed. Scalar types are jsonargparse's to check, ranges the config classes' own."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        hint = field_type(kind or ChainConfig, key, where, name)
+        if is_dataclass(hint) and isinstance(value, dict):
+            check_shape(value, where, hint, f"{name}.")
+        elif typing.get_origin(hint) is dict and isinstance(value, dict):
+            spec = typing.get_args(hint)[1]
+            for item, settings in value.items():
+                if not isinstance(settings, dict):
+                    raise ConfigError(f"{where}{name}.{item}: {settings!r} is not allowed; use {describe(spec)}")
+                check_shape(settings, where, spec, f"{name}.{item}.")
+        elif not fits_shape(value, hint):
+            raise ConfigError(f"{where}{name}: {value!r} is not allowed; use {describe(hint)}")
+
+
+@functools.cache
+def type_hints(kind) -> dict:
+    """The field types of a config class (resolving them takes a millisecond: too slow to repeat per key)."""
+    return typing.get_type_hints(kind)
+
+
+def field_type(kind, key: str, where: str, name: str):
+    """The type of field ``key`` of the config class ``kind``; else one line naming the keys it has."""
+    hints = type_hints(kind)
+    if key not in hints:
+        owner = name.rpartition(".")[0] or "a chain config"
+        raise ConfigError(f"{where}{name}: unknown key; the keys of {owner} are {', '.join(hints)}")
+    return hints[key]
+
+
+def key_type(key: str, where: str = ""):
+    """The type of the dotted chain config key ``key`` (``train.lr``, ``tasks.bbq.path``: what an override or a sweep
+    parameter names); else one line starting with ``where`` that names the keys allowed there."""
+    kind, parts = ChainConfig, key.split(".")
+    for depth, part in enumerate(parts):
+        if typing.get_origin(kind) is dict:
+            kind = typing.get_args(kind)[1]  # tasks.<any task name>
+        elif is_dataclass(kind):
+            kind = field_type(kind, part, where, ".".join(parts[: depth + 1]))
+        else:
+            raise ConfigError(f"{where}{key}: {'.'.join(parts[:depth])} is a setting, not a block of settings")
+    if is_dataclass(kind):
+        raise ConfigError(
+            f"{where}{key}: a block of settings; name one of {', '.join(f'{key}.{f.name}' for f in fields(kind))}"
+        )
+    if typing.get_origin(kind) is dict:
+        raise ConfigError(f"{where}{key}: a block of settings; name one as {key}.NAME.SETTING")
+    return kind
+
+
+def shapes(hint) -> set[str]:
+    """The shapes a field of type ``hint`` takes: ``block`` (a mapping), ``list``, ``null``, ``scalar``."""
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return {shape(option) for option in (typing.get_args(hint) if is_union else (hint,))}
+
+
+def shape(option) -> str:
+    if is_dataclass(option) or typing.get_origin(option) is dict:
+        return "block"
+    if typing.get_origin(option) is list:
+        return "list"
+    return "null" if option is type(None) else "scalar"
+
+
+def fits_shape(value, hint) -> bool:
+    """``value`` is a mapping, list (of scalars) or scalar where ``hint`` allows one (scalars of the wrong type are
+    left to jsonargparse, which converts some, e.g. a number for a string)."""
+    if value is None:
+        return "null" in shapes(hint)
+    if isinstance(value, dict):
+        return "block" in shapes(hint)
+    if isinstance(value, list):
+        return "list" in shapes(hint) and not any(isinstance(item, (list, dict)) for item in value)
+    return "scalar" in shapes(hint)
+
+
+def describe(hint) -> str:
+    """What a config field of type ``hint`` takes, in words."""
+    if is_dataclass(hint):
+        return f"a mapping with keys {', '.join(f.name for f in fields(hint))}"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is dict:
+        return f"a mapping of names to {describe(args[1])}"
+    if origin is list:
+        return "a list of " + {str: "strings", int: "integers"}.get(args[0], f"{describe(args[0])} items")
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(option) for option in args)
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+@functools.cache
+def chain_parser(prog: str):
+    """The jsonargparse parser of chain configs, built once per program name (building it takes 0.1 s, parsing
+    with it a tenth of that; it keeps no state between parses)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, exit_on_error=False, description="Run one chained fine-tuning experiment.")
+    parser.add_argument("--config", action=ActionConfigFile, help="chain YAML (sweeps/configs/*.yaml)")
+    parser.add_class_arguments(ChainConfig)
+    return parser
+
+
 def parse_chain(argv: list[str], prog: str = "chainforget chain", defaults: Path | None = None) -> ChainConfig:
     """A ChainConfig from ``--config FILE`` arguments (applied in order) and dotted overrides, as the ``chain``
     command reads it (jsonargparse, the parser LightningCLI uses); ``defaults``: a config file read first."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     argv = ["--cache=false" if a == "--no-cache" else a for a in argv]
     if defaults is not None:
         argv = ["--config", str(defaults), *argv]
@@ -469,11 +655,13 @@ def parse_chain(argv: list[str], prog: str = "chainforget chain", defaults: Path
         raise ConfigError("--config: missing; pass a chain YAML such as sweeps/configs/smoke.yaml")
     files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     for config_file in files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]:
-        if not Path(config_file).exists():
+        if not is_file(config_file):
             raise ConfigError(f"--config {config_file}: no such file")
-        read_mapping(Path(config_file), "chain config", "keys such as model, tasks, order, train")
-    parser = ArgumentParser(prog=prog, exit_on_error=False, description="Run one chained fine-tuning experiment.")
-    parser.add_argument("--config", action=ActionConfigFile, help="chain YAML (sweeps/configs/*.yaml)")
-    parser.add_class_arguments(ChainConfig)
-    values = parser.instantiate(parser.parse_args(argv))
+        content = read_mapping(Path(config_file), "chain config", "keys such as model, tasks, order, train")
+        check_shape(content, f"{config_file}: ")
+    parser = chain_parser(prog)
+    try:
+        values = parser.instantiate(parser.parse_args(argv))
+    except argparse.ArgumentError as exc:  # jsonargparse's own checks (scalar types, flags) span several lines
+        raise ConfigError(re.sub(r"(a )?<class '(\w+)'>", r"type \2", " ".join(str(exc).split()))) from None
     return ChainConfig(**{k: v for k, v in vars(values).items() if k != "config"})

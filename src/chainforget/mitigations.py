@@ -1,16 +1,67 @@
-"""The maths of the mitigations, framework-free: L2-SP, EWC, LwF and the SAM perturbation.
+"""The mitigations of forgetting, framework-free: what each is (``MITIGATIONS``) and its maths (L2-SP, EWC, LwF
+and the SAM perturbation).
 
-Each takes one strength knob (penalty weight lambda, SAM radius rho); at strength 0 each is exactly the plain
-fine-tuning objective. Lightning wiring lives in ``lightning_modules/stage.py``. Replay is data, not a loss:
-its mixtures are part of the stage plan (``chainforget.plan``).
+Each takes one strength knob (penalty weight lambda, SAM radius rho, replay ratio r); at strength 0 each is
+exactly plain fine-tuning. Adding one: its maths and one ``MITIGATIONS`` entry here, a config snippet in
+``sweeps/configs/mitigations/`` and its test; the config, the stage plan, the Lightning module and analysis
+read the entry. Replay is data, not a loss: the stage plan (``chainforget.plan``) works out its mixtures.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What a penalty may read at one training step.
+
+    Args:
+        parameters: the trainable parameters (the ones the optimizer moves).
+        logits: the batch's answer-letter logits (examples x option letters).
+        anchor: the trainable parameters at the stage's start (when the mitigation ``needs`` it).
+        fisher: EWC's diagonal Fisher of the previous stage's data (when it ``needs`` it).
+        teacher: the stage-start model's answer-letter logits on the batch's examples (when it ``needs`` it).
+    """
+
+    parameters: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    anchor: dict[str, torch.Tensor] | None = None
+    fisher: dict[str, torch.Tensor] | None = None
+    teacher: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    """How one mitigation enters a chain.
+
+    Args:
+        kind: ``penalty`` (a term added to each step's loss), ``sam`` (SAM's two-pass step), ``replay`` (data:
+            the stage plan mixes earlier tasks' examples into a stage) or ``none``.
+        knobs: the ``mitigation`` settings it reads besides its name; analysis treats the others as inactive.
+        strength_is: what the strength is, ending in its symbol (for messages and labels).
+        max_strength: the largest strength allowed (replay ratios are shares).
+        first_stage: the first stage it applies to unless ``mitigation.stages`` says otherwise (2 for what
+            protects an earlier stage, 1 for SAM, which shapes each stage's own minimum).
+        adds_stage: replay as an extra last stage (the paper's) instead of inside the later stages.
+        needs: the stage-start state its penalty reads: ``anchor``, ``fisher`` or ``teacher`` (see ``StepState``).
+        penalty: the loss term, from the step's state and the ``mitigation`` settings.
+    """
+
+    kind: Literal["none", "penalty", "sam", "replay"]
+    knobs: tuple[str, ...] = ("strength", "stages")
+    strength_is: str = "penalty weight lambda"
+    max_strength: float = math.inf
+    first_stage: int = 2
+    adds_stage: bool = False
+    needs: frozenset[str] = frozenset()
+    penalty: Callable[[StepState, object], torch.Tensor] | None = None
 
 
 def snapshot(parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,3 +132,35 @@ def sam_ascent(parameters: list[torch.Tensor], radius: float) -> list[torch.Tens
 def sam_descent(parameters: list[torch.Tensor], steps: list[torch.Tensor]) -> None:
     for p, step in zip(parameters, steps):
         p.sub_(step)
+
+
+REPLAY = "replay ratio r"
+MITIGATIONS: dict[str, Mitigation] = {
+    "none": Mitigation("none", knobs=()),
+    "replay_stage": Mitigation("replay", knobs=("strength",), strength_is=REPLAY, max_strength=1.0, adds_stage=True),
+    "replay_mix": Mitigation("replay", strength_is=REPLAY, max_strength=1.0),
+    "l2sp": Mitigation(
+        "penalty",
+        needs=frozenset({"anchor"}),
+        penalty=lambda step, spec: l2sp_penalty(step.parameters, step.anchor, spec.strength),
+    ),
+    "ewc": Mitigation(
+        "penalty",
+        knobs=("strength", "stages", "fisher_batches"),
+        needs=frozenset({"anchor", "fisher"}),
+        penalty=lambda step, spec: ewc_penalty(step.parameters, step.anchor, step.fisher, spec.strength),
+    ),
+    "lwf": Mitigation(
+        "penalty",
+        knobs=("strength", "stages", "temperature"),
+        needs=frozenset({"teacher"}),
+        penalty=lambda step, spec: lwf_penalty(step.logits, step.teacher, spec.temperature, spec.strength),
+    ),
+    "sam": Mitigation("sam", strength_is="radius rho", first_stage=1),
+}
+
+
+def facts(name: str) -> dict:
+    """What a run record states about its mitigation, so analysis need not know the registry."""
+    rule = MITIGATIONS[name]
+    return {"name": name, "kind": rule.kind, "knobs": list(rule.knobs)}

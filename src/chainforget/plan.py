@@ -19,7 +19,8 @@ class StagePlan:
         trains: the tasks whose training stage this is: the largest weight of the stage as the user wrote it,
             so replayed data never counts as training a task.
         replays: earlier tasks a replay mitigation mixed into this stage (their share may be 0).
-        mitigation: the mitigation active in this stage (``None`` where it does not apply).
+        mitigation: the penalty or SAM step active in this stage's training (``None`` where none is; replay
+            shows in ``entry`` and ``replays``).
         curvature: whether the Hessian is measured at the end of this stage.
         seed: the stage's seed (data order, adapters' dropout, ...).
     """
@@ -49,20 +50,21 @@ def replay_mixture(mixture: dict[str, float], earlier: list[str], ratio: float) 
 def apply_replay(order: list[str], spec: MitigationSpec) -> list[str]:
     """The chain's stage entries with replay applied.
 
-    ``replay_stage`` appends one stage: the last stage's tasks plus a share r of every earlier task (the
-    paper's third stage; r = 0 is the control that just trains longer). ``replay_mix`` puts that mixture
-    inside each stage it applies to instead.
+    A replay that ``adds_stage`` (``replay_stage``) appends one stage: the last stage's tasks plus a share r of
+    every earlier task (the paper's third stage; r = 0 is the control that just trains longer). Otherwise
+    (``replay_mix``) that mixture goes inside each stage from ``first_stage`` on (or ``stages``).
     """
-    if spec.name == "replay_stage":
+    rule = spec.rule
+    if rule.kind != "replay":
+        return list(order)
+    if rule.adds_stage:
         return [*order, replay_mixture(parse_stage(order[-1]), earlier_tasks(order, len(order) + 1), spec.strength)]
-    if spec.name == "replay_mix":
-        return [
-            replay_mixture(parse_stage(entry), earlier_tasks(order, index), spec.strength)
-            if spec.applies_to(index) and earlier_tasks(order, index)
-            else entry
-            for index, entry in enumerate(order, start=1)
-        ]
-    return list(order)
+    return [
+        replay_mixture(parse_stage(entry), earlier_tasks(order, index), spec.strength)
+        if spec.applies_to(index) and earlier_tasks(order, index)
+        else entry
+        for index, entry in enumerate(order, start=1)
+    ]
 
 
 def earlier_tasks(order: list[str], stage: int) -> list[str]:
@@ -80,18 +82,19 @@ def plan_stages(order: list[str], mitigation: MitigationSpec, curvature: Curvatu
     """The stages of ``order`` with ``mitigation`` applied: ``replay_stage`` adds a stage that repeats the last
     one with replayed data mixed in, ``replay_mix`` mixes replayed data into later stages."""
     entries = apply_replay(order, mitigation)
-    written = [*order, order[-1]] if mitigation.name == "replay_stage" else list(order)
+    written = [*order, order[-1]] if mitigation.rule.adds_stage else list(order)
+    trains_with = mitigation.rule.kind in ("penalty", "sam")  # replay acts through the entries instead
     plans = []
     for index, (entry, as_written) in enumerate(zip(entries, written), start=1):
         weights = parse_stage(as_written)
-        rewritten = mitigation.name.startswith("replay") and (index > len(order) or entry != as_written)
+        rewritten = mitigation.rule.kind == "replay" and (index > len(order) or entry != as_written)
         plans.append(
             StagePlan(
                 index=index,
                 entry=entry,
                 trains=tuple(name for name, weight in weights.items() if weight == max(weights.values())),
                 replays=tuple(earlier_tasks(order, index)) if rewritten else (),
-                mitigation=mitigation if mitigation.applies_to(index) else None,
+                mitigation=mitigation if trains_with and mitigation.applies_to(index) else None,
                 curvature=curvature.applies_to(index),
                 seed=seed + index,
             )

@@ -20,9 +20,9 @@ import pandas as pd
 
 from chainforget import allocator
 from chainforget.errors import ConfigError, DataError, WriteError
-from chainforget.tasks.sources import file_sha256
+from chainforget.tasks.downloads import file_sha256
 
-SCHEMA_VERSION = 2  # 2: what each stage trains and replays, each task's role and training stage
+SCHEMA_VERSION = 3  # 2: what each stage trains and replays, each task's role and training stage; 3: mitigation
 CACHE_VERSION = 2  # 2: LoRA adapters initialised from the chain's seed
 SCHEMA_PATH = Path(__file__).with_name("run_schema.json")
 PACKAGES = ("chainforget", "torch", "lightning", "transformers", "peft", "wandb", "pandas", "numpy")
@@ -59,11 +59,19 @@ def flat_config(config: dict, leave_out: tuple[str, ...] = NON_RESULT_KEYS) -> d
 
 
 def new_record(
-    config: dict, environment: dict, stages: list, eval_rows: list, metrics: dict, tasks: dict, data: dict
+    config: dict,
+    environment: dict,
+    stages: list,
+    eval_rows: list,
+    metrics: dict,
+    tasks: dict,
+    mitigation: dict,
+    data: dict,
 ) -> dict:
     """A run record of this schema version (``run_schema.json``): the resolved config, the environment, what each
     stage trained and how (``stages``), the eval matrix rows, the derived metrics, the facts about each task
-    (role, groups, training stage) and each task's data (fingerprint, split sizes)."""
+    (role, groups, training stage) and about the mitigation (kind, the knobs it reads), and each task's data
+    (fingerprint, split sizes)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "run_name": config["run_name"],
@@ -73,6 +81,7 @@ def new_record(
         "eval": eval_rows,
         "metrics": metrics,
         "tasks": tasks,
+        "mitigation": mitigation,
         "data": data,
     }
 
@@ -82,6 +91,8 @@ def load_record(record: dict, where: str = "run.json") -> dict:
     config, as the runner of their time decided them), then validated."""
     if record.get("schema_version") == 1:
         record = upgrade_v1(record)
+    if record.get("schema_version") == 2:
+        record = upgrade_v2(record)
     validate_record(record, where)
     return record
 
@@ -114,6 +125,14 @@ def upgrade_v1(record: dict) -> dict:
         task = tasks.get(name)
         facts[name] = {"role": task.role, "group_kinds": list(task.group_kinds), "trained_stage": trained.get(name)}
     return {**record, "schema_version": 2, "stages": stages, "tasks": facts}
+
+
+def upgrade_v2(record: dict) -> dict:
+    """Schema 2 -> 3: add the ``mitigation`` facts."""
+    from chainforget import mitigations
+
+    name = record["config"].get("mitigation", {}).get("name", "none")
+    return {**record, "schema_version": 3, "mitigation": mitigations.facts(name)}
 
 
 def validate_record(record: dict, where: str = "run.json") -> None:
@@ -258,7 +277,7 @@ class StageCache:
     @classmethod
     def at(cls, cache_dir: str | None, read: bool = True) -> StageCache:
         """The cache in ``cache_dir``, or the user cache directory's ``stages/`` when it is ``None``."""
-        from chainforget.tasks.sources import cache_root
+        from chainforget.tasks.downloads import cache_root
 
         return cls(Path(cache_dir) if cache_dir else cache_root() / "stages", read=read)
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from chainforget.errors import ConfigError
 from chainforget.progress import bar_options
-from chainforget.tasks import LETTERS, Example, question_text
+from chainforget.tasks import LETTERS, Example, TaskData, question_text
 
 
 @dataclass
@@ -47,6 +47,48 @@ def encode_prompt(tokenizer, prompt: str, max_seq_len: int) -> list[int]:
     """Token ids of ``prompt``, keeping the last ``max_seq_len`` (the options and ``Answer:`` matter most)."""
     ids = tokenizer.encode(prompt, add_special_tokens=True)
     return ids[-max_seq_len:]
+
+
+def check_prompt_fits(tokenizer, data: dict[str, TaskData], max_seq_len: int, field: str) -> None:
+    """Refuse a ``max_seq_len`` that would cut into the lettered choices of any prompt of ``data`` (train and eval).
+
+    :func:`encode_prompt` keeps a prompt's last ``max_seq_len`` tokens, so the tokens from choice ``A`` to the
+    closing ``Answer:`` must fit: cutting the question only shortens the context, cutting a choice leaves the
+    model letters to pick from that it was never shown. ``field`` names the setting in the error.
+    """
+    cut: dict[str, tuple[int, int]] = {}
+    need = 0
+    for name, task in data.items():
+        examples = task.train + task.eval
+        lengths = [len(ids) for ids in tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]]
+        long = [e for e, length in zip(examples, lengths) if length > max_seq_len]  # only these can lose a choice
+        tails = [tail for tail in choice_tokens(tokenizer, long) if tail > max_seq_len]
+        if tails:
+            cut[name] = (len(tails), len(examples))
+            need = max(need, *tails)  # a prompt that is not cut needs at most max_seq_len: the cut ones set the bar
+    if cut:
+        counts = " and ".join(f"{short} of {total} {name} prompts" for name, (short, total) in cut.items())
+        raise ConfigError(
+            f"{field}: {max_seq_len} cuts the answer choices of {counts} (the longest choices and answer cue take "
+            f"{need} tokens); use at least {need}"
+        )
+
+
+def choice_tokens(tokenizer, examples: list[Example]) -> list[int]:
+    """Per example, how many of its prompt's last tokens hold the choices from ``A.`` on and the answer cue.
+
+    The prompt is encoded once whole and once up to just before ``A.``; the tokens after the longest common
+    prefix are the choices' (a token merging the question's last characters with ``A`` counts as theirs)."""
+    if not examples:
+        return []
+    whole = tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
+    # every prompt is the question, "\nA. ...", ..., "\nAnswer:" (tasks.multiple_choice_prompt)
+    heads = tokenizer([question_text(e) + "\n" for e in examples], add_special_tokens=True)["input_ids"]
+    tails = []
+    for ids, head in zip(whole, heads):
+        common = next((i for i, (a, b) in enumerate(zip(ids, head)) if a != b), min(len(ids), len(head)))
+        tails.append(len(ids) - common)
+    return tails
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

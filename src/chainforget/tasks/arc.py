@@ -13,7 +13,7 @@ from chainforget.config import TaskSpec
 from chainforget.errors import DataError
 from chainforget.tasks import Example, Task, register
 from chainforget.tasks.csqa import hub_example, release_example
-from chainforget.tasks.sources import hub_splits, read_jsonl, release_archive
+from chainforget.tasks.downloads import hub_splits, read_jsonl, release_archive
 
 RELEASE_URL = "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip"
 

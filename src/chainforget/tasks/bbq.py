@@ -20,7 +20,7 @@ from chainforget.config import TaskSpec
 from chainforget.errors import DataError
 from chainforget.metrics import bbq_bias_scores
 from chainforget.tasks import Example, Task, multiple_choice_prompt, register
-from chainforget.tasks.sources import (
+from chainforget.tasks.downloads import (
     cache_root,
     extract_members,
     hub_rows,
@@ -29,6 +29,7 @@ from chainforget.tasks.sources import (
     read_jsonl,
     release_file,
 )
+from chainforget.tasks.rows import KEY, STRING, TEXT, field, list_of
 
 RELEASE_URL = "https://raw.githubusercontent.com/nyu-mll/BBQ/main/data"
 CATEGORIES = (
@@ -61,6 +62,9 @@ REQUIRED = (
     "ans2",
     "label",
 )
+
+ANSWER_INFO = list_of(STRING, 2, 2, "a list [answer text, group label]")
+GROUP_LIST = list_of(STRING, expected="a list of group names, e.g. ['old']")
 
 
 @register
@@ -104,22 +108,27 @@ class BBQ(Task):
 
 def to_example(row: dict, where: str, line: int) -> Example:
     """One BBQ row -> Example; a row that breaks the release schema raises a DataError naming file and line."""
+    if not isinstance(row, dict):  # a BBQ-lite "examples" entry can be anything JSON
+        raise DataError(f"{where}:{line}: expected a JSON object, got {type(row).__name__}")
     missing = [key for key in REQUIRED if key not in row]
     if missing:
         raise DataError(f"{where}:{line}: BBQ row lacks field {missing[0]!r} (required: {', '.join(REQUIRED)})")
+    for key in ("example_id", "question_index"):
+        field(row, key, KEY, where, line)
+    for key in ("category", "context", "question", "ans0", "ans1", "ans2"):
+        field(row, key, TEXT, where, line)
+    for i in range(3):
+        field(row, f"answer_info.ans{i}", ANSWER_INFO, where, line)
     info = row["answer_info"]
-    if not isinstance(info, dict) or any(
-        not isinstance(info.get(f"ans{i}"), list) or len(info[f"ans{i}"]) != 2 for i in range(3)
-    ):
-        raise DataError(f"{where}:{line}: answer_info must map ans0..ans2 to [text, group], got {info!r}")
     label = row["label"]
-    if label not in (0, 1, 2):
+    if type(label) is not int or label not in (0, 1, 2):  # JSON true would pass `in (0, 1, 2)` as 1
         raise DataError(f"{where}:{line}: label {label!r} is not allowed; use 0, 1 or 2")
     if row["context_condition"] not in ("ambig", "disambig"):
         raise DataError(f"{where}:{line}: context_condition {row['context_condition']!r}; use ambig or disambig")
     if row["question_polarity"] not in ("neg", "nonneg"):
         raise DataError(f"{where}:{line}: question_polarity {row['question_polarity']!r}; use neg or nonneg")
-    stereotyped = [str(g) for g in (row["additional_metadata"] or {}).get("stereotyped_groups") or []]
+    # a null metadata object or group list means no stereotyped group, as before; a string is not a list of groups
+    stereotyped = field(row, "additional_metadata.stereotyped_groups", GROUP_LIST, where, line, default=[])
     unknown = [i for i in range(3) if str(info[f"ans{i}"][1]).lower() == "unknown"]
     if len(unknown) != 1:
         raise DataError(f"{where}:{line}: expected exactly one answer whose answer_info group is 'unknown'")

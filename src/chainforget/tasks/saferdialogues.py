@@ -20,7 +20,7 @@ import random
 from chainforget.config import TaskSpec
 from chainforget.errors import DataError
 from chainforget.tasks import Example, Task, multiple_choice_prompt, register
-from chainforget.tasks.sources import release_archive
+from chainforget.tasks.downloads import release_archive
 
 RELEASE_URL = "http://parl.ai/downloads/saferdialogues/saferdialogues_v0.4.tar.gz"
 OPTIONS = 4

