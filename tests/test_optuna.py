@@ -18,7 +18,7 @@ from conftest import ROOT, wandb_summary
 
 from chainforget.cli import main
 from chainforget.errors import ConfigError
-from lightning_modules.sweeps import load_study_spec, optuna_study
+from lightning_modules.search import load_study_spec, optuna_study
 
 BASE = [str(ROOT / "sweeps/configs/smoke.yaml")]
 OVERRIDES = [
@@ -263,7 +263,7 @@ def test_a_worker_that_loses_the_race_to_create_a_sqlite_study_retries(tmp_path,
     from optuna import storages
     from sqlalchemy.exc import OperationalError
 
-    from lightning_modules import sweeps
+    from lightning_modules import search
 
     real, calls = storages.RDBStorage, []
 
@@ -274,13 +274,13 @@ def test_a_worker_that_loses_the_race_to_create_a_sqlite_study_retries(tmp_path,
         return real(url, **kwargs)
 
     monkeypatch.setattr(storages, "RDBStorage", racing)
-    monkeypatch.setattr(sweeps.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(search.time, "sleep", lambda seconds: None)
     url = f"sqlite:///{tmp_path / 'race.db'}"
-    assert isinstance(sweeps.make_storage(url), real) and len(calls) == 2
+    assert isinstance(search.make_storage(url), real) and len(calls) == 2
 
     def unreadable(url, **kwargs):
         raise OperationalError("connect", {}, Exception("unable to open database file"))
 
     monkeypatch.setattr(storages, "RDBStorage", unreadable)
     with pytest.raises(ConfigError, match="cannot open the study storage .*unable to open database file"):
-        sweeps.make_storage(url)
+        search.make_storage(url)

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 from chainforget.config import parse_chain
-from lightning_modules.sweeps import agent_command, as_override, load_study_spec, load_sweep
+from lightning_modules.search import agent_command, as_override, load_study_spec, load_sweep
 
 NAMED = re.compile(
     r"(?:sweeps|src|analysis|lightning_modules|benchmarks|docs|tests)/[A-Za-z0-9_./-]+\.(?:ya?ml|py|ipynb|md|json|csv|png)"

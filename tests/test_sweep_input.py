@@ -253,7 +253,7 @@ def test_a_bad_sweep_flag_is_one_line_before_anything_exists(name, argv, message
 
 
 def test_the_shipped_studies_and_sweeps_pass_every_check(monkeypatch):
-    from lightning_modules.sweeps import load_study_spec, load_sweep
+    from lightning_modules.search import load_study_spec, load_sweep
 
     monkeypatch.chdir(ROOT)
     for path in sorted((ROOT / "sweeps" / "optuna").glob("*.yaml")):
@@ -265,7 +265,7 @@ def test_the_shipped_studies_and_sweeps_pass_every_check(monkeypatch):
 def test_mutated_study_and_sweep_files_pass_or_are_refused_in_one_line(workdir):
     """The chain config mutations (tests/test_config_mutations.py) applied to a study and a sweep using every kind
     of entry: each file loads or is one ConfigError line; any other exception fails the test with its traceback."""
-    from lightning_modules.sweeps import load_study_spec, load_sweep
+    from lightning_modules.search import load_study_spec, load_sweep
 
     valid = {
         load_study_spec: study(

@@ -9,7 +9,7 @@ from conftest import ROOT, wandb_run_record, wandb_summary
 
 from chainforget.cli import main
 from chainforget.errors import ConfigError
-from lightning_modules.sweeps import agent_command, load_sweep, wandb_local
+from lightning_modules.search import agent_command, load_sweep, wandb_local
 
 
 def sweep_file(tmp_path, method: str, parameters: dict, metric: str) -> Path:

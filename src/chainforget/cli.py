@@ -197,7 +197,7 @@ def sweep(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.engine == "optuna":
         return run_optuna(args)
-    from lightning_modules.sweeps import wandb_local
+    from lightning_modules.search import wandb_local
 
     results = wandb_local(args.file, count=args.count, sweep_id=args.sweep_id)
     for result in results:
@@ -220,7 +220,7 @@ def report(argv: list[str]) -> int:
 
 def run_optuna(args) -> int:
     _single_thread_if_asked()
-    from lightning_modules.sweeps import optuna_study
+    from lightning_modules.search import optuna_study
 
     study = optuna_study(args.file, storage=args.storage, n_trials=args.n_trials, out=args.out, configs=args.config)
     finished = [t for t in study.trials if t.state.name == "COMPLETE"]

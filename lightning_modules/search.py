@@ -1,4 +1,5 @@
-"""Sweeps without a scheduler of our own: W&B sweep YAMLs driven locally by W&B's own engine, and Optuna.
+"""Hyper-parameter search without a scheduler of our own: W&B sweep YAMLs driven locally by W&B's own engine
+(W&B's ``sweeps`` package; the YAMLs live in the repository's ``sweeps/`` folder), and Optuna studies.
 
 ``optuna_study`` runs one chain per trial in this process against any Optuna RDB storage (SQLite by default,
 PostgreSQL for many workers on many machines), with heartbeats so a killed worker's trial is retried, the
