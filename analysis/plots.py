@@ -36,10 +36,8 @@ def group_forgetting_figure(forgetting: pd.DataFrame, kinds: tuple[str, ...] | N
     fig, axes = plt.subplots(lines, columns, figsize=(5.2 * columns, lines * (0.32 * rows + 1.8) + 0.4), squeeze=False)
     colours = dict(zip(sorted(kinds), sns.color_palette(PALETTE, len(kinds)))) | {"all": (0.45, 0.45, 0.45)}
     for ax, ((condition, task), panel) in zip(axes.flat, panels):
-        groups = panel[panel["group_kind"] != "all"].sort_values(["group_kind", "F"], ascending=[True, False])
-        panel = pd.concat([panel[panel["group_kind"] == "all"], groups], ignore_index=True)
-        names = panel["group_kind"] + ": " + panel["group"].astype(str).map(short)
-        labels = np.where(panel["group_kind"] == "all", "all examples", names)
+        panel = all_first(panel, "F")
+        labels = group_labels(panel)
         hue = panel["group_kind"].to_numpy()
         sns.barplot(
             x=panel["F"].to_numpy(), y=labels, hue=hue, palette=colours, dodge=False, errorbar=None, ax=ax, legend=False
@@ -67,6 +65,79 @@ def group_forgetting_figure(forgetting: pd.DataFrame, kinds: tuple[str, ...] | N
     fig.suptitle(f"Per-group forgetting of the first task after the second stage\n{how}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # half an inch for the two-line title
     return fig
+
+
+FLIPS = {"forgotten": "forgotten (right → wrong)", "learned": "learned (wrong → right)"}
+
+
+def example_forgetting_figure(frame: pd.DataFrame, kinds: tuple[str, ...] | None = None):
+    """Per-example forgetting (``example_forgetting_frame``), one panel per condition and forgotten task: for each
+    group the share of its examples forgotten (right at the stage that trained the task, wrong at the last) and
+    learned (the other way), in pp, the mean over seeds, and as a black line across both bars the share a uniform
+    guess over each example's options would flip (either way). Groups are sorted by forgotten share beyond chance
+    within their kind; groups below the minimum eval size are left out. Whiskers stay within 0..100 pp by
+    construction: the range over seeds, or for a group in a single run the 95% Wilson interval over its examples."""
+    kinds = tuple(kinds or group_kinds(frame))
+    kept = frame[frame["group_kind"].isin(("all", *kinds)) & ~frame["small"].astype(bool)]
+    panels = list(kept.groupby(["condition", "task"], sort=True))
+    columns = min(3, max(1, len(panels)))
+    counts = [part.groupby(["group_kind", "group"]).ngroups for _, part in panels] or [1]
+    rows = [max(counts[i : i + columns]) for i in range(0, len(counts), columns)]  # groups of each line of panels
+    size = (6.4 * columns, 0.42 * sum(rows) + 1.6 * len(rows) + 1.0)  # bars equally thick in every panel
+    fig, axes = plt.subplots(len(rows), columns, figsize=size, squeeze=False, layout="constrained", height_ratios=rows)
+    palette = sns.color_palette(PALETTE)
+    colours = {"forgotten": palette[3], "learned": palette[0]}  # vermillion, blue
+    for index, (ax, ((condition, task), part)) in enumerate(zip(axes.flat, panels)):
+        by_group = part.groupby(["group_kind", "group"])
+        flips = by_group[list(FLIPS)]
+        panel = (
+            by_group.mean(numeric_only=True).join(flips.min().add_suffix("_min")).join(flips.max().add_suffix("_max"))
+        )
+        panel = panel.assign(seeds=by_group["seed"].nunique())
+        panel = all_first(panel.reset_index(), "forgotten_adj")
+        labels = group_labels(panel) + [f" (n={n:.0f})" for n in panel["n"]]
+        long = panel.assign(label=labels).melt("label", list(FLIPS), var_name="flip", value_name="share")
+        style = {"order": labels, "hue_order": list(FLIPS), "palette": colours, "errorbar": None, "legend": False}
+        sns.barplot(long, x="share", y="label", hue="flip", ax=ax, **style)
+        one_run = panel["seeds"] == 1
+        for container, flip in zip(ax.containers, FLIPS):
+            y = [bar.get_y() + bar.get_height() / 2 for bar in container]
+            lo, hi = wilson(np.round(panel[flip] * panel["n"] / 100), panel["n"].round())
+            lo, hi = np.where(one_run, lo, panel[f"{flip}_min"]), np.where(one_run, hi, panel[f"{flip}_max"])
+            ax.errorbar(panel[flip], y, xerr=[panel[flip] - lo, hi - panel[flip]], fmt="none", ecolor="black", lw=1)
+        y = np.arange(len(panel))  # each group's two bars fill y +- 0.4
+        ax.vlines(panel["expected_flip"], y - 0.4, y + 0.4, color="black", lw=1.5, zorder=3)
+        ax.set_xlim(0, None)
+        ax.set_ylim(rows[index // columns] - 0.5, -0.5)  # a panel with fewer groups than its line leaves space below
+        seeds, whole = int(panel["seeds"].max()), panel.iloc[0]
+        stages = f"stage {part['trained_stage'].iloc[0]} → {part['later_stage'].iloc[0]}"
+        shares = f"all: forgotten {whole['forgotten']:.1f}, learned {whole['learned']:.1f}, chance "
+        shares += f"{whole['expected_flip']:.1f} pp; {seeds} seed{'s' if seeds > 1 else ''}"
+        ax.set_title(f"{wrap(condition, 60)}: {task}, {stages}\n({shares})", fontsize=10)
+        ax.set_xlabel("share of the group's examples (pp)")
+        ax.set_ylabel("")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in colours.values()]
+    handles.append(plt.Line2D([], [], marker="|", ls="", color="black", markersize=12, mew=1.5))
+    chance = "chance: a uniform guess over each example's options"
+    fig.legend(handles, [*FLIPS.values(), chance], loc="outside lower center", ncol=min(3, columns), frameon=False)
+    title = "Per-example forgetting from the stage that trained the task to the last stage; bars: mean over seeds; "
+    title += "whiskers: range over seeds (a group in one run: 95% Wilson interval over its examples)"
+    fig.suptitle(wrap(title, 90 * columns), fontsize=10)  # no wider than the panels
+    return fig
+
+
+def all_first(panel: pd.DataFrame, by: str) -> pd.DataFrame:
+    """The ``all`` row, then each group kind's groups by ``by``, largest first."""
+    groups = panel[panel["group_kind"] != "all"].sort_values(["group_kind", by], ascending=[True, False])
+    return pd.concat([panel[panel["group_kind"] == "all"], groups], ignore_index=True)
+
+
+def group_labels(panel: pd.DataFrame) -> np.ndarray:
+    """``kind: group`` (shortened) for each row, ``all examples`` for the whole split."""
+    names = panel["group_kind"] + ": " + panel["group"].astype(str).map(short)
+    return np.where(panel["group_kind"] == "all", "all examples", names)
 
 
 def accuracy_figure(evals: pd.DataFrame):

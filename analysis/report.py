@@ -13,11 +13,12 @@ from jinja2 import Environment, PackageLoader
 from markupsafe import Markup
 
 from analysis import plots
-from analysis.runs import Runs, forgetting_frame, load_runs, varying_keys
+from analysis.runs import Runs, example_forgetting_frame, forgetting_frame, load_runs, varying_keys
 from analysis.tables import (
     accuracy_table,
     asymmetry_seeds,
     curvature_forgetting,
+    example_forgetting_summary,
     forgetting_summary,
     order_asymmetry,
     replay_recovery,
@@ -84,6 +85,17 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
                 ("forgetting_heatmap.png", heatmap),
             )
         )
+    examples = example_forgetting_frame(records)
+    if not examples.empty:  # records written before per-example forgetting was measured have none
+        caption = "Share of each group's eval examples answered right at the stage that trained the task and wrong "
+        caption += "at the last (forgotten), or the other way (learned); forgotten − learned = F. forgotten_adj and "
+        caption += "learned_adj subtract expected_flip, the share a uniform guess over each example's k options flips "
+        caption += "either way, mean (1/k)(1 − 1/k). Table: means over seeds, 95% t-intervals over seeds clipped to "
+        caption += "0..100 pp (±100 pp adjusted); figure: whiskers are the range over seeds, or a 95% Wilson interval "
+        caption += "for a group in one run."
+        figure = ("example_forgetting.png", plots.example_forgetting_figure(examples))
+        table = example_forgetting_summary(examples).round(2)
+        out.append(("Per-example forgetting and learning (pp)", caption, table, figure))
     asymmetry = order_asymmetry(records)
     if not asymmetry.empty:
         caption = "F of the safety task in safety→capability minus F of the capability task in capability→safety, "

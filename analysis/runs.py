@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from chainforget.errors import DataError
-from chainforget.records import NON_RESULT_KEYS, flat_config, load_record, read_record
+from chainforget.records import EXAMPLE_FORGETTING, NON_RESULT_KEYS, flat_config, load_record, read_record
 
 # Config keys (and key prefixes) that never change a run's numbers: its name, where its files go, the stage cache
 # (content-addressed: a hit restores the weights the same stage would train), W&B bookkeeping, and how often it logs
@@ -169,19 +169,40 @@ FORGETTING_COLUMNS = [
 ]
 
 
-def forgetting_frame(records: list[dict]) -> pd.DataFrame:
-    """Forgetting rows (F, BF in pp, with interval bounds) of every run, with ``run_name``, ``condition``,
-    ``order`` and ``seed``."""
+def _metric_rows(records: list[dict], metric: str) -> list[dict]:
+    """The rows of ``record["metrics"][metric]`` of every run (none where a run's record lacks them), each with the
+    run's ``run_name``, ``condition``, ``order`` and ``seed``."""
     labels = condition_labels(records)
     rows = []
     for record in records:
         name, config = record["run_name"], record["config"]
         run = {"run_name": name, "condition": labels[name], "order": " → ".join(config["order"])}
-        run["seed"] = config["seed"]
-        for row in record["metrics"]["forgetting"]:
-            f_ci, bf_ci = row["F_ci"] or (None, None), row["BF_ci"] or (None, None)
-            rows.append({**row, **run, "F_lo": f_ci[0], "F_hi": f_ci[1], "BF_lo": bf_ci[0], "BF_hi": bf_ci[1]})
+        rows += [{**row, **run, "seed": config["seed"]} for row in record["metrics"].get(metric, [])]
+    return rows
+
+
+def forgetting_frame(records: list[dict]) -> pd.DataFrame:
+    """Forgetting rows (F, BF in pp, with interval bounds) of every run, with ``run_name``, ``condition``,
+    ``order`` and ``seed``."""
+    rows = []
+    for row in _metric_rows(records, "forgetting"):
+        f_ci, bf_ci = row["F_ci"] or (None, None), row["BF_ci"] or (None, None)
+        rows.append({**row, "F_lo": f_ci[0], "F_hi": f_ci[1], "BF_lo": bf_ci[0], "BF_hi": bf_ci[1]})
     return pd.DataFrame(rows, columns=FORGETTING_COLUMNS)
+
+
+EXAMPLE_FORGETTING_COLUMNS = [
+    *("run_name", "condition", "order", "seed", "task", "trained_stage", "later_stage", "group_kind", "group", "n"),
+    *EXAMPLE_FORGETTING,
+    "small",
+]
+
+
+def example_forgetting_frame(records: list[dict]) -> pd.DataFrame:
+    """Per-example forgetting rows (``forgotten``, ``learned``, ``expected_flip`` and the chance-adjusted
+    ``forgotten_adj``, ``learned_adj``, in pp) of every run whose record has them, with ``run_name``, ``condition``,
+    ``order`` and ``seed``; empty for records written before they were measured."""
+    return pd.DataFrame(_metric_rows(records, "example_forgetting"), columns=EXAMPLE_FORGETTING_COLUMNS)
 
 
 def load_records(root: str | Path) -> list[dict]:

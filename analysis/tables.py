@@ -11,12 +11,17 @@ import numpy as np
 import pandas as pd
 
 from analysis.runs import condition_labels, evals_frame
+from chainforget.records import EXAMPLE_FORGETTING
 
 # ranges (pp) of the quantities averaged over seeds: a difference of two accuracies (F, F_g, accuracy changes),
 # a difference of two such differences (BF_g = F_g - F, order asymmetry), and the spread max_g F_g - min_g F_g
 FORGETTING_RANGE = (-100.0, 100.0)
 DIFFERENCE_RANGE = (-200.0, 200.0)
 SPREAD_RANGE = (0.0, 200.0)
+# and of per-example forgetting: a share of a group's examples (forgotten, learned), and a share less its chance level
+SHARE_RANGE = (0.0, 100.0)
+EXAMPLE_RANGES = {"forgotten": SHARE_RANGE, "learned": SHARE_RANGE}
+EXAMPLE_RANGES |= {"forgotten_adj": FORGETTING_RANGE, "learned_adj": FORGETTING_RANGE}
 
 
 def accuracy_table(records: list[dict]) -> pd.DataFrame:
@@ -148,6 +153,21 @@ def seed_summary(forgetting: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip(keys, key)) | {"seeds": int(frame["seed"].nunique()), "F": f_mean, "F_lo": f_lo, "F_hi": f_hi}
         rows.append(row | {"BF": bf_mean, "BF_lo": bf_lo, "BF_hi": bf_hi})
     return pd.DataFrame(rows).astype({c: float for c in ("F_lo", "F_hi", "BF_lo", "BF_hi")})
+
+
+def example_forgetting_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-example forgetting (``example_forgetting_frame``) per condition x task x group, averaged over seeds: the
+    shares ``forgotten`` and ``learned`` and their chance-adjusted ``*_adj`` (pp) with 95% t-intervals over seeds
+    clipped to their ranges (none from one seed), the chance level ``expected_flip`` and the mean eval size ``n``."""
+    rows = []
+    keys = ["condition", "task", "group_kind", "group"]
+    for key, part in frame.groupby(keys, sort=True):
+        row = dict(zip(keys, key)) | {"seeds": int(part["seed"].nunique()), "n": part["n"].mean()}
+        for name in EXAMPLE_FORGETTING:  # the chance level alone has no interval: it hardly varies between seeds
+            mean, lo, hi = mean_interval(part[name], bounds=EXAMPLE_RANGES.get(name))
+            row |= {name: mean} | ({f"{name}_lo": lo, f"{name}_hi": hi} if name in EXAMPLE_RANGES else {})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def asymmetry_seeds(records: list[dict]) -> pd.DataFrame:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from analysis import plots
 from analysis.runs import evals_frame, forgetting_frame, load_records, load_runs
 from analysis.tables import accuracy_table, score_changes, summary_text
 from chainforget.cli import main
@@ -66,12 +67,25 @@ def test_report_writes_markdown_and_self_contained_html(two_orders, capsys):
     text = (out / "report" / "report.md").read_text()
     assert "![Accuracy per stage (%)](accuracy_by_stage.png)" in text
     assert "| bbq → csqa | 0 | bbq |" in text  # condition, seed, task
-    for name in ("accuracy_by_stage.png", "group_forgetting.png", "forgetting_heatmap.png", "order_asymmetry.png"):
-        data = (out / "report" / name).read_bytes()
+    figures = ("accuracy_by_stage", "group_forgetting", "forgetting_heatmap", "example_forgetting", "order_asymmetry")
+    for name in figures:
+        data = (out / "report" / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert "![Per-example forgetting and learning (pp)](example_forgetting.png)" in text
     page = (out / "report" / "report.html").read_text()
-    assert page.count("<img ") == 4 and "src='data:image/png;base64," in page  # figures embedded
+    assert page.count("<img ") == 5 and "src='data:image/png;base64," in page  # figures embedded
     assert all(f"config of {r['run_name']}" in page for r in records) and "<h2>Runs</h2>" in page
+
+
+def test_the_report_leaves_out_per_example_forgetting_for_records_written_before_it(two_orders):
+    from analysis.report import sections
+
+    runs = load_runs(two_orders[0])
+    for record in runs.records:
+        del record["metrics"]["example_forgetting"]
+    headings = [heading for heading, *_ in sections(runs)]
+    assert "Forgetting and biased forgetting (pp)" in headings and not any("Per-example" in h for h in headings)
+    plots.plt.close("all")
 
 
 def test_loading_a_directory_without_runs_is_a_clear_error(tmp_path):

@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import wandb_summary
 
 from chainforget.config import TaskSpec
 from chainforget.metrics import bbq_bias_scores
@@ -51,11 +52,42 @@ def test_two_stage_tiny_chain_end_to_end(smoke_config):
         bbq_bias_scores(final, "category")
     )
 
+    # Per-example forgetting: the rows of F (probes and the last stage's task have none), each recounted here from
+    # the flips between the stage that trained BBQ and the last in predictions.parquet
+    examples = record["metrics"]["example_forgetting"]
+    keys = ["task", "trained_stage", "later_stage", "group_kind", "group", "n", "small"]
+    assert [{k: r[k] for k in keys} for r in examples] == [
+        {k: r[k] for k in keys} for r in record["metrics"]["forgetting"]
+    ]
+    bbq = predictions[predictions["task"] == "bbq"]
+    pairs = bbq[bbq["stage"] == 1].merge(bbq[bbq["stage"] == 2], on="example_id", suffixes=("", "_last"))
+    chance = pairs["option_logprobs"].map(lambda options: (len(options) - 1) / len(options) ** 2)
+    flips = pd.DataFrame(
+        {
+            "forgotten": (pairs["correct"] == 1) & (pairs["correct_last"] == 0),
+            "learned": (pairs["correct"] == 0) & (pairs["correct_last"] == 1),
+            "expected_flip": chance,
+        }
+    )
+    for row, f in zip(examples, record["metrics"]["forgetting"]):
+        part = flips if row["group_kind"] == "all" else flips[pairs[row["group_kind"]] == row["group"]]
+        assert row["n"] == len(part)
+        assert [row[k] for k in flips] == pytest.approx(list(100 * part.mean()))
+        assert row["forgotten_adj"] == pytest.approx(row["forgotten"] - row["expected_flip"])
+        assert row["learned_adj"] == pytest.approx(row["learned"] - row["expected_flip"])
+        assert row["forgotten"] - row["learned"] == pytest.approx(f["F"])  # flips either way net out to F
+    (whole,) = [r for r in examples if r["group_kind"] == "all"]
+    assert whole["expected_flip"] == pytest.approx(100 * 2 / 9)  # BBQ: 3 options, (1/3)(2/3)
+
     assert (run_dir / "lightning_logs" / "stage1" / "metrics.csv").exists()
     (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
     assert (wandb_run / "files" / "run.json").exists()
     assert (wandb_run / "files" / "predictions.parquet").exists()
     assert list(wandb_run.glob("run-*.wandb"))
+    summary = wandb_summary(wandb_run)["summary"]
+    age = next(r for r in examples if r["group"] == "Age")
+    assert summary["example_forgetting/bbq/forgotten_adj"] == pytest.approx(whole["forgotten_adj"])
+    assert summary["example_forgetting/bbq/category/Age/learned"] == pytest.approx(age["learned"])
 
 
 def test_rerun_takes_every_stage_from_the_cache_and_reproduces_the_record(smoke_config):

@@ -49,6 +49,33 @@ def test_forgetting_and_biased_forgetting_by_hand():
     assert everyone["spread"] == pytest.approx(75.0)
 
 
+def test_example_forgetting_counts_flips_and_their_chance_level_by_hand():
+    # g1: three 2-option examples; g2: 3, 3 and 4 options. Stage 2 rows are shuffled: examples pair by id.
+    ids, k = ["a", "b", "c", "d", "e", "f"], [2, 2, 2, 3, 3, 4]
+    trained = pd.DataFrame({"stage": 1, "example_id": ids, "correct": [1, 1, 0, 1, 1, 0]})
+    later = pd.DataFrame({"stage": 2, "example_id": ids, "correct": [0, 1, 1, 0, 0, 0]}).iloc[::-1]
+    frame = pd.concat([trained, later]).assign(task="s")
+    frame["category"] = frame["example_id"].map(dict(zip(ids, ["g1"] * 3 + ["g2"] * 3)))
+    frame["option_logprobs"] = frame["example_id"].map(dict(zip(ids, [[0.0] * n for n in k])))
+    other = frame.assign(task="t", correct=1 - frame["correct"])  # another task's rows are left alone
+    rows = metrics.example_forgetting(pd.concat([frame, other]), "s", 1, 2, ("category",))
+    rows = rows.set_index("group")
+    assert rows["n"].to_dict() == {"all": 6, "g1": 3, "g2": 3}
+    # g1: a forgotten, b kept, c learned; g2: d and e forgotten, f wrong at both stages
+    assert rows.loc["g1", ["forgotten", "learned"]].tolist() == pytest.approx([100 / 3, 100 / 3])
+    assert rows.loc["g2", ["forgotten", "learned"]].tolist() == pytest.approx([200 / 3, 0.0])
+    assert rows.loc["all", ["forgotten", "learned"]].tolist() == pytest.approx([50.0, 100 / 6])
+    # a uniform guesser flips a k-option example one way with probability (1/k)(1 - 1/k): 1/4, 2/9, 3/16
+    chance = {"g1": 25.0, "g2": 100 * (2 / 9 + 2 / 9 + 3 / 16) / 3, "all": 100 * (3 / 4 + 4 / 9 + 3 / 16) / 6}
+    assert rows["expected_flip"].to_dict() == pytest.approx(chance)
+    assert rows.loc["g1", "forgotten_adj"] == pytest.approx(100 / 3 - 25.0)
+    assert rows.loc["g2", "learned_adj"] == pytest.approx(-chance["g2"])
+    # forgotten - learned is the accuracy drop F of the same examples
+    per_group = metrics.group_forgetting(metrics.eval_rows(frame, {"s": ("category",)}), "s", 1, 2)
+    net = (rows["forgotten"] - rows["learned"]).to_dict()
+    assert net == pytest.approx(per_group.set_index("group")["F"].to_dict())
+
+
 def test_forgetting_is_positive_when_accuracy_drops():
     assert metrics.forgetting(0.8, 0.5) == pytest.approx(30.0)
     assert metrics.forgetting(0.5, 0.8) == pytest.approx(-30.0)

@@ -238,3 +238,41 @@ def test_wilson_interval_is_the_score_interval_at_every_count():
     assert lo[0] == 0.0 and hi[4] == 100.0  # no correct answer / all correct: the bound is the end of the range
     lo, hi = plots.wilson(np.array([3, 0]), np.array([10, 0]))  # no examples: no interval
     assert np.isfinite(lo[0]) and np.isnan([lo[1], hi[1]]).all()
+
+
+def example_rows(condition, task, seed, rows, n=20, options=3):
+    """Per-example forgetting rows ``(group_kind, group, forgotten, learned, small)`` as example_forgetting_frame
+    gives them."""
+    chance = 100 * (options - 1) / options**2
+    return [
+        {"condition": condition, "task": task, "seed": seed, "trained_stage": 1, "later_stage": 2, "n": n}
+        | {"group_kind": kind, "group": group, "forgotten": gone, "learned": gained, "expected_flip": chance}
+        | {"forgotten_adj": gone - chance, "learned_adj": gained - chance, "small": small}
+        for kind, group, gone, gained, small in rows
+    ]
+
+
+def test_example_forgetting_bars_sort_groups_mark_chance_and_keep_whiskers_within_0_to_100():
+    rows = example_rows("bbq → csqa", "bbq", 0, [("all", "all", 20.0, 10.0, False), ("category", "SES", 30, 5, False)])
+    rows += example_rows("bbq → csqa", "bbq", 1, [("all", "all", 24.0, 12.0, False), ("category", "SES", 34, 7, False)])
+    rows += example_rows("bbq → csqa", "bbq", 0, [("category", "Age", 0.0, 0.0, False), ("category", "x", 90, 0, True)])
+    rows += example_rows("bbq → csqa", "bbq", 1, [("category", "Age", 100.0, 0.0, False)])  # seeds 100 pp apart
+    rows += example_rows("csqa → bbq", "csqa", 0, [("all", "all", 30.0, 0.0, False)], n=10, options=5)
+    fig = plots.example_forgetting_figure(pd.DataFrame(rows))
+    bbq, csqa = [ax for ax in fig.axes if ax.get_visible()]
+    labels = [t.get_text() for t in bbq.get_yticklabels()]
+    assert labels == ["all examples (n=20)", "category: Age (n=20)", "category: SES (n=20)"]  # the small group: out
+    forgotten, learned = bbq.containers[:2]
+    assert [bar.get_width() for bar in forgotten] == [22.0, 50.0, 32.0]  # means over seeds, Age beyond chance most
+    assert [bar.get_width() for bar in learned] == [11.0, 0.0, 6.0]
+
+    def whiskers(ax, flip):  # (low, high) of each group's whisker
+        return [tuple(segment[:, 0]) for segment in ax.containers[2 + flip].lines[2][0].get_segments()]
+
+    assert whiskers(bbq, 0) == [(20.0, 24.0), (0.0, 100.0), (30.0, 34.0)]  # the range over seeds
+    lo, hi = plots.wilson(np.array([3, 0]), np.array([10, 10]))  # one run: Wilson over its 10 examples
+    assert [whiskers(csqa, flip)[0] for flip in (0, 1)] == [pytest.approx((lo[0], hi[0])), (0.0, hi[1])]
+    (chance,) = [c for c in csqa.collections if c not in [e.lines[2][0] for e in csqa.containers[2:]]]
+    assert [tuple(segment[:, 0]) for segment in chance.get_segments()] == [(16.0, 16.0)]  # 5 options: (1/5)(4/5)
+    assert "2 seeds" in bbq.get_title() and "chance 22.2 pp" in bbq.get_title() and "(pp)" in bbq.get_xlabel()
+    assert "range over seeds" in fig.get_suptitle()

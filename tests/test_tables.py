@@ -4,10 +4,11 @@ import math
 
 import pytest
 
-from analysis.runs import condition_labels, forgetting_frame, runs_frame
+from analysis.runs import condition_labels, example_forgetting_frame, forgetting_frame, runs_frame
 from analysis.tables import (
     asymmetry_seeds,
     curvature_forgetting,
+    example_forgetting_summary,
     mean_interval,
     order_asymmetry,
     replay_recovery,
@@ -74,6 +75,42 @@ def test_seed_summary_averages_each_group_over_seeds():
     single = forgetting_frame([record(["bbq", "csqa"], 0, 10.0)]).assign(F_lo=4.0, F_hi=16.0)
     (row,) = seed_summary(single).to_dict("records")
     assert (row["F_lo"], row["F_hi"]) == (4.0, 16.0)  # one run keeps its bootstrap interval
+
+
+def with_example_forgetting(run, rows):
+    """``run`` with per-example forgetting rows ``(group_kind, group, forgotten, learned)`` of BBQ (3 options)."""
+    chance = 100 * 2 / 9
+    run["metrics"]["example_forgetting"] = [
+        {"task": "bbq", "trained_stage": 1, "later_stage": 2, "group_kind": kind, "group": group, "n": 30}
+        | {"forgotten": gone, "learned": gained, "expected_flip": chance, "small": False}
+        | {"forgotten_adj": gone - chance, "learned_adj": gained - chance}
+        for kind, group, gone, gained in rows
+    ]
+    return run
+
+
+def test_example_forgetting_averages_seeds_with_intervals_clipped_to_each_range():
+    runs = [
+        with_example_forgetting(record(["bbq", "csqa"], 0), [("all", "all", 10.0, 4.0), ("category", "Age", 0.0, 0.0)]),
+        with_example_forgetting(record(["bbq", "csqa"], 1), [("all", "all", 14.0, 6.0), ("category", "Age", 90, 0.0)]),
+        record(["csqa", "bbq"], 0, forgetting=3.0),  # written before per-example forgetting: no rows
+    ]
+    frame = example_forgetting_frame(runs)
+    assert len(frame) == 4 and set(frame["condition"]) == {"bbq → csqa"}
+    table = example_forgetting_summary(frame).set_index("group")
+    whole, chance = table.loc["all"], 100 * 2 / 9
+    assert (whole["seeds"], whole["n"], whole["forgotten"], whole["learned"]) == (2, 30.0, 12.0, 5.0)
+    # 10 and 14: 12 -+ 12.706 * 2.828 / 1.414 = 12 -+ 25.4, and a share is never below 0
+    assert whole["forgotten_lo"] == 0.0 and whole["forgotten_hi"] == pytest.approx(12 + T_975_DF1 * 2)
+    assert whole["learned_lo"] == 0.0 and whole["learned_hi"] == pytest.approx(5 + T_975_DF1)
+    assert whole["expected_flip"] == pytest.approx(chance) and "expected_flip_lo" not in table
+    # the adjusted share may be negative: only the +-100 pp bounds apply
+    assert whole["forgotten_adj"] == pytest.approx(12 - chance)
+    assert whole["forgotten_adj_lo"] == pytest.approx(12 - chance - T_975_DF1 * 2)
+    # 0 and 90: 45 -+ 571.8 pp, clipped to what a share can be
+    assert table.loc["Age", ["forgotten", "forgotten_lo", "forgotten_hi"]].tolist() == [45.0, 0.0, 100.0]
+    assert table.loc["Age", ["forgotten_adj_lo", "forgotten_adj_hi"]].tolist() == [-100.0, 100.0]
+    assert example_forgetting_frame(runs[2:]).empty and example_forgetting_summary(frame.iloc[:0]).empty
 
 
 def test_order_asymmetry_pairs_seeds_and_tests_the_difference():

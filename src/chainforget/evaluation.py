@@ -63,13 +63,21 @@ def task_facts(plans: list[StagePlan], data) -> dict:
 
 
 def chain_metrics(frame, rows, plans: list[StagePlan], data, config: ChainConfig) -> dict:
-    """Forgetting, biased forgetting, CL matrix metrics and task scores of the chain up to its last plan."""
+    """Forgetting (per group and per example), biased forgetting, CL matrix metrics and task scores of the chain up
+    to its last plan."""
     last = len(plans)
     trained = trained_at(plans)
-    forgetting_rows, biased_rows = [], []
+    forgetting_rows, biased_rows, example_rows = [], [], []
+
+    def small(row: dict) -> bool:  # reported, but left out of max/spread and of the figures
+        return bool(row["n"] < config.eval.min_group_size) and row["group_kind"] != metrics.ALL
+
     for task, stage in sorted(trained.items(), key=lambda item: item[1]):
         if stage >= last:
             continue
+        stages = {"task": task, "trained_stage": stage, "later_stage": last}
+        per_example = metrics.example_forgetting(frame, task, stage, last, data[task].group_kinds)
+        example_rows += [stages | row | {"small": small(row)} for row in per_example.to_dict("records")]
         per_group = metrics.group_forgetting(rows, task, stage, last)
         at = frame[(frame["task"] == task) & (frame["stage"] == stage)].set_index("example_id")
         after = frame[(frame["task"] == task) & (frame["stage"] == last)].set_index("example_id").loc[at.index]
@@ -86,10 +94,8 @@ def chain_metrics(frame, rows, plans: list[StagePlan], data, config: ChainConfig
         for row in per_group.to_dict("records"):
             ci = intervals.get((row["group_kind"], row["group"]), {})
             forgetting_rows.append(
-                {
-                    "task": task,
-                    "trained_stage": stage,
-                    "later_stage": last,
+                stages
+                | {
                     "group_kind": row["group_kind"],
                     "group": row["group"],
                     "n": int(row["n"]),
@@ -97,7 +103,7 @@ def chain_metrics(frame, rows, plans: list[StagePlan], data, config: ChainConfig
                     "F_ci": ci.get("F"),
                     "BF": None if np.isnan(row["BF"]) else row["BF"],
                     "BF_ci": ci.get("BF"),
-                    "small": bool(row["n"] < config.eval.min_group_size) and row["group_kind"] != metrics.ALL,
+                    "small": small(row),
                 }
             )
         for summary in metrics.biased_forgetting(per_group, config.eval.min_group_size):
@@ -107,6 +113,7 @@ def chain_metrics(frame, rows, plans: list[StagePlan], data, config: ChainConfig
         "units": "pp",
         "forgetting": forgetting_rows,
         "biased_forgetting": biased_rows,
+        "example_forgetting": example_rows,
         "cl": metrics.cl_metrics(metrics.accuracy_matrix(rows), trained),
         "task_scores": stage_scores(frame),
     }

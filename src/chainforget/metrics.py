@@ -1,6 +1,7 @@
 """Metrics over the eval matrix R[stage][task][group]: small pure functions (numpy/pandas, no torch).
 
-Accuracies are fractions; every derived metric is in percentage points (pp). Definitions: DESIGN.md.
+Accuracies are fractions; every derived metric is in percentage points (pp). Definitions: README.md, "What gets
+measured".
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ import pandas as pd
 ALL = "all"
 
 
+def group_splits(frame: pd.DataFrame, kinds: tuple[str, ...]) -> list[tuple[str, pd.Series]]:
+    """``(group_kind, each row's group)`` for the whole frame (``all``) and each group kind in ``kinds``."""
+    return [(ALL, pd.Series(ALL, index=frame.index)), *((kind, frame[kind]) for kind in kinds)]
+
+
 def eval_rows(predictions: pd.DataFrame, group_kinds: dict[str, tuple[str, ...]]) -> list[dict]:
     """Rows ``(stage, task, group_kind, group, n, correct, acc)`` from per-example predictions.
 
@@ -18,9 +24,7 @@ def eval_rows(predictions: pd.DataFrame, group_kinds: dict[str, tuple[str, ...]]
     """
     rows = []
     for (stage, task), frame in predictions.groupby(["stage", "task"], sort=True):
-        splits = [(ALL, pd.Series(ALL, index=frame.index))]
-        splits += [(kind, frame[kind]) for kind in group_kinds.get(task, ())]
-        for kind, labels in splits:
+        for kind, labels in group_splits(frame, group_kinds.get(task, ())):
             for group, part in frame.groupby(labels, sort=True)["correct"]:
                 rows.append(
                     {
@@ -61,6 +65,35 @@ def group_forgetting(rows: list[dict] | pd.DataFrame, task: str, trained: int, l
     overall = float(out.loc[out["group_kind"] == ALL, "F"].iloc[0])
     out["BF"] = np.where(out["group_kind"] == ALL, np.nan, out["F"] - overall)
     return out
+
+
+def example_forgetting(
+    predictions: pd.DataFrame, task: str, trained: int, later: int, group_kinds: tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """Per-example forgetting of ``task`` between stages ``trained`` and ``later`` (pp), pairing each eval example
+    (``example_id``) with itself: ``forgotten`` is the share answered correctly at ``trained`` and wrongly at
+    ``later``, ``learned`` the share answered wrongly then correctly, so ``forgotten - learned = F``.
+
+    Against chance: a uniform guesser over an example's k options (``len(option_logprobs)``), guessing independently
+    at both stages, flips it correct -> wrong with probability (1/k)(1 - 1/k), and wrong -> correct alike, so
+    ``expected_flip = mean_i (1/k_i)(1 - 1/k_i)``, ``forgotten_adj = forgotten - expected_flip`` and
+    ``learned_adj = learned - expected_flip``. ``predictions`` has columns ``stage, task, example_id, correct,
+    option_logprobs`` and one per group kind; one row per ``(group_kind, group)`` including ``(all, all)``, with the
+    group's eval size ``n``.
+    """
+    frame = predictions[predictions["task"] == task]
+    at = frame[frame["stage"] == trained].set_index("example_id")
+    after = frame[frame["stage"] == later].set_index("example_id").loc[at.index, "correct"].astype(bool)
+    before = at["correct"].astype(bool)
+    chance = 1.0 / at["option_logprobs"].map(len)
+    flips = pd.DataFrame({"forgotten": before & ~after, "learned": ~before & after}, dtype=float)
+    flips = 100.0 * flips.assign(expected_flip=chance * (1.0 - chance))
+    flips = flips.assign(**{f"{name}_adj": flips[name] - flips["expected_flip"] for name in ("forgotten", "learned")})
+    rows = []
+    for kind, labels in group_splits(at, group_kinds):
+        for group, part in flips.groupby(labels, sort=True):
+            rows.append({"group_kind": kind, "group": str(group), "n": len(part), **part.mean().to_dict()})
+    return pd.DataFrame(rows)
 
 
 def biased_forgetting(per_group: pd.DataFrame, min_group_size: int = 20) -> list[dict]:

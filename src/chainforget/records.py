@@ -184,6 +184,7 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
     """The run's headline numbers under stable names: what W&B summaries hold and sweep objectives name.
 
     ``forgetting/<task>[/<group_kind>/<group>]``, ``biased_forgetting/<task>/<group_kind>`` (and ``.../worst_group``),
+    ``example_forgetting/<task>[/<group_kind>/<group>]/<forgotten|learned|expected_flip|forgotten_adj|learned_adj>``,
     ``final/<task>/acc`` (last stage), ``cl/<metric>``, ``curvature/stage<k>/top_eigenvalue`` and
     ``scores/<task>/<group_kind>/<group>/<score>`` (last stage). Everything but the eigenvalue is in percentage
     points, accuracies included, so one sweep metric never mixes scales.
@@ -191,9 +192,15 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
     metrics = record["metrics"]
     last = max(row["stage"] for row in record["eval"])
     summary: dict[str, float | str | None] = {}
+
+    def group_name(row: dict) -> str:
+        return row["task"] if row["group_kind"] == "all" else f"{row['task']}/{row['group_kind']}/{row['group']}"
+
     for row in metrics["forgetting"]:
-        name = row["task"] if row["group_kind"] == "all" else f"{row['task']}/{row['group_kind']}/{row['group']}"
-        summary[f"forgetting/{name}"] = row["F"]
+        summary[f"forgetting/{group_name(row)}"] = row["F"]
+    for row in metrics.get("example_forgetting", []):  # records written before it was measured have none
+        for name in EXAMPLE_FORGETTING:
+            summary[f"example_forgetting/{group_name(row)}/{name}"] = row[name]
     for row in metrics["biased_forgetting"]:
         summary[f"biased_forgetting/{row['task']}/{row['group_kind']}"] = row["BF"]
         summary[f"biased_forgetting/{row['task']}/{row['group_kind']}/worst_group"] = row["worst_group"]
@@ -212,6 +219,7 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
 
 
 PP = 100.0
+EXAMPLE_FORGETTING = ("forgotten", "learned", "expected_flip", "forgotten_adj", "learned_adj")  # pp, per example
 FRACTION_SCORES = ("acc", "acc_ambig", "balanced_acc")  # task scores stored as fractions (bias scores are x100)
 
 
