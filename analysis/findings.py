@@ -24,6 +24,7 @@ from analysis.tables import (
     curvature_forgetting,
     mean_interval,
     order_asymmetry,
+    power_table,
     replay_recovery,
     seed_summary,
 )
@@ -34,7 +35,8 @@ def mitigation(record: dict) -> str:
 
 
 def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
-    """One table per finding: order asymmetry, per-group and biased forgetting, curvature (with SAM), replay."""
+    """One table per finding: order asymmetry, per-group and biased forgetting, curvature (with SAM), replay; and the
+    effects the plain chains could detect (``power``)."""
     plain = [r for r in records if len(r["config"]["order"]) == 2 and mitigation(r) == "none"]
     two_stage = [r for r in records if len(r["config"]["order"]) == 2 and mitigation(r) in ("none", "sam")]
     _, correlation = curvature_forgetting(plain)
@@ -47,6 +49,7 @@ def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
         "curvature_correlation": pd.DataFrame([correlation]),
         "sam_vs_plain": sam_vs_plain(points),
         "replay": replay_recovery([r for r in records if mitigation(r) == "replay_stage"]),
+        "power": power_table(plain),
     }
 
 

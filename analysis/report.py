@@ -21,6 +21,7 @@ from analysis.tables import (
     example_forgetting_summary,
     forgetting_summary,
     order_asymmetry,
+    power_table,
     replay_recovery,
     score_changes,
     seed_summary,
@@ -102,6 +103,16 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
         caption += "paired by seed within one setting (the condition without its order); paired t-test across seeds."
         figure = plots.asymmetry_figure(asymmetry, asymmetry_seeds(records))
         out.append(("Order asymmetry (pp)", caption, asymmetry.round(3), ("order_asymmetry.png", figure)))
+    power = power_table(records)
+    if not power.empty:
+        caption = "Minimum detectable effect (MDE, pp) at 80% power, two-sided alpha 0.05: "
+        caption += "MDE = (q(0.975) + q(0.8)) × SE. With k ≥ 2 seeds SE = sd over seeds / √k and q is Student's t "
+        caption += "on k − 1 df (one-sample t-test of F and BF_g, paired t-test of the asymmetry); from one run, SE "
+        caption += "is the sampling SE over its n eval examples, √((f + l − (f − l)²) / n) with f, l the forgotten "
+        caption += "and learned shares (√(0.5 / n) without them), and q is normal: it leaves out how much a retrained "
+        caption += "run differs. BF_g: a group of the median size, from the median group's sd over seeds. Seeds "
+        caption += "needed: for an asymmetry MDE of 5 pp at the observed sd."
+        out.append(("Power before data (pp)", caption, power.round(2), None))
     recovery = replay_recovery(records)
     if not recovery.empty:
         caption = "What the replay stage won back of the first task's lost accuracy, and what it cost the last task, "

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.runs import condition_labels, evals_frame
+from analysis.power import mde_asymmetry, mde_biased_forgetting, mde_forgetting, seeds_needed
+from analysis.runs import condition_labels, evals_frame, example_forgetting_frame, forgetting_frame
 from chainforget.records import EXAMPLE_FORGETTING
 
 # ranges (pp) of the quantities averaged over seeds: a difference of two accuracies (F, F_g, accuracy changes),
@@ -172,9 +173,9 @@ def example_forgetting_summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 def asymmetry_seeds(records: list[dict]) -> pd.DataFrame:
     """One row per setting x safety task S x capability task C x seed that ran in both orders: ``F_safety`` =
-    F_S(S→C), ``F_capability`` = F_C(C→S) and their difference ``asymmetry``. ``condition`` is the setting, the
-    runs' condition without the order ("" when only the order varies), so runs differing in anything but the
-    order and the seed are never paired."""
+    F_S(S→C), ``F_capability`` = F_C(C→S), the two runs' names and the difference ``asymmetry``. ``condition`` is
+    the setting, the runs' condition without the order ("" when only the order varies), so runs differing in
+    anything but the order and the seed are never paired."""
     settings = condition_labels(records, leave_out=("order",))
     first, roles = {}, {}
     for record in records:
@@ -184,14 +185,17 @@ def asymmetry_seeds(records: list[dict]) -> pd.DataFrame:
             continue
         for row in record["metrics"]["forgetting"]:
             if row["task"] == order[0] and row["group_kind"] == "all":
-                first[(settings[record["run_name"]], *order, record["config"]["seed"])] = row["F"]
+                first[(settings[record["run_name"]], *order, record["config"]["seed"])] = row["F"], record["run_name"]
     rows = []
-    for (setting, a, b, seed), f_safety in sorted(first.items()):
+    for (setting, a, b, seed), (f_safety, run_safety) in sorted(first.items()):
         partner = (setting, b, a, seed)
         if partner in first and roles[a] == "safety" and roles[b] == "capability":
             pair = {"condition": setting, "safety": a, "capability": b, "seed": seed}
-            rows.append(pair | {"F_safety": f_safety, "F_capability": first[partner]})
-    frame = pd.DataFrame(rows, columns=["condition", "safety", "capability", "seed", "F_safety", "F_capability"])
+            f_capability, run_capability = first[partner]
+            forgotten = {"F_safety": f_safety, "F_capability": f_capability}
+            rows.append(pair | forgotten | {"run_safety": run_safety, "run_capability": run_capability})
+    columns = ["condition", "safety", "capability", "seed", "F_safety", "F_capability", "run_safety", "run_capability"]
+    frame = pd.DataFrame(rows, columns=columns)
     return frame.assign(asymmetry=frame["F_safety"] - frame["F_capability"])
 
 
@@ -210,6 +214,59 @@ def order_asymmetry(records: list[dict]) -> pd.DataFrame:
         difference = {"asymmetry": mean, "asymmetry_lo": lo, "asymmetry_hi": hi, "p_paired_t": p_value}
         rows.append(pair | forgotten | difference)
     return pd.DataFrame(rows)
+
+
+POWER_COLUMNS = [
+    *("condition", "task", "seeds", "n", "F", "F_sd", "se_source", "mde_F"),
+    *("asymmetry_seeds", "asymmetry_sd", "asymmetry_se_source", "mde_asymmetry"),
+]
+
+
+def power_table(records: list[dict], target: float = 5.0, cap: int = 100) -> pd.DataFrame:
+    """Power before data (``analysis.power``: 80 % power, two-sided alpha 0.05, pp), one row per condition x
+    forgotten task: its seeds, mean eval size ``n`` and F, the sd of F over seeds (``F_sd``; none from one run),
+    where the SE comes from (``se_source``: ``seeds``, else the one run's eval ``examples``, or the ``binomial bound``
+    for records without per-example forgetting) and the MDE of F. Where the task's safety/capability pair ran in
+    both orders (``asymmetry_seeds``), the order asymmetry's paired seeds, sd, SE source, MDE and the seeds an MDE of
+    ``target`` pp would need at that sd (``beyond <cap>``; none from one seed). Per group kind, the median size of
+    the groups that count (``small`` ones left out) and the MDE of BF_g of a group that size: from the median over
+    groups of the sd of BF_g over seeds (none where no group ran in two seeds), or from one run's examples."""
+    forgetting = forgetting_frame(records)
+    flips = example_forgetting_frame(records).query("group_kind == 'all'")[["run_name", "task", "forgotten", "learned"]]
+    whole = forgetting[forgetting["group_kind"] == "all"].merge(flips, on=["run_name", "task"], how="left")
+    by_run = whole.set_index(["run_name", "task"])
+    needed_column = f"seeds_for_asymmetry_mde_{target:g}pp"
+    asymmetry = {}
+    for _, pair in asymmetry_seeds(records).groupby(["condition", "safety", "capability"], sort=True):
+        first = pair.iloc[0]
+        runs = [(first["run_safety"], first["safety"]), (first["run_capability"], first["capability"])]
+        spread = pair["asymmetry"].std() if len(pair) > 1 else None
+        sides = [tuple(by_run.loc[run, ["n", "forgotten", "learned"]]) for run in runs]  # used with one seed only
+        value, source = mde_asymmetry(len(pair), spread, sides)
+        needed = None if spread is None else seeds_needed(spread, target, cap) or f"beyond {cap}"
+        facts = {"asymmetry_seeds": len(pair), "asymmetry_sd": spread, "asymmetry_se_source": source}
+        facts |= {"mde_asymmetry": value, needed_column: needed}
+        asymmetry |= {(by_run.loc[run, "condition"], run[1]): facts for run in runs}
+    rows = []
+    for (condition, task), part in whole.groupby(["condition", "task"], sort=True):
+        seeds, run = len(part), part.iloc[0]  # ``run``'s own numbers are used only when it is the only seed
+        spread = part["F"].std() if seeds > 1 else None
+        value, source = mde_forgetting(run["n"], seeds, spread, run["forgotten"], run["learned"])
+        row = {"condition": condition, "task": task, "seeds": seeds, "n": part["n"].mean(), "F": part["F"].mean()}
+        row |= {"F_sd": spread, "se_source": source, "mde_F": value} | asymmetry.get((condition, task), {})
+        groups = forgetting[forgetting["run_name"].isin(part["run_name"]) & (forgetting["task"] == task)]
+        counted = groups[(groups["group_kind"] != "all") & ~groups["small"].astype(bool)]  # as headline BF counts
+        for kind, members in counted.groupby("group_kind"):
+            per_group = members.groupby("group").agg(n=("n", "mean"), sd=("BF", "std"))  # sd: NaN from one seed
+            size, sd = per_group["n"].median(), per_group["sd"].median()
+            bf = None  # several seeds but no group in two of them: no spread to go on
+            if seeds == 1 or not pd.isna(sd):
+                bf = mde_biased_forgetting(size, run["n"], seeds, sd, run["forgotten"], run["learned"])[0]
+            row |= {f"n_group ({kind})": size, f"mde_BF ({kind})": bf}
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    columns = [*POWER_COLUMNS, needed_column]
+    return frame.reindex(columns=columns + [c for c in frame.columns if c not in columns])
 
 
 def replay_recovery(records: list[dict]) -> pd.DataFrame:

@@ -72,6 +72,9 @@ def test_report_writes_markdown_and_self_contained_html(two_orders, capsys):
         data = (out / "report" / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "![Per-example forgetting and learning (pp)](example_forgetting.png)" in text
+    # one seed per condition: the MDEs come from each run's own forgotten / learned shares
+    power = text.split("## Power before data (pp)")[1].split("## ")[0]
+    assert "| bbq → csqa | bbq | 1 |" in power and "| examples |" in power and "seeds" not in power.split("|---")[1]
     page = (out / "report" / "report.html").read_text()
     assert page.count("<img ") == 5 and "src='data:image/png;base64," in page  # figures embedded
     assert all(f"config of {r['run_name']}" in page for r in records) and "<h2>Runs</h2>" in page
