@@ -141,6 +141,7 @@ def preflight(config: ChainConfig) -> tuple[ChainConfig, list[StagePlan]]:
     config = replace(config, run_name=run_name(config))
     refuse_a_different_run(Path(config.out) / config.run_name, config)
     check_trainer_options(config)
+    tracking.check_settings(config)
     return config, plan_chain(config)
 
 

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
+from chainforget.config import config_files, read_mapping
 from chainforget.errors import ConfigError
 from chainforget.records import atomic_write
 from lightning_modules.stage import StageDataModule, StageModule
@@ -99,6 +100,8 @@ class StageCLI(LightningCLI):
 
 def run_stage(subcommand: str, argv: list[str]) -> None:
     """Run ``subcommand`` (``fit``, ``validate``, ``test`` or ``predict``) of the stage CLI on ``argv``."""
+    for config_file in config_files(argv):  # LightningCLI's YAML reader keeps the later of two equal keys, silently
+        read_mapping(Path(config_file), "LightningCLI config", "keys such as trainer, model, data")
     defaults = {
         # checkpoints (ModelCheckpoint's and --ckpt_path's) go through safetensors, never pickle
         "plugins": {"class_path": "lightning_modules.checkpoint.SafetensorsCheckpointIO"},

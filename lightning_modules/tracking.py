@@ -53,6 +53,27 @@ def start_run(config: ChainConfig, run_dir: Path, extra_config: dict | None = No
     return run
 
 
+def check_settings(config: ChainConfig) -> None:
+    """The ``wandb`` block's names checked by W&B's own settings (project characters and length, tag length) before
+    anything is written; W&B itself would refuse them only when the run starts."""
+    spec = config.wandb
+    given = {"project": spec.project, "entity": spec.entity, "group": spec.group, "tags": spec.tags or None}
+    if not any(given.values()):
+        return
+    from pydantic import ValidationError
+    from wandb.errors import UsageError
+    from wandb.sdk.wandb_settings import Settings
+
+    names = {"project": "project", "entity": "entity", "group": "run_group", "tags": "run_tags"}
+    for key, value in given.items():
+        try:
+            if value is not None:
+                Settings(**{names[key]: tuple(value) if key == "tags" else value})
+        except (UsageError, ValidationError) as exc:
+            reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            raise ConfigError(f"wandb.{key}: {value!r} is not allowed by W&B ({reason.splitlines()[0]})") from None
+
+
 def wandb_mode(configured: str | None) -> str:
     """The config's ``wandb.mode`` if set, else W&B's own (``$WANDB_MODE``, ``wandb offline``, a sweep agent's
     environment); where that is online but no credentials exist, offline, said once per process on stderr."""

@@ -17,6 +17,11 @@ SMOKE = str(ROOT / "sweeps" / "configs" / "smoke.yaml")
 DATA = [f"--tasks.bbq.path={FIXTURES / 'bbq'}", f"--tasks.csqa.path={FIXTURES / 'csqa'}"]
 
 
+def written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def copy_fixture(tmp: Path, name: str) -> Path:
     folder = tmp / name
     folder.mkdir(exist_ok=True)
@@ -178,6 +183,25 @@ CASES = [
     ("config not YAML", ["chain"], config_file("order: [bbq\n"), "chainforget chain: error:"),
     ("no config at all", ["chain", "--order=[bbq]"], None, "--config: missing"),
     ("unknown command", ["train"], None, "unknown command 'train'"),
+    ("bootstrap beyond its cap", CHAIN + ["--eval.bootstrap=1000000000000"], None, "eval.bootstrap: 1000000000000 is"),
+    (
+        "W&B project W&B refuses",
+        CHAIN + ["--wandb.project=me/chainforget"],
+        None,
+        "wandb.project: 'me/chainforget' is not allowed by W&B (Invalid project name",
+    ),
+    (
+        "a penalty on a chain too short for it",
+        CHAIN + ["--mitigation.name=l2sp", "--mitigation.strength=1", "--order=[bbq]"],
+        None,
+        "mitigation.name: l2sp acts from stage 2 on and this chain has 1 stage(s)",
+    ),
+    (
+        "fit config with a key given twice",
+        ["fit", "--config"],
+        lambda tmp: [str(written(tmp / "dup.yaml", "seed_everything: 0\nseed_everything: 1\n"))],
+        "dup.yaml:2:1: not valid YAML (duplicate key 'seed_everything'",
+    ),
     # data files
     ("BBQ row missing answer_info", CHAIN, bbq_without_answer_info, "Age.jsonl:5: BBQ row lacks field 'answer_info'"),
     ("non-UTF-8 data file", CHAIN, bbq_not_utf8, "Religion.jsonl: not UTF-8 text"),
@@ -313,3 +337,26 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(
     assert message in err[-1] and err[-1].startswith("chainforget")
     assert [fingerprint(root) for root in existing_state] == before
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["earlier"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("CHAINFORGET_THREADS", "1.5", "CHAINFORGET_THREADS='1.5': not allowed"),
+        ("CHAINFORGET_MALLOC", "sytem", "CHAINFORGET_MALLOC='sytem': not allowed; use system"),
+        ("WANDB_MODE", "offine", "WANDB_MODE='offine': not allowed; use one of online, offline"),
+    ],
+)
+@pytest.mark.parametrize("command", ["chain", "fit"])
+def test_a_malformed_environment_variable_is_one_line_before_anything_runs(
+    variable, value, message, command, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, value)
+    config = {"chain": SMOKE, "fit": str(ROOT / "sweeps/configs/stage_smoke.yaml")}[command]
+    assert (
+        main([command, "--config", config, "--out=runs"] if command == "chain" else [command, "--config", config]) == 2
+    )
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"chainforget {command}: error: {message}")
+    assert list(tmp_path.iterdir()) == []

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        check_environment()
         return commands[command](rest) or 0
     except (ChainforgetError, argparse.ArgumentError) as exc:
         if debug:
@@ -233,11 +234,31 @@ def run_optuna(args) -> int:
     return 0
 
 
+def check_environment() -> None:
+    """The environment variables chainforget reads, checked before anything runs: a typo would otherwise be ignored
+    (CHAINFORGET_MALLOC) or fail only once files are written (WANDB_MODE, read when the W&B run starts)."""
+    threads = os.environ.get("CHAINFORGET_THREADS")
+    if threads and not (threads.isdigit() and int(threads) > 0):
+        raise ConfigError(f"CHAINFORGET_THREADS={threads!r}: not allowed; use a positive number of torch threads")
+    malloc = os.environ.get("CHAINFORGET_MALLOC")
+    if malloc and malloc != "system":
+        raise ConfigError(
+            f"CHAINFORGET_MALLOC={malloc!r}: not allowed; use system (glibc's malloc), or leave it unset for tcmalloc"
+        )
+    mode = os.environ.get("WANDB_MODE")
+    if mode and mode not in ("online", "offline", "disabled"):  # the common ones without importing wandb
+        import typing
+
+        from wandb.sdk.wandb_settings import Settings
+
+        modes = typing.get_args(Settings.model_fields["mode"].annotation)  # W&B's own list
+        if mode not in modes:
+            raise ConfigError(f"WANDB_MODE={mode!r}: not allowed; use one of {', '.join(modes)}")
+
+
 def _single_thread_if_asked() -> None:
     threads = os.environ.get("CHAINFORGET_THREADS")
     if threads:
-        if not (threads.isdigit() and int(threads) > 0):
-            raise ConfigError(f"CHAINFORGET_THREADS={threads!r}: not allowed; use a positive number of torch threads")
         import torch
 
         torch.set_num_threads(int(threads))

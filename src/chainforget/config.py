@@ -170,7 +170,8 @@ class EvalSpec:
         batch_size: questions per forward pass in letter mode (text modes pack questions into rows of 512
             tokens instead, each question once with all its options after it).
         min_group_size: groups with fewer eval examples are reported but left out of max/spread.
-        bootstrap: paired bootstrap resamples for intervals (0 turns intervals off).
+        bootstrap: paired bootstrap resamples for intervals (0 turns intervals off; at most 100,000: the
+            resamples are held in memory at once, and percentile intervals settle long before).
         probes: extra tasks evaluated at every stage without being trained on.
         mode: ``letter`` (argmax over the option letters, one pass per question), ``text`` (summed
             log-probability of each option's text, lm-eval's ``acc``) or ``text_norm`` (divided by its
@@ -180,7 +181,7 @@ class EvalSpec:
     mode: Literal["letter", "text", "text_norm"] = "letter"
     batch_size: int = ranged(32, 1)
     min_group_size: int = ranged(20, 1)
-    bootstrap: int = ranged(1000, 0)
+    bootstrap: int = ranged(1000, 0, 100_000)
     probes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -425,6 +426,13 @@ class ChainConfig:
         for block, spec in (("mitigation", self.mitigation), ("curvature", self.curvature)):
             if spec.stages and max(spec.stages) > stages:
                 raise ConfigError(f"{block}.stages: {spec.stages} is not allowed; this chain has stages 1 to {stages}")
+        mitigation = self.mitigation
+        acts_within = mitigation.rule.kind != "none" and not mitigation.rule.adds_stage
+        if acts_within and not any(mitigation.applies_to(k) for k in range(1, stages + 1)):
+            raise ConfigError(
+                f"mitigation.name: {mitigation.name} acts from stage {mitigation.rule.first_stage} on and this chain "
+                f"has {stages} stage(s), so it would never act; add a stage or drop the mitigation"
+            )
         for probe in self.eval.probes:
             if probe not in self.tasks:
                 raise ConfigError(f"eval.probes: {probe!r} is not under tasks")
@@ -644,6 +652,16 @@ def chain_parser(prog: str):
     return parser
 
 
+def config_files(argv: list[str]) -> list[str]:
+    """The files ``argv`` passes as ``--config FILE`` or ``--config=FILE``, each checked to exist."""
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for config_file in files:
+        if not is_file(config_file):
+            raise ConfigError(f"--config {config_file}: no such file")
+    return files
+
+
 def parse_chain(argv: list[str], prog: str = "chainforget chain", defaults: Path | None = None) -> ChainConfig:
     """A ChainConfig from ``--config FILE`` arguments (applied in order) and dotted overrides, as the ``chain``
     command reads it (jsonargparse, the parser LightningCLI uses); ``defaults``: a config file read first."""
@@ -653,10 +671,7 @@ def parse_chain(argv: list[str], prog: str = "chainforget chain", defaults: Path
     asks_help = any(a.startswith("-h") or a == "--help" for a in argv)
     if not any(a == "--config" or a.startswith("--config=") for a in argv) and not asks_help:
         raise ConfigError("--config: missing; pass a chain YAML such as sweeps/configs/smoke.yaml")
-    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    for config_file in files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]:
-        if not is_file(config_file):
-            raise ConfigError(f"--config {config_file}: no such file")
+    for config_file in config_files(argv):
         content = read_mapping(Path(config_file), "chain config", "keys such as model, tasks, order, train")
         check_shape(content, f"{config_file}: ")
     parser = chain_parser(prog)
