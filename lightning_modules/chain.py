@@ -139,19 +139,23 @@ def preflight(config: ChainConfig) -> tuple[ChainConfig, list[StagePlan]]:
     different run, Lightning's trainer options, its stage plan. A user's error raises ChainforgetError; nothing is
     written. Returns the config with its run name, and the plan."""
     config = replace(config, run_name=run_name(config))
+    for key in ("out", "cache_dir"):
+        folder = getattr(config, key)
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            raise ConfigError(f"{key}: {folder!r} is a file; use a folder (it is created where missing)")
     refuse_a_different_run(Path(config.out) / config.run_name, config)
-    check_trainer_options(config)
+    check_trainer_options(trainer_options(config))
     tracking.check_settings(config)
     return config, plan_chain(config)
 
 
-def check_trainer_options(config: ChainConfig) -> None:
-    """Lightning's own checks of the ``trainer`` block (accelerator, precision, strategy, devices, profiler names),
-    run on a throwaway Trainer before anything loads or is written; its refusal becomes one line. A Trainer built
-    from the user's options alone raises TypeError for a form it cannot take (a device list on the CPU)."""
+def check_trainer_options(options: dict) -> None:
+    """Lightning's own checks of ``lightning.Trainer`` arguments (accelerator, precision, strategy, devices, profiler
+    names), run on a throwaway Trainer before anything loads or is written; its refusal becomes one line. A Trainer
+    built from the user's options alone raises TypeError for a form it cannot take (a device list on the CPU)."""
     try:
         with quiet_libraries():  # Lightning's hardware notes about a Trainer that never runs
-            L.Trainer(**trainer_options(config), logger=False, enable_checkpointing=False, enable_progress_bar=False)
+            L.Trainer(**options, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     except (ValueError, TypeError, MisconfigurationException) as exc:
         raise ConfigError(f"trainer: {str(exc).strip().splitlines()[0]}") from None
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -15,10 +16,21 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
-from chainforget.config import config_files, read_mapping
+from chainforget.config import (
+    ChainConfig,
+    MitigationSpec,
+    ModelSpec,
+    TrainerSpec,
+    TrainSpec,
+    check_field,
+    config_files,
+    read_mapping,
+)
 from chainforget.errors import ConfigError
-from chainforget.records import atomic_write
-from lightning_modules.stage import StageDataModule, StageModule
+from chainforget.records import StageCache, atomic_write
+from lightning_modules.chain import check_trainer_options
+from lightning_modules.checkpoint import read_checkpoint
+from lightning_modules.stage import StageDataModule, StageModule, as_spec
 
 DEFAULT_MAX_STEPS = 100  # the stage length when neither the config nor the command line gives trainer.max_steps
 
@@ -86,6 +98,7 @@ class StageCLI(LightningCLI):
             value = trainer[field]
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"trainer.{field}: {value} is not allowed; use a positive integer ({meaning})")
+        check_stage_arguments(config)
 
     def before_fit(self) -> None:
         self.datamodule.load()  # Lightning creates the log directory before its own data setup
@@ -96,6 +109,38 @@ class StageCLI(LightningCLI):
         """LightningCLI would ``torch.load`` ``--ckpt_path`` here to copy its hyper-parameters into the config.
         Stage checkpoints are safetensors (read by ``SafetensorsCheckpointIO`` when the trainer restores them), and
         the stage is defined by the config given, so there is nothing to copy."""
+
+
+def check_stage_arguments(config) -> None:
+    """What the chain checks for the same settings, checked for a stage before anything is seeded or written: the
+    module's numbers and specs by the chain's rules (``TrainSpec``'s ranges, the seed's, ``ModelSpec`` with its
+    LoRA, ``MitigationSpec``), ``init_from`` found in the stage cache, the Trainer's options by Lightning on a
+    throwaway Trainer, and a ``ckpt_path`` that is a readable stage checkpoint."""
+    model = config.model
+    for name in ("lr", "warmup_ratio", "weight_decay"):
+        check_field(TrainSpec, name, model[name], f"model.{name}")
+    check_field(ChainConfig, "seed", model.seed, "model.seed")
+    if type(config.seed_everything) is int:  # true/false are LightningCLI's own switches
+        check_field(ChainConfig, "seed", config.seed_everything, "seed_everything")
+    try:  # the specs name their keys as a chain config does (model.lora.rank); under fit they sit in `model`
+        as_spec(ModelSpec, plain(model.model), "model.model")
+        as_spec(MitigationSpec, plain(model.mitigation), "model.mitigation")
+    except ConfigError as exc:
+        raise ConfigError(f"model.{exc}") from None
+    if model.init_from:
+        StageCache.at(model.cache_dir).weights_for(model.init_from)
+    shared = {field.name for field in dataclasses.fields(TrainerSpec)} - {"checkpoint_every"}
+    trainer = plain(config.trainer)
+    options = {k: v for k, v in trainer.items() if k in shared and v is not None and not isinstance(v, dict)}
+    TrainerSpec(**options)  # the ranges the chain's trainer block has
+    check_trainer_options(options)
+    if config.get("ckpt_path") and config.ckpt_path not in ("last", "best", "hpc", "registry"):
+        read_checkpoint(config.ckpt_path, with_tensors=False)
+
+
+def plain(namespace) -> dict | None:
+    """A jsonargparse namespace as plain dicts (what the config specs take)."""
+    return None if namespace is None else namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
 
 
 def run_stage(subcommand: str, argv: list[str]) -> None:

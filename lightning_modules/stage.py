@@ -242,6 +242,13 @@ class StageModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = {f"network.{name}" for name in self.trainable()}
+        if set(checkpoint["state_dict"]) != expected:  # Lightning restores non-strictly: a mismatch would pass
+            stray = sorted(set(checkpoint["state_dict"]) ^ expected)
+            raise DataError(
+                f"checkpoint: its weights do not fit model {self.spec.name!r} ({self.spec.finetune}): "
+                f"{len(stray)} trainable weights differ, e.g. {stray[0]}"
+            )
         state = checkpoint["stage"]
         self.tokens_seen, self.mitigation_total, self.final_loss = (
             state["tokens_seen"],
