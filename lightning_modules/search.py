@@ -30,7 +30,7 @@ from pathlib import Path
 
 from chainforget.config import INT_LIMIT, is_file, is_plain_name, key_type, parse_chain, read_mapping
 from chainforget.errors import ConfigError
-from chainforget.records import atomic_write_text, read_record, summary_metrics
+from chainforget.records import atomic_write_text, check_summary_name, read_record, summary_metrics
 
 
 def load_sweep(path: Path) -> dict:
@@ -351,6 +351,9 @@ def load_study_spec(path: Path, configs: list[str] = ()) -> dict:
         key_type(key, f"{path}: params.")
     candidates = {key: param_values(param) for key, param in spec["params"].items()}
     start = study_arguments(spec, configs)
+    tasks = list(parse_chain(start, "chainforget chain").tasks)
+    for objective in spec["objectives"]:
+        check_summary_name(objective, tasks, f"{path}: objectives")
     check_candidates(
         path, "params", candidates, lambda values: [*start, *(as_override(k, v) for k, v in values.items())]
     )

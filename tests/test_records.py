@@ -4,9 +4,10 @@ import os
 import time
 
 import pytest
+from conftest import ROOT
 
-from chainforget.errors import DataError
-from chainforget.records import StageCache, atomic_write_text, content_key, validate_record
+from chainforget.errors import ConfigError, DataError
+from chainforget.records import StageCache, atomic_write_text, content_key, load_record, validate_record
 
 
 def write_entry(root, key, payload):
@@ -102,3 +103,22 @@ def test_the_stage_cache_owns_its_layout_and_resolves_init_from(tmp_path):
         cache.weights_for(str(run))
     with pytest.raises(ConfigError, match="model.init_from nokey: no weights.safetensors at"):
         cache.weights_for("nokey")
+
+
+def test_every_summary_name_of_a_published_run_passes_the_objective_check_and_typos_do_not():
+    from chainforget.records import check_summary_name, summary_metrics
+
+    record = load_record(json.loads(next((ROOT / "docs/results/runs").glob("*/run.json")).read_text()))
+    names = list(summary_metrics(record))
+    tasks = list(record["config"]["tasks"])
+    assert len(names) > 20 and any(name.startswith("cl/") for name in names)
+    for name in names:
+        check_summary_name(name, tasks, "study.yaml: objectives")
+    for typo, message in [
+        ("forgeting/bbq", "'forgeting/bbq' is not a summary metric"),
+        ("forgetting/bqq", "names task 'bqq', which the chain does not have"),
+        ("cl/forgeting", "cl/ has average_accuracy, bwt, fwt, forgetting"),
+        ("cl", "'cl' is not a summary metric"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^study.yaml: objectives: .*{message}"):
+            check_summary_name(typo, tasks, "study.yaml: objectives")

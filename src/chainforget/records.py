@@ -180,6 +180,25 @@ def write_record(run_dir: Path, record: dict, predictions: pd.DataFrame) -> None
     atomic_write_text(run_dir / "run.json", json.dumps(record, indent=2, sort_keys=False, default=str))
 
 
+# the families of summary names (``summary_metrics``), and those whose second part is a task
+SUMMARY_FAMILIES = ("forgetting", "biased_forgetting", "final", "cl", "curvature", "scores", "example_forgetting")
+TASK_FAMILIES = ("forgetting", "biased_forgetting", "final", "scores", "example_forgetting")
+CL_METRICS = ("average_accuracy", "bwt", "fwt", "forgetting")  # metrics.cl_metrics
+
+
+def check_summary_name(name: str, tasks: list[str], where: str) -> None:
+    """A name ``summary_metrics`` can produce for a chain over ``tasks`` (a sweep or study objective); else one line
+    starting with ``where``. Groups and scores are checked only as far as their task: they depend on the data."""
+    family, _, rest = name.partition("/")
+    if family not in SUMMARY_FAMILIES or not rest:
+        raise ConfigError(f"{where}: {name!r} is not a summary metric; names start with {', '.join(SUMMARY_FAMILIES)}/")
+    task = rest.split("/")[0]
+    if family in TASK_FAMILIES and task not in tasks:
+        raise ConfigError(f"{where}: {name!r} names task {task!r}, which the chain does not have ({', '.join(tasks)})")
+    if family == "cl" and rest not in CL_METRICS:
+        raise ConfigError(f"{where}: {name!r} is not a summary metric; cl/ has {', '.join(CL_METRICS)}")
+
+
 def summary_metrics(record: dict) -> dict[str, float | str | None]:
     """The run's headline numbers under stable names: what W&B summaries hold and sweep objectives name.
 
