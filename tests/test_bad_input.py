@@ -285,6 +285,13 @@ CASES = [
         "no such directory",
     ),
     (
+        "report into a file",
+        ["report", "--source", str(ROOT / "docs/results/runs"), "--out"],
+        lambda tmp: [str(written(tmp / "report.txt", "kept"))],
+        "report.txt: a file; use a folder",
+    ),
+    ("stage cache in a file", CHAIN + [f"--cache_dir={SMOKE}"], None, f"cache_dir: '{SMOKE}' is a file; use a folder"),
+    (
         "unreachable W&B project",
         ["report", "--out"],
         lambda tmp: [str(tmp / "report"), "--source", "wandb:nobody/no-such-project"],

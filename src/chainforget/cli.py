@@ -213,6 +213,8 @@ def report(argv: list[str]) -> int:
     parser.add_argument("--source", required=True, help="runs dir, wandb-offline:<dir> or wandb:<entity>/<project>")
     parser.add_argument("--out", required=True, type=Path, help="directory for report.html, report.md and figures")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: a file; use a folder for report.html, report.md and the figures")
     from analysis.report import write_report
 
     print(f"report: {write_report(args.source, args.out)}")
