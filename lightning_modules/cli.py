@@ -29,7 +29,7 @@ from chainforget.config import (
 from chainforget.errors import ConfigError
 from chainforget.records import StageCache, atomic_write
 from lightning_modules.chain import check_trainer_options
-from lightning_modules.checkpoint import read_checkpoint
+from lightning_modules.checkpoint import decode, read_checkpoint
 from lightning_modules.stage import StageDataModule, StageModule, as_spec
 
 DEFAULT_MAX_STEPS = 100  # the stage length when neither the config nor the command line gives trainer.max_steps
@@ -115,7 +115,7 @@ def check_stage_arguments(config) -> None:
     """What the chain checks for the same settings, checked for a stage before anything is seeded or written: the
     module's numbers and specs by the chain's rules (``TrainSpec``'s ranges, the seed's, ``ModelSpec`` with its
     LoRA, ``MitigationSpec``), ``init_from`` found in the stage cache, the Trainer's options by Lightning on a
-    throwaway Trainer, and a ``ckpt_path`` that is a readable stage checkpoint."""
+    throwaway Trainer, and a ``ckpt_path`` that is a readable stage checkpoint of the configured model."""
     model = config.model
     for name in ("lr", "warmup_ratio", "weight_decay"):
         check_field(TrainSpec, name, model[name], f"model.{name}")
@@ -135,7 +135,14 @@ def check_stage_arguments(config) -> None:
     TrainerSpec(**options)  # the ranges the chain's trainer block has
     check_trainer_options(options)
     if config.get("ckpt_path") and config.ckpt_path not in ("last", "best", "hpc", "registry"):
-        read_checkpoint(config.ckpt_path, with_tensors=False)
+        structure, _ = read_checkpoint(config.ckpt_path, with_tensors=False)
+        stored = decode(dict(structure["__dict__"]).get("hyper_parameters"), {}) or {}
+        configured = dataclasses.asdict(as_spec(ModelSpec, plain(model.model), "model.model") or ModelSpec())
+        if stored.get("model") and stored["model"] != configured:  # its weights would not fit this model
+            raise ConfigError(
+                f"--ckpt_path {config.ckpt_path}: a checkpoint of model {stored['model']}, not of model.model "
+                f"{configured}; pass the config it was trained with"
+            )
 
 
 def plain(namespace) -> dict | None:

@@ -149,6 +149,15 @@ def test_validate_test_and_predict_score_the_eval_split_like_chainforget_scoring
     for command in ("validate", "test", "predict"):
         args = [command, *STAGE, *MIXED, f"--trainer.default_root_dir={tmp_path / command}"]
         assert main([*args, f"--ckpt_path={checkpoint}"]) == 0
+    # the full fine-tune's checkpoint is refused for a LoRA module (Lightning would restore it non-strictly)
+    other = [
+        "validate",
+        *STAGE,
+        *MIXED,
+        f"--trainer.default_root_dir={tmp_path / 'other'}",
+        "--model.model.finetune=lora",
+    ]
+    assert main([*other, f"--ckpt_path={checkpoint}"]) == 2 and not (tmp_path / "other").exists()
     predictions = pd.read_parquet(tmp_path / "predict" / "lightning_logs" / "version_0" / "predictions.parquet")
 
     network = StageModule.load_from_checkpoint(checkpoint).network.eval()
