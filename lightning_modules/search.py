@@ -594,8 +594,10 @@ def optuna_study(
     sampler, pruner = make_sampler(spec, path), make_pruner(spec, path)
     if storage_url.startswith("sqlite:///"):
         folder = Path(storage_url.removeprefix("sqlite:///")).parent
+        if storage and not folder.is_dir():  # as SQLite itself would refuse it: a mistyped path makes no folders
+            raise ConfigError(f"--storage {storage_url}: no folder {folder}; create it or correct the path")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)  # the default storage's folder, under --out
         except OSError as exc:
             raise ConfigError(f"--storage {storage_url}: cannot create {folder} ({exc.strerror})") from None
     multi = len(spec["objectives"]) > 1

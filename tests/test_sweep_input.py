@@ -300,3 +300,13 @@ def test_mutated_study_and_sweep_files_pass_or_are_refused_in_one_line(workdir):
             assert "\n" not in str(exc), what
     assert 100 < refused < 200
     assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]
+
+
+def test_a_sqlite_storage_in_a_missing_folder_is_refused_and_makes_no_folder(tmp_path, capsys):
+    from chainforget.cli import main
+
+    missing = tmp_path / "typo" / "sub"
+    code = main(["sweep", "optuna", "sweeps/optuna/order_lr.yaml", "--storage", f"sqlite:///{missing / 'x.db'}"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and f"no folder {missing}; create it or correct the path" in line
+    assert not (tmp_path / "typo").exists()
