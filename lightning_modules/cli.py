@@ -123,7 +123,7 @@ def check_stage_arguments(config) -> None:
     if type(config.seed_everything) is int:  # true/false are LightningCLI's own switches
         check_field(ChainConfig, "seed", config.seed_everything, "seed_everything")
     try:  # the specs name their keys as a chain config does (model.lora.rank); under fit they sit in `model`
-        as_spec(ModelSpec, plain(model.model), "model.model")
+        spec = as_spec(ModelSpec, plain(model.model), "model.model") or ModelSpec()
         as_spec(MitigationSpec, plain(model.mitigation), "model.mitigation")
     except ConfigError as exc:
         raise ConfigError(f"model.{exc}") from None
@@ -137,7 +137,7 @@ def check_stage_arguments(config) -> None:
     if config.get("ckpt_path") and config.ckpt_path not in ("last", "best", "hpc", "registry"):
         structure, _ = read_checkpoint(config.ckpt_path, with_tensors=False)
         stored = decode(dict(structure["__dict__"]).get("hyper_parameters"), {}) or {}
-        configured = dataclasses.asdict(as_spec(ModelSpec, plain(model.model), "model.model") or ModelSpec())
+        configured = dataclasses.asdict(spec)
         if stored.get("model") and stored["model"] != configured:  # its weights would not fit this model
             raise ConfigError(
                 f"--ckpt_path {config.ckpt_path}: a checkpoint of model {stored['model']}, not of model.model "

@@ -374,36 +374,25 @@ def assert_refused(code: int, err: list[str], command: str, message: str) -> Non
 
 
 @pytest.mark.parametrize("case", ["bad row", "short max_seq_len"])
-def test_chain_refuses_before_writing_anything(outputs, case):
+@pytest.mark.parametrize("command", ["chain", "fit"])
+def test_refused_before_writing_anything(outputs, command, case):
     tmp = outputs
-    before = {"runs": files(tmp / "runs"), "cache": files(tmp / "cache")}
-    args = ["chain", "--config", SMOKE, f"--out={tmp / 'runs'}", f"--cache_dir={tmp / 'cache' / 'stages'}"]
+    if command == "chain":
+        args = ["chain", "--config", SMOKE, f"--out={tmp / 'runs'}", f"--cache_dir={tmp / 'cache' / 'stages'}"]
+        tasks_key, length_key, specs = "tasks", "train.max_seq_len", {"bbq": BBQ, "csqa": CSQA}
+    else:
+        args = ["fit", "--config", STAGE_SMOKE, f"--trainer.default_root_dir={tmp / 'runs'}"]
+        tasks_key, length_key, specs = "data.tasks", "data.max_seq_len", {"bbq": BBQ}
     if case == "bad row":
         folder = bbq_groups_as_string(tmp)
-        args.append(f"--tasks.bbq.path={folder}")
+        args.append(f"--{tasks_key}.bbq.path={folder}")
         message = f"{folder / 'Religion.jsonl'}:5: {GROUPS_AS_STRING}"
     else:
-        args.append("--train.max_seq_len=16")
-        data = {"bbq": tasks.load("bbq", BBQ, seed=0), "csqa": tasks.load("csqa", CSQA, seed=0)}
-        message = expected_cut(tiny_tokenizer(), data, 16, "train.max_seq_len")
-    code, err = run_cli(tmp, args)
-    assert_refused(code, err, "chain", message)
-    assert {"runs": files(tmp / "runs"), "cache": files(tmp / "cache")} == before
-
-
-@pytest.mark.parametrize("case", ["bad row", "short max_seq_len"])
-def test_fit_refuses_before_writing_any_file(outputs, case):
-    tmp = outputs
-    args = ["fit", "--config", STAGE_SMOKE, f"--trainer.default_root_dir={tmp / 'runs'}"]
-    if case == "bad row":
-        folder = bbq_groups_as_string(tmp)
-        args.append(f"--data.tasks.bbq.path={folder}")
-        message = f"{folder / 'Religion.jsonl'}:5: {GROUPS_AS_STRING}"
-    else:
-        args.append("--data.max_seq_len=16")
-        message = expected_cut(tiny_tokenizer(), {"bbq": tasks.load("bbq", BBQ, seed=0)}, 16, "data.max_seq_len")
+        args.append(f"--{length_key}=16")
+        data = {name: tasks.load(name, spec, seed=0) for name, spec in specs.items()}
+        message = expected_cut(tiny_tokenizer(), data, 16, length_key)
     before = {"runs": files(tmp / "runs"), "cache": files(tmp / "cache")}
     code, err = run_cli(tmp, args)
-    assert_refused(code, err, "fit", message)
-    # the data loads before Lightning makes its log directory: not even an empty folder is left
+    assert_refused(code, err, command, message)
+    # under fit the data loads before Lightning makes its log directory: not even an empty folder is left
     assert {"runs": files(tmp / "runs"), "cache": files(tmp / "cache")} == before

@@ -60,8 +60,8 @@ def check_prompt_fits(tokenizer, data: dict[str, TaskData], max_seq_len: int, fi
     need = 0
     for name, task in data.items():
         examples = task.train + task.eval
-        lengths = [len(ids) for ids in tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]]
-        long = [e for e, length in zip(examples, lengths) if length > max_seq_len]  # only these can lose a choice
+        encoded = tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
+        long = [(e, ids) for e, ids in zip(examples, encoded) if len(ids) > max_seq_len]  # only these can lose a choice
         tails = [tail for tail in choice_tokens(tokenizer, long) if tail > max_seq_len]
         if tails:
             cut[name] = (len(tails), len(examples))
@@ -74,18 +74,18 @@ def check_prompt_fits(tokenizer, data: dict[str, TaskData], max_seq_len: int, fi
         )
 
 
-def choice_tokens(tokenizer, examples: list[Example]) -> list[int]:
-    """Per example, how many of its prompt's last tokens hold the choices from ``A.`` on and the answer cue.
+def choice_tokens(tokenizer, encoded: list[tuple[Example, list[int]]]) -> list[int]:
+    """Per example (with its whole prompt's token ids), how many of the prompt's last tokens hold the choices from
+    ``A.`` on and the answer cue.
 
-    The prompt is encoded once whole and once up to just before ``A.``; the tokens after the longest common
-    prefix are the choices' (a token merging the question's last characters with ``A`` counts as theirs)."""
-    if not examples:
+    The prompt up to just before ``A.`` is encoded too; the tokens after the longest common prefix with the whole
+    prompt are the choices' (a token merging the question's last characters with ``A`` counts as theirs)."""
+    if not encoded:
         return []
-    whole = tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
     # every prompt is the question, "\nA. ...", ..., "\nAnswer:" (tasks.multiple_choice_prompt)
-    heads = tokenizer([question_text(e) + "\n" for e in examples], add_special_tokens=True)["input_ids"]
+    heads = tokenizer([question_text(e) + "\n" for e, _ in encoded], add_special_tokens=True)["input_ids"]
     tails = []
-    for ids, head in zip(whole, heads):
+    for (_, ids), head in zip(encoded, heads):
         common = next((i for i, (a, b) in enumerate(zip(ids, head)) if a != b), min(len(ids), len(head)))
         tails.append(len(ids) - common)
     return tails
