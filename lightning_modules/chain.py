@@ -365,6 +365,7 @@ def stage_data(chain: ChainRun, entry: str, batches: int, seed: int) -> StageDat
         max_seq_len=train.max_seq_len,
         seed=seed,
         bucket=train.bucket,
+        answer=train.answer,
     )
     datamodule.setup()
     return datamodule

@@ -124,9 +124,14 @@ def check_stage_arguments(config) -> None:
         check_field(ChainConfig, "seed", config.seed_everything, "seed_everything")
     try:  # the specs name their keys as a chain config does (model.lora.rank); under fit they sit in `model`
         spec = as_spec(ModelSpec, plain(model.model), "model.model") or ModelSpec()
-        as_spec(MitigationSpec, plain(model.mitigation), "model.mitigation")
+        mitigation = as_spec(MitigationSpec, plain(model.mitigation), "model.mitigation") or MitigationSpec()
     except ConfigError as exc:
         raise ConfigError(f"model.{exc}") from None
+    if config.data.answer == "text" and "teacher" in mitigation.rule.needs:
+        raise ConfigError(
+            f"model.mitigation.name: {mitigation.name} distils the answer letters' distribution, which "
+            "data.answer: text does not train; use data.answer: letter or another mitigation"
+        )
     if model.init_from:
         StageCache.at(model.cache_dir).weights_for(model.init_from)
     shared = {field.name for field in dataclasses.fields(TrainerSpec)} - {"checkpoint_every"}

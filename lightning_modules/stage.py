@@ -14,6 +14,7 @@ import time
 import typing
 import warnings
 from contextlib import ExitStack, contextmanager
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -38,26 +39,44 @@ from chainforget.config import (
 from chainforget.errors import ConfigError, DataError
 from chainforget.models import load_model, load_tokenizer, load_trainable, trainable_parameters
 from chainforget.records import StageCache
-from chainforget.scoring import autocast_for, check_prompt_fits, encode_prompt, left_pad, letter_token_ids
+from chainforget.scoring import (
+    autocast_for,
+    check_prompt_fits,
+    encode_option,
+    encode_prompt,
+    left_pad,
+    letter_token_ids,
+    option_bytes,
+)
 from chainforget.tasks import TaskData
 from chainforget.tasks import load as load_task
 from lightning_modules.checkpoint import SafetensorsCheckpointIO
 
 
 def answer_logits(network, batch) -> torch.Tensor:
-    """Logits of the token after each (left-padded) prompt: only the last position reaches the LM head."""
+    """Logits where the loss reads them, and only there (the rest never reach the LM head): of the token after
+    each (left-padded) prompt (examples x vocabulary) for letter answers; for text answers (a batch with
+    ``targets``), of the last ``targets.shape[1]`` tokens, each predicted from the position before it."""
+    keep = batch["targets"].shape[1] + 1 if "targets" in batch else 1
     out = network(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
-        logits_to_keep=1,
+        logits_to_keep=keep,
         use_cache=False,
     )
-    return out.logits[:, -1]
+    return out.logits[:, :-1] if "targets" in batch else out.logits[:, -1]
+
+
+def loss_of(logits: torch.Tensor, batch) -> torch.Tensor:
+    """Cross-entropy of the answer letter, or the mean over the batch's answer-text tokens (``-100`` elsewhere)."""
+    if "targets" in batch:
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100)
+    return F.cross_entropy(logits.float(), batch["answer"])
 
 
 def answer_loss(network, batch) -> torch.Tensor:
-    return F.cross_entropy(answer_logits(network, batch).float(), batch["answer"])
+    return loss_of(answer_logits(network, batch), batch)
 
 
 class StageModule(L.LightningModule):
@@ -281,7 +300,8 @@ class StageModule(L.LightningModule):
             return None
         letters = self.trainer.datamodule.letters
         teacher = None if self.teacher is None else self.teacher[batch["index"].cpu()].to(logits.device)
-        step = mitigations.StepState(self.trainable(), logits[:, letters], self.anchor, self.fisher, teacher)
+        answers = None if "targets" in batch else logits[:, letters]
+        step = mitigations.StepState(self.trainable(), answers, self.anchor, self.fisher, teacher)
         return penalty(step, self.mitigation)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -289,7 +309,7 @@ class StageModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         logits = answer_logits(self.network, batch)
-        loss = F.cross_entropy(logits.float(), batch["answer"])
+        loss = loss_of(logits, batch)
         penalty = self.penalty(batch, logits)
         if penalty is not None:
             self.mitigation_total += float(penalty.detach())
@@ -311,7 +331,7 @@ class StageModule(L.LightningModule):
         self.manual_backward(loss)
         steps = mitigations.sam_ascent(parameters, self.mitigation.strength)
         optimizer.zero_grad()
-        self.manual_backward(F.cross_entropy(answer_logits(self.network, batch).float(), batch["answer"]))
+        self.manual_backward(answer_loss(self.network, batch))
         mitigations.sam_descent(parameters, steps)
         optimizer.step()
         optimizer.zero_grad()
@@ -348,13 +368,30 @@ class StageModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def score(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per example of an eval batch: the answer token's cross-entropy and the option letters' next-token
-        log-probabilities (``-inf`` past an example's own options), as letter-mode scoring reads them."""
+        """Per example of an eval batch: the answer's cross-entropy and a score per option (``-inf`` past an
+        example's own options). Letter answers: the answer token's, and the option letters' next-token
+        log-probabilities, as ``eval.mode: letter`` reads them. Text answers (one row per option): the correct
+        option's mean over its tokens, and each option's summed log-probability per byte, ``text_norm``'s."""
+        if "targets" in batch:
+            return self.score_text(batch)
         logits = answer_logits(self.network, batch).float()
         losses = F.cross_entropy(logits, batch["answer"], reduction="none")
         options = logits.log_softmax(-1)[:, batch["letters"]]
         beyond = torch.arange(options.shape[1], device=options.device) >= batch["choices"][:, None]
         return losses, options.masked_fill(beyond, float("-inf"))
+
+    def score_text(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        targets, example, option = batch["targets"], batch["row_example"], batch["row_option"]
+        logits = answer_logits(self.network, batch).float()
+        token_logprobs = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        totals = token_logprobs.sum(1)  # ignored positions count 0
+        labels = batch["label"]
+        options = torch.full((len(labels), int(batch["choices"].max())), float("-inf"), device=totals.device)
+        options[example, option] = totals / batch["row_bytes"]
+        correct = option == labels[example]
+        losses = torch.zeros(len(labels), device=totals.device)
+        losses[example[correct]] = -totals[correct] / (targets[correct] >= 0).sum(1)
+        return losses, options
 
     def on_validation_epoch_start(self) -> None:
         self._tallies = torch.zeros(len(self.trainer.datamodule.eval_tasks), 3, device=self.device)
@@ -449,7 +486,7 @@ class CurvatureCallback(L.Callback):
             "converged": result.converged,
             "parameters": f"trainable ({result.num_parameters})",
             "batches": spec.batches,
-            "batch_size": int(batches[0]["answer"].shape[0]),
+            "batch_size": int(batches[0]["input_ids"].shape[0]),
             "max_iter": spec.max_iter,
             "tol": spec.tol,
             "trace_samples": spec.trace_samples,
@@ -506,6 +543,9 @@ class StageDataModule(L.LightningDataModule):
         bucket: group samples of similar length into batches (within windows of 32 batches, batch order then
             shuffled by ``seed``), so little compute goes to padding.
         accumulate_grad_batches: batches per optimizer step (under ``chainforget fit``: the trainer's).
+        answer: ``letter`` trains (and validation, test and prediction score) the answer letter after the lettered
+            prompt; ``text`` the correct option's text after ``<question>\nAnswer:`` (scored as ``text_norm``:
+            each option's log-probability per byte, one row per option).
     """
 
     def __init__(
@@ -519,6 +559,7 @@ class StageDataModule(L.LightningDataModule):
         seed: int = 0,
         bucket: bool = TrainSpec.bucket,
         accumulate_grad_batches: int = 1,
+        answer: Literal["letter", "text"] = TrainSpec.answer,
     ):
         super().__init__()
         self.check_arguments(list(tasks or []), mixture, batch_size, max_seq_len)
@@ -533,6 +574,7 @@ class StageDataModule(L.LightningDataModule):
             bucket,
         )
         self.accumulate_grad_batches = accumulate_grad_batches
+        self.answer = answer
         self.data: dict[str, TaskData] | None = None
         self.tokenizer = None
         self.samples: list[dict] = []
@@ -568,6 +610,7 @@ class StageDataModule(L.LightningDataModule):
         max_seq_len: int,
         seed: int,
         bucket: bool = TrainSpec.bucket,
+        answer: str = TrainSpec.answer,
     ):
         """A module over already loaded data and tokenizer, drawing ``steps`` batches, without eval data: the chain
         runner evaluates between stages itself."""
@@ -579,6 +622,7 @@ class StageDataModule(L.LightningDataModule):
             max_seq_len=max_seq_len,
             seed=seed,
             bucket=bucket,
+            answer=answer,
         )
         module.data, module.tokenizer = data, tokenizer
         module.eval_tasks = []
@@ -592,7 +636,8 @@ class StageDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(self.model_spec)
         if self.data is None:
             self.data = {name: load_task(name, self.specs[name], self.seed) for name in self.mixture}
-            check_prompt_fits(self.tokenizer, self.data, self.max_seq_len, "data.max_seq_len")
+            if self.answer == "letter":  # text answers never show the lettered options
+                check_prompt_fits(self.tokenizer, self.data, self.max_seq_len, "data.max_seq_len")
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
@@ -606,14 +651,16 @@ class StageDataModule(L.LightningDataModule):
         drawn = draw_mixture({n: self.data[n].train for n in self.mixture}, self.mixture, total, self.seed)
         self.drawn_ids = {name: sorted({e.id for task, e in drawn if task == name}) for name in self.mixture}
         self.letters = letter_token_ids(self.tokenizer, max(len(e.choices) for _, e in drawn))
-        self.samples = [
-            {
-                "index": i,
-                "ids": encode_prompt(self.tokenizer, e.prompt, self.max_seq_len),
-                "answer": self.letters[e.label],
-            }
-            for i, (_, e) in enumerate(drawn)
-        ]
+        self.samples = [{"index": i, **self.encode_answer(e)} for i, (_, e) in enumerate(drawn)]
+
+    def encode_answer(self, example) -> dict:
+        """A training sample: the prompt and its answer letter, or question + correct option text and how many of
+        its last tokens are the option's (the loss reads those only)."""
+        if self.answer == "text":
+            ids, length = encode_option(self.tokenizer, example, example.label, self.max_seq_len)
+            return {"ids": ids, "answer_length": length}
+        ids = encode_prompt(self.tokenizer, example.prompt, self.max_seq_len)
+        return {"ids": ids, "answer": self.letters[example.label]}
 
     def encode_eval(self) -> None:
         """The eval split of every task in ``eval_tasks``, longest prompts first (batches with little padding)."""
@@ -622,20 +669,18 @@ class StageDataModule(L.LightningDataModule):
         if not examples:
             return
         letters = letter_token_ids(self.tokenizer, max(len(e.choices) for _, e in examples))
-        samples = [
-            {
-                "task": t,
-                "task_name": self.eval_tasks[t],
-                "example_id": e.id,
-                "label": e.label,
-                "choices": len(e.choices),
-                "answer": letters[e.label],
-                "ids": encode_prompt(self.tokenizer, e.prompt, self.max_seq_len),
-            }
-            for t, e in examples
-        ]
+        samples = []
+        for t, e in examples:
+            sample = {"task": t, "task_name": self.eval_tasks[t], "example_id": e.id, "label": e.label}
+            if self.answer == "text":
+                options = [encode_option(self.tokenizer, e, j, self.max_seq_len) for j in range(len(e.choices))]
+                sample |= {"options": options, "bytes": option_bytes(e), "length": max(len(o[0]) for o in options)}
+            else:
+                ids = encode_prompt(self.tokenizer, e.prompt, self.max_seq_len)
+                sample |= {"ids": ids, "answer": letters[e.label], "length": len(ids)}
+            samples.append(sample | {"choices": len(e.choices)})
         self.eval_letters = torch.tensor(letters, dtype=torch.long)
-        self.eval_samples = sorted(samples, key=lambda sample: -len(sample["ids"]))
+        self.eval_samples = sorted(samples, key=lambda sample: -sample["length"])
 
     def train_dataloader(self) -> DataLoader:
         if self.position:
@@ -689,18 +734,38 @@ class StageDataModule(L.LightningDataModule):
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch = left_pad([s["ids"] for s in samples], self.tokenizer.pad_token_id)
-        batch["answer"] = torch.tensor([s["answer"] for s in samples], dtype=torch.long)
+        if self.answer == "text":
+            batch["targets"] = answer_targets(batch["input_ids"], [s["answer_length"] for s in samples])
+        else:
+            batch["answer"] = torch.tensor([s["answer"] for s in samples], dtype=torch.long)
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         return batch
 
     def collate_eval(self, samples: list[dict]) -> dict:
-        batch = left_pad([s["ids"] for s in samples], self.tokenizer.pad_token_id)
-        for key in ("answer", "label", "choices", "task"):
+        if self.answer == "text":  # one row per option, each remembering its example and option
+            rows = [(i, j, option) for i, s in enumerate(samples) for j, option in enumerate(s["options"])]
+            batch = left_pad([ids for _, _, (ids, _) in rows], self.tokenizer.pad_token_id)
+            batch["targets"] = answer_targets(batch["input_ids"], [length for _, _, (_, length) in rows])
+            batch["row_example"] = torch.tensor([i for i, _, _ in rows], dtype=torch.long)
+            batch["row_option"] = torch.tensor([j for _, j, _ in rows], dtype=torch.long)
+            batch["row_bytes"] = torch.tensor([samples[i]["bytes"][j] for i, j, _ in rows], dtype=torch.float)
+        else:
+            batch = left_pad([s["ids"] for s in samples], self.tokenizer.pad_token_id)
+            batch["answer"] = torch.tensor([s["answer"] for s in samples], dtype=torch.long)
+            batch["letters"] = self.eval_letters
+        for key in ("label", "choices", "task"):
             batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.long)
-        batch["letters"] = self.eval_letters
         batch["task_name"] = [s["task_name"] for s in samples]
         batch["example_id"] = [s["example_id"] for s in samples]
         return batch
+
+
+def answer_targets(input_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """The last ``max(lengths)`` tokens of each left-padded row, ``-100`` (ignored by the loss) except a row's
+    own last ``lengths[i]``: the answer tokens the loss and text scoring read."""
+    width = max(lengths)
+    keep = torch.arange(width) >= width - torch.tensor(lengths)[:, None]
+    return input_ids[:, -width:].masked_fill(~keep, -100)
 
 
 class BatchesFrom:

@@ -197,6 +197,24 @@ CASES = [
         "mitigation.name: l2sp acts from stage 2 on and this chain has 1 stage(s)",
     ),
     (
+        "LwF with text answers",
+        CHAIN + ["--mitigation.name=lwf", "--mitigation.strength=1", "--train.answer=text"],
+        None,
+        "mitigation.name: lwf distils the answer letters' distribution, which train.answer: text does not train",
+    ),
+    (
+        "LwF with text answers under fit",
+        ["fit", "--config", "sweeps/configs/stage_smoke.yaml", "--data.answer=text", "--model.mitigation.name=lwf"],
+        None,
+        "model.mitigation.name: lwf distils the answer letters' distribution, which data.answer: text does not",
+    ),
+    (
+        "an answer format that does not exist",
+        CHAIN + ["--train.answer=option"],
+        None,
+        "train.answer",
+    ),
+    (
         "fit config with a key given twice",
         ["fit", "--config"],
         lambda tmp: [str(written(tmp / "dup.yaml", "seed_everything: 0\nseed_everything: 1\n"))],

@@ -146,6 +146,16 @@ def test_text_mode_evaluation_in_a_chain(smoke_config):
     assert all(r["acc"] >= 0 for r in record["eval"])
 
 
+def test_text_answers_train_a_chain_and_key_its_stages_apart_from_letter_answers(smoke_config):
+    settings = {"eval": replace(smoke_config.eval, mode="text_norm"), "order": ["bbq"]}
+    letter = run_chain(replace(smoke_config, run_name="letter", **settings), progress=False)
+    text_config = replace(smoke_config, run_name="text", train=replace(smoke_config.train, answer="text"), **settings)
+    text = run_chain(text_config, progress=False)
+    assert text["config"]["train"]["answer"] == "text"
+    assert text["stages"][0]["cache_key"] != letter["stages"][0]["cache_key"]
+    assert text["stages"][0]["train"]["final_loss"] != letter["stages"][0]["train"]["final_loss"]
+
+
 def test_tasks_listed_but_not_in_the_chain_are_not_loaded(smoke_config):
     unused = {**smoke_config.tasks, "toxigen": TaskSpec(source="release", path="/nonexistent/toxigen")}
     record = run_chain(

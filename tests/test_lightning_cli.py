@@ -15,10 +15,10 @@ from chainforget.cli import main
 from chainforget.config import ModelSpec, TaskSpec
 from chainforget.errors import ChainforgetError
 from chainforget.models import load_tokenizer
-from chainforget.scoring import encode_prompt, left_pad, letter_token_ids, score_letters
+from chainforget.scoring import encode_option, encode_prompt, left_pad, letter_token_ids, score_letters, score_text
 from chainforget.tasks import load as load_task
 from lightning_modules.checkpoint import SafetensorsCheckpointIO
-from lightning_modules.stage import StageDataModule, StageModule, answer_logits
+from lightning_modules.stage import StageDataModule, StageModule, answer_logits, answer_loss
 
 STAGE = ["--config", "sweeps/configs/stage_smoke.yaml", "--trainer.enable_progress_bar=false"]
 TINY = ModelSpec(name="tiny", finetune="full")
@@ -193,6 +193,52 @@ def test_validate_test_and_predict_score_the_eval_split_like_chainforget_scoring
     assert test["test/acc"] == validation["val/acc"] and test["test/csqa/acc"] == validation["val/csqa/acc"]
 
 
+def test_text_answers_train_the_correct_options_tokens_and_score_like_text_norm(tmp_path):
+    fit_args = ["fit", *STAGE, "--data.answer=text", f"--trainer.default_root_dir={tmp_path / 'fit'}"]
+    assert main([*fit_args, "--trainer.max_steps=2", *CHECKPOINT]) == 0
+    (checkpoint,) = (tmp_path / "fit").glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    for command in ("validate", "predict"):
+        args = [command, *STAGE, "--data.answer=text", f"--trainer.default_root_dir={tmp_path / command}"]
+        assert main([*args, f"--ckpt_path={checkpoint}"]) == 0
+    network = StageModule.load_from_checkpoint(checkpoint).network.eval()
+    tokenizer = load_tokenizer(TINY)
+    examples = load_task("bbq", BBQ, 0).eval
+
+    def token_logprobs(example, option: int) -> torch.Tensor:
+        """Log-probabilities of an option's tokens, the sequence run alone with every position's logits."""
+        ids, length = encode_option(tokenizer, example, option, 256)
+        with torch.no_grad():
+            logprobs = network(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        return logprobs[torch.arange(len(ids) - length - 1, len(ids) - 1), torch.tensor(ids[-length:])]
+
+    # the training loss: the mean over the batch's answer tokens, wherever each row's answer starts
+    datamodule = StageDataModule(tasks={"bbq": BBQ}, mixture="bbq", model=TINY, steps=1, batch_size=4, answer="text")
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert len(set((batch["targets"] >= 0).sum(1).tolist())) > 1  # answers of different lengths
+    train = load_task("bbq", BBQ, 0).train
+    drawn = [next(e for e in train if e.id == i) for i in datamodule.drawn_ids["bbq"]]
+    by_ids = {tuple(encode_option(tokenizer, e, e.label, 256)[0]): e for e in drawn}
+    pad = tokenizer.pad_token_id
+    rows = [by_ids[tuple(t for t in row.tolist() if t != pad)] for row in batch["input_ids"]]
+    expected = -torch.cat([token_logprobs(e, e.label) for e in rows]).mean()
+    with torch.no_grad():
+        assert answer_loss(network, batch).item() == pytest.approx(expected.item(), rel=1e-4)
+
+    # validation and prediction: each option's log-probability per byte, as score_text(normalize="length")
+    scores = score_text(network, tokenizer, examples, normalize="length", max_seq_len=256)
+    predictions = pd.read_parquet(tmp_path / "predict" / "lightning_logs" / "version_0" / "predictions.parquet")
+    mine = predictions.set_index("example_id").loc[[e.id for e in examples]]
+    assert mine["pred"].tolist() == scores.pred.tolist()
+    for ours, theirs in zip(mine["option_logprobs"], scores.option_logprobs):
+        assert np.allclose(ours, theirs, atol=1e-4)
+    labels = np.array([e.label for e in examples])
+    validation = logged(tmp_path / "validate").iloc[-1]
+    assert validation["val/acc"] == pytest.approx((scores.pred == labels).mean())
+    losses = [-token_logprobs(e, e.label).mean().item() for e in examples]
+    assert validation["val/loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+
+
 def test_fit_with_a_wandb_logger_saves_lightning_config_yaml_beside_wandbs_files(tmp_path):
     wandb = [
         "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
@@ -293,4 +339,5 @@ def test_fit_and_chain_share_one_set_of_stage_defaults():
             if name in defaults:
                 assert parameter.default == defaults[name], f"{cls.__name__}.{name}"
                 shared += 1
-    assert shared == 9  # lr, warmup_ratio, weight_decay, attention, compile; batch_size, steps, max_seq_len, bucket
+    assert shared == 10  # lr, warmup_ratio, weight_decay, attention, compile; batch_size, steps, max_seq_len, bucket,
+    # answer

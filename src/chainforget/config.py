@@ -135,6 +135,10 @@ class TrainSpec:
             backward is slow; the model's own on GPUs) or a transformers ``attn_implementation``.
         compile: train through ``torch.compile``d decoder blocks (faster after a one-off compile; numerics
             change slightly, so it is part of the stage's cache key).
+        answer: what the loss trains: ``letter`` (cross-entropy of the answer letter after the lettered prompt,
+            what ``eval.mode: letter`` reads) or ``text`` (mean cross-entropy of the correct option's text tokens
+            after ``<question>\nAnswer:``, the continuation ``eval.mode: text``/``text_norm`` score). Small
+            models answer much better by an option's text than by its letter.
     """
 
     steps: int = ranged(100, 1)
@@ -146,6 +150,7 @@ class TrainSpec:
     bucket: bool = True
     attention: str = "auto"
     compile: bool = False
+    answer: Literal["letter", "text"] = "letter"
 
     def __post_init__(self) -> None:
         check_ranges(self, "train")
@@ -432,6 +437,11 @@ class ChainConfig:
             raise ConfigError(
                 f"mitigation.name: {mitigation.name} acts from stage {mitigation.rule.first_stage} on and this chain "
                 f"has {stages} stage(s), so it would never act; add a stage or drop the mitigation"
+            )
+        if self.train.answer == "text" and "teacher" in mitigation.rule.needs:
+            raise ConfigError(
+                f"mitigation.name: {mitigation.name} distils the answer letters' distribution, which "
+                "train.answer: text does not train; use train.answer: letter or another mitigation"
             )
         for probe in self.eval.probes:
             if probe not in self.tasks:

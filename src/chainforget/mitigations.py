@@ -24,14 +24,15 @@ class StepState:
 
     Args:
         parameters: the trainable parameters (the ones the optimizer moves).
-        logits: the batch's answer-letter logits (examples x option letters).
+        logits: the batch's answer-letter logits (examples x option letters); ``None`` when the stage trains text
+            answers (``train.answer: text``), which no letter distribution describes.
         anchor: the trainable parameters at the stage's start (when the mitigation ``needs`` it).
         fisher: EWC's diagonal Fisher of the previous stage's data (when it ``needs`` it).
         teacher: the stage-start model's answer-letter logits on the batch's examples (when it ``needs`` it).
     """
 
     parameters: dict[str, torch.Tensor]
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     anchor: dict[str, torch.Tensor] | None = None
     fisher: dict[str, torch.Tensor] | None = None
     teacher: torch.Tensor | None = None

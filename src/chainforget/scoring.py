@@ -160,6 +160,19 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return head, whole[len(head) :]
 
 
+def encode_option(tokenizer, example: Example, option: int, max_seq_len: int) -> tuple[list[int], int]:
+    """Question + `` <option text>`` as text-mode scoring reads it (``...\nAnswer:`` then the option), keeping the
+    last ``max_seq_len`` tokens, and how many of them are the option's."""
+    head, tail = encode_pair(tokenizer, question_text(example) + "\nAnswer:", f" {example.choices[option]}")
+    ids = (head + tail)[-max_seq_len:]
+    return ids, min(len(tail), len(ids) - 1)  # the first kept token has no position before it to predict it
+
+
+def option_bytes(example: Example) -> list[int]:
+    """Each option's length in bytes as a continuation (`` <option>``): ``text_norm``'s divisor, lm-eval's too."""
+    return [len(f" {choice}".encode()) for choice in example.choices]
+
+
 @torch.no_grad()
 def score_text(
     model,
@@ -186,10 +199,8 @@ def score_text(
     device = next(model.parameters()).device
     pairs = []  # (example index, option index, context ids + continuation ids, continuation length)
     for i, example in enumerate(examples):
-        context = question_text(example) + "\nAnswer:"
-        for j, choice in enumerate(example.choices):
-            head, tail = encode_pair(tokenizer, context, f" {choice}")
-            pairs.append((i, j, (head + tail)[-max_seq_len:], len(tail)))
+        for j in range(len(example.choices)):
+            pairs.append((i, j, *encode_option(tokenizer, example, j, max_seq_len)))
     order = sorted(range(len(pairs)), key=lambda k: -len(pairs[k][2]))
     totals = [[0.0] * len(e.choices) for e in examples]
     was_training = model.training
@@ -213,7 +224,7 @@ def score_text(
 
 def _text_scores(totals: list[list[float]], examples: list[Example], normalize: str) -> Scores:
     if normalize == "length":
-        totals = [[v / len(f" {c}".encode()) for v, c in zip(row, e.choices)] for row, e in zip(totals, examples)]
+        totals = [[v / n for v, n in zip(row, option_bytes(e))] for row, e in zip(totals, examples)]
     return Scores(np.array([int(np.argmax(row)) for row in totals], dtype=np.int64), totals)
 
 
