@@ -193,3 +193,46 @@ def test_toxicity_by_group_balanced_accuracy_by_hand():
     assert a["acc"] == pytest.approx(0.75)
     assert a["balanced_acc"] == pytest.approx((2 / 3 + 1.0) / 2)
     assert b["balanced_acc"] == pytest.approx(0.5) and b["n_toxic"] == 0  # only benign statements: their recall
+
+
+def test_learning_judges_a_shortcut_by_what_it_lost_and_balanced_accuracy_by_hand():
+    # BBQ-like: 4 ambiguous questions (answer 2 = "unknown") and 4 disambiguated ones (answers 0 and 1)
+    labels = [2, 2, 2, 2, 0, 1, 0, 1]
+    contexts = ["ambig"] * 4 + ["disambig"] * 4
+    base = [0, 2, 1, 0, 0, 0, 1, 1]  # ambig 1/4, disambig 2/4
+    shortcut = [2] * 8  # "unknown" everywhere: ambig 4/4, disambig 0/4
+    honest = [2, 2, 2, 0, 0, 1, 0, 0]  # ambig 3/4, disambig 3/4
+    frame = pd.DataFrame(
+        [
+            {"task": task, "stage": stage, "label": y, "pred": p, "context": c}
+            for task, stage, preds in (
+                ("shortcut", 0, base),
+                ("shortcut", 1, shortcut),
+                ("honest", 0, base),
+                ("honest", 2, honest),
+            )
+            for y, p, c in zip(labels, preds, contexts)
+        ]
+    )
+    rows = {row["task"]: row for row in metrics.learning(frame, {"shortcut": 1, "honest": 2})}
+    cut, fair = rows["shortcut"], rows["honest"]
+    # base recalls: answer 0 (questions 5, 7) 1/2, answer 1 (6, 8) 1/2, answer 2 (1-4) 1/4
+    assert cut["balanced_acc_base"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 4) / 3)
+    assert cut["balanced_acc_trained"] == pytest.approx(1 / 3)  # one answer everywhere: 1 of 3 recalls
+    assert cut["top_answer_share_trained"] == 1.0 and cut["top_answer_share_base"] == pytest.approx(4 / 8)
+    assert (cut["acc_ambig_trained"], cut["acc_disambig_trained"]) == (1.0, 0.0)
+    assert cut["context_gain_min"] == pytest.approx(-50.0)  # disambiguated 2/4 -> 0/4
+    assert cut["learned"] == pytest.approx(-50.0)  # though its plain accuracy rose from 3/8 to 4/8
+    assert fair["context_gain_min"] == pytest.approx(25.0)  # disambiguated 2/4 -> 3/4, ambiguous 1/4 -> 3/4
+    # honest recalls: answer 0: 2/2, answer 1: 1/2, answer 2: 3/4
+    assert (
+        fair["learned"] == fair["gain"] == pytest.approx(100 * ((1 + 1 / 2 + 3 / 4) / 3 - (1 / 2 + 1 / 2 + 1 / 4) / 3))
+    )
+    yes_no = pd.DataFrame(
+        {"task": "t", "stage": [0] * 4 + [1] * 4, "label": [0, 0, 0, 1] * 2, "pred": [0] * 4 + [0, 0, 1, 1]}
+    )
+    (row,) = metrics.learning(yes_no, {"t": 1})
+    assert (
+        row["context_gain_min"] is None and row["balanced_acc_base"] == 0.5
+    )  # "0" everywhere: 75 % acc, 50 % balanced
+    assert row["learned"] == pytest.approx(100 * ((2 / 3 + 1) / 2 - 0.5))

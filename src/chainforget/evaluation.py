@@ -116,4 +116,5 @@ def chain_metrics(frame, rows, plans: list[StagePlan], data, config: ChainConfig
         "example_forgetting": example_rows,
         "cl": metrics.cl_metrics(metrics.accuracy_matrix(rows), trained),
         "task_scores": stage_scores(frame),
+        "learning": metrics.learning(frame, trained),
     }

@@ -194,6 +194,46 @@ def cl_metrics(matrix: pd.DataFrame, trained_at: dict[str, int]) -> dict[str, fl
     }
 
 
+def learning(predictions: pd.DataFrame, trained_at: dict[str, int], contexts: str = "context") -> list[dict]:
+    """How much the stage that trained each task taught it over the base model (stage 0), judged so that a
+    shortcut cannot pass for learning. Per task, at both stages: ``acc``; ``balanced_acc``, the mean recall over
+    the correct answers present (for a yes/no task the usual balanced accuracy; one answer given everywhere
+    scores ``1/k`` of ``k`` answers); ``top_answer_share``, the share of the most frequent prediction; and, where
+    the task has a ``contexts`` group (BBQ's ambiguous/disambiguated), each context's accuracy.
+
+    ``gain = balanced_acc[trained] - balanced_acc[base]``; ``context_gain_min`` is the smallest per-context
+    accuracy gain (``None`` without contexts); ``learned`` is ``gain`` when every context is at least the base
+    model's, else ``context_gain_min`` (a shortcut that trades one context for the other counts as what it lost).
+    All gains in pp; ``predictions`` has ``stage, task, label, pred`` (and ``contexts``) per example.
+    """
+    rows = []
+    for task, stage in sorted(trained_at.items(), key=lambda item: item[1]):
+        at = {s: predictions[(predictions["task"] == task) & (predictions["stage"] == s)] for s in (0, stage)}
+        if any(frame.empty for frame in at.values()):
+            continue
+        # tasks without contexts have none in a frame that mixes tasks (NaN)
+        has_contexts = contexts in predictions and at[stage][contexts].notna().all()
+        row = {"task": task, "trained_stage": stage}
+        for name, frame in (("base", at[0]), ("trained", at[stage])):
+            correct = frame["pred"] == frame["label"]
+            row[f"acc_{name}"] = float(correct.mean())
+            row[f"balanced_acc_{name}"] = float(correct.groupby(frame["label"]).mean().mean())
+            row[f"top_answer_share_{name}"] = float(frame["pred"].value_counts(normalize=True).iloc[0])
+            if has_contexts:
+                for context, part in correct.groupby(frame[contexts]):
+                    row[f"acc_{context}_{name}"] = float(part.mean())
+        names = sorted(at[stage][contexts].unique()) if has_contexts else []
+        gains = [PP * (row[f"acc_{c}_trained"] - row[f"acc_{c}_base"]) for c in names]
+        row["gain"] = PP * (row["balanced_acc_trained"] - row["balanced_acc_base"])
+        row["context_gain_min"] = min(gains) if gains else None
+        row["learned"] = row["gain"] if not gains or min(gains) >= 0 else min(gains)
+        rows.append(row)
+    return rows
+
+
+PP = 100.0
+
+
 def bbq_bias_scores(predictions: pd.DataFrame, by: str = "category") -> list[dict]:
     """BBQ bias scores (Parrish et al. 2022) per value of ``by``, in pp, from per-example predictions.
 

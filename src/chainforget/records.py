@@ -181,8 +181,17 @@ def write_record(run_dir: Path, record: dict, predictions: pd.DataFrame) -> None
 
 
 # the families of summary names (``summary_metrics``), and those whose second part is a task
-SUMMARY_FAMILIES = ("forgetting", "biased_forgetting", "final", "cl", "curvature", "scores", "example_forgetting")
-TASK_FAMILIES = ("forgetting", "biased_forgetting", "final", "scores", "example_forgetting")
+SUMMARY_FAMILIES = (
+    "forgetting",
+    "biased_forgetting",
+    "final",
+    "cl",
+    "curvature",
+    "scores",
+    "example_forgetting",
+    "learning",
+)
+TASK_FAMILIES = ("forgetting", "biased_forgetting", "final", "scores", "example_forgetting", "learning")
 CL_METRICS = ("average_accuracy", "bwt", "fwt", "forgetting")  # metrics.cl_metrics
 
 
@@ -204,7 +213,8 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
 
     ``forgetting/<task>[/<group_kind>/<group>]``, ``biased_forgetting/<task>/<group_kind>`` (and ``.../worst_group``),
     ``example_forgetting/<task>[/<group_kind>/<group>]/<forgotten|learned|expected_flip|forgotten_adj|learned_adj>``,
-    ``final/<task>/acc`` (last stage), ``cl/<metric>``, ``curvature/stage<k>/top_eigenvalue`` and
+    ``final/<task>/acc`` (last stage), ``learning/<task>`` (``metrics.learning``'s ``learned``) and
+    ``learning/<task>/top_answer_share``, ``cl/<metric>``, ``curvature/stage<k>/top_eigenvalue`` and
     ``scores/<task>/<group_kind>/<group>/<score>`` (last stage). Everything but the eigenvalue is in percentage
     points, accuracies included, so one sweep metric never mixes scales.
     """
@@ -230,6 +240,9 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
     for stage in record["stages"]:
         if stage["curvature"]:
             summary[f"curvature/stage{stage['index']}/top_eigenvalue"] = stage["curvature"]["top_eigenvalue"]
+    for row in metrics.get("learning", []):  # records written before it was measured have none
+        summary[f"learning/{row['task']}"] = row["learned"]
+        summary[f"learning/{row['task']}/top_answer_share"] = PP * row["top_answer_share_trained"]
     for row in metrics.get("task_scores", []):
         if row["stage"] == last:
             for name, value in score_values(row).items():
