@@ -83,6 +83,13 @@ def import_sweeps():
     return sweeps
 
 
+def check_param_key(key: str, where: str) -> None:
+    """A chain config key, or ``config``: a chain config file per value, for settings that only make sense
+    together (a regime: fine-tuning method with its learning rate, answer format with its eval mode)."""
+    if key != "config":
+        key_type(key, where)
+
+
 def check_sweep_parameters(path: Path, sweep: dict) -> None:
     """Each parameter a chain config key, each value it can take (every one of ``values``, a distribution's ends
     and middle) one the chain accepts with the others at their first value, and a run directory per run."""
@@ -93,7 +100,7 @@ def check_sweep_parameters(path: Path, sweep: dict) -> None:
 
     candidates = {}
     for name, spec in sweep["parameters"].items():
-        key_type(name, f"{path}: parameters.")
+        check_param_key(name, f"{path}: parameters.")
         if "parameters" in spec:
             raise ConfigError(f"{path}: parameters.{name}: nested parameters are not allowed; name each setting")
         if "values" in spec:
@@ -348,7 +355,7 @@ def load_study_spec(path: Path, configs: list[str] = ()) -> dict:
     make_sampler(spec, path)
     make_pruner(spec, path)
     for key in spec["params"]:
-        key_type(key, f"{path}: params.")
+        check_param_key(key, f"{path}: params.")
     candidates = {key: param_values(param) for key, param in spec["params"].items()}
     start = study_arguments(spec, configs)
     tasks = list(parse_chain(start, "chainforget chain").tasks)

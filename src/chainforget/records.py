@@ -192,7 +192,7 @@ SUMMARY_FAMILIES = (
     "learning",
 )
 TASK_FAMILIES = ("forgetting", "biased_forgetting", "final", "scores", "example_forgetting", "learning")
-CL_METRICS = ("average_accuracy", "bwt", "fwt", "forgetting")  # metrics.cl_metrics
+CL_METRICS = ("average_accuracy", "bwt", "fwt", "forgetting", "learning")  # metrics.cl_metrics; learning below
 
 
 def check_summary_name(name: str, tasks: list[str], where: str) -> None:
@@ -214,7 +214,7 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
     ``forgetting/<task>[/<group_kind>/<group>]``, ``biased_forgetting/<task>/<group_kind>`` (and ``.../worst_group``),
     ``example_forgetting/<task>[/<group_kind>/<group>]/<forgotten|learned|expected_flip|forgotten_adj|learned_adj>``,
     ``final/<task>/acc`` (last stage), ``learning/<task>`` (``metrics.learning``'s ``learned``) and
-    ``learning/<task>/top_answer_share``, ``cl/<metric>``, ``curvature/stage<k>/top_eigenvalue`` and
+    ``learning/<task>/top_answer_share``, ``cl/<metric>`` (``cl/learning``: the mean ``learning/<task>``), ``curvature/stage<k>/top_eigenvalue`` and
     ``scores/<task>/<group_kind>/<group>/<score>`` (last stage). Everything but the eigenvalue is in percentage
     points, accuracies included, so one sweep metric never mixes scales.
     """
@@ -240,9 +240,12 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
     for stage in record["stages"]:
         if stage["curvature"]:
             summary[f"curvature/stage{stage['index']}/top_eigenvalue"] = stage["curvature"]["top_eigenvalue"]
-    for row in metrics.get("learning", []):  # records written before it was measured have none
+    learned = metrics.get("learning", [])  # records written before it was measured have none
+    for row in learned:
         summary[f"learning/{row['task']}"] = row["learned"]
         summary[f"learning/{row['task']}/top_answer_share"] = PP * row["top_answer_share_trained"]
+    if learned:  # what the chain's stages taught, shortcut-proof, over its trained tasks
+        summary["cl/learning"] = sum(row["learned"] for row in learned) / len(learned)
     for row in metrics.get("task_scores", []):
         if row["stage"] == last:
             for name, value in score_values(row).items():
