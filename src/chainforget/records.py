@@ -214,7 +214,8 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
     ``forgetting/<task>[/<group_kind>/<group>]``, ``biased_forgetting/<task>/<group_kind>`` (and ``.../worst_group``),
     ``example_forgetting/<task>[/<group_kind>/<group>]/<forgotten|learned|expected_flip|forgotten_adj|learned_adj>``,
     ``final/<task>/acc`` (last stage), ``learning/<task>`` (``metrics.learning``'s ``learned``) and
-    ``learning/<task>/top_answer_share``, ``cl/<metric>`` (``cl/learning``: the mean ``learning/<task>``), ``curvature/stage<k>/top_eigenvalue`` and
+    ``learning/<task>/top_answer_share``, ``cl/<metric>`` (``cl/learning``: the mean ``learning/<task>``),
+    ``curvature/stage<k>/top_eigenvalue`` and
     ``scores/<task>/<group_kind>/<group>/<score>`` (last stage). Everything but the eigenvalue is in percentage
     points, accuracies included, so one sweep metric never mixes scales.
     """
