@@ -57,6 +57,39 @@ def test_grid_study_on_sqlite_runs_each_point_and_logs_trial_params(tmp_path):
         assert trial.intermediate_values == {}  # forgetting first exists at the last stage: nothing to prune on
 
 
+def test_a_config_param_gives_each_trial_its_preset_of_settings_that_belong_together(tmp_path):
+    presets = []
+    for name, text in (
+        ("letter", "train: {answer: letter}\neval: {mode: letter}\n"),
+        ("text", "train: {answer: text}\neval: {mode: text_norm}\n"),
+    ):
+        presets.append(str(tmp_path / f"{name}.yaml"))
+        Path(presets[-1]).write_text(text)
+    path = study_file(
+        tmp_path,
+        study_name="presets",
+        objectives=["cl/learning"],
+        directions=["maximize"],
+        params={
+            "config": {"type": "categorical", "choices": presets},
+            "order": {"type": "categorical", "choices": ["bbq"]},
+        },
+        sampler={"name": "grid"},
+    )
+    study = optuna_study(path, out=str(tmp_path / "runs"))
+    trials = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["config"] for t in trials) == sorted(presets)
+    for trial in trials:
+        record = json.loads((Path(trial.user_attrs["run_dir"]) / "run.json").read_text())
+        preset = Path(trial.params["config"]).stem
+        assert (record["config"]["train"]["answer"], record["config"]["eval"]["mode"]) == (
+            preset,
+            "letter" if preset == "letter" else "text_norm",
+        )
+        (learning,) = record["metrics"]["learning"]
+        assert trial.values == [pytest.approx(learning["learned"])]
+
+
 def test_threshold_pruning_stops_a_chain_between_stages_and_never_after_the_last(tmp_path):
     three = study_file(
         tmp_path,
