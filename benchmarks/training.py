@@ -58,7 +58,7 @@ def batches(steps: int, batch_size: int):
     tokenizer = load_tokenizer(ModelSpec())
     data = {"bbq": load("bbq", TaskSpec(max_train=2000, max_eval=50), seed=0)}
     datamodule = StageDataModule.prepared(
-        data, tokenizer, stage="bbq", batch_size=batch_size, steps=steps, max_seq_len=256, seed=0
+        data, tokenizer, mixture="bbq", batch_size=batch_size, steps=steps, max_seq_len=256, seed=0
     )
     datamodule.setup()
     return datamodule, list(datamodule.train_dataloader())
@@ -68,7 +68,10 @@ def plain_loop(model, loader_batches) -> list[tuple[float, int]]:
     """(seconds, real tokens) per step of the straightforward loop."""
     import torch.nn.functional as F
 
+    from chainforget.models import hold_frozen_in
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    hold_frozen_in(model, torch.bfloat16)  # what a bf16-mixed stage does: the same numeric settings on both sides
     model.set_attn_implementation("eager")
     model.train()
     timings = []

@@ -33,6 +33,7 @@ from chainforget import evaluation, metrics, mitigations, tasks
 from chainforget.config import ChainConfig
 from chainforget.errors import ConfigError
 from chainforget.models import (
+    frozen_in_fp32,
     load_model,
     load_tokenizer,
     load_trainable,
@@ -378,7 +379,8 @@ def estimate_fisher(chain: ChainRun, previous_entry: str) -> dict[str, torch.Ten
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in datamodule.train_dataloader()]
     losses = [lambda batch=batch: answer_loss(model, batch) for batch in batches]
-    return mitigations.diagonal_fisher(trainable_parameters(model), losses)
+    with frozen_in_fp32(model):  # an fp32 computation, outside autocast
+        return mitigations.diagonal_fisher(trainable_parameters(model), losses)
 
 
 class StageProgressBar(TQDMProgressBar):

@@ -37,7 +37,14 @@ from chainforget.config import (
     parse_stage,
 )
 from chainforget.errors import ConfigError, DataError
-from chainforget.models import load_model, load_tokenizer, load_trainable, trainable_parameters
+from chainforget.models import (
+    frozen_in_fp32,
+    hold_frozen_in,
+    load_model,
+    load_tokenizer,
+    load_trainable,
+    trainable_parameters,
+)
 from chainforget.records import StageCache
 from chainforget.scoring import (
     autocast_for,
@@ -220,6 +227,9 @@ class StageModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.network.train()  # from_pretrained and evaluation leave the network in eval mode
+        compute = AUTOCAST_DTYPES.get(str(self.trainer.precision))
+        if compute is not None:  # autocast would cast the frozen weights to it on every pass; once is enough
+            hold_frozen_in(self.network, compute)
 
     def on_train_start(self) -> None:
         needs = self.mitigation.rule.needs
@@ -437,6 +447,9 @@ class StageModule(L.LightningModule):
         ]
 
 
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning's mixed precisions
+
+
 def as_spec(kind: type, value, field: str):
     """``value`` as the dataclass ``kind``: the instance itself, or one built from the plain dict that hparams.yaml
     and checkpoints hold (nested specs too); ``None`` stays ``None``."""
@@ -469,6 +482,7 @@ class CurvatureCallback(L.Callback):
             attention_kernel(pl_module.network, "eager"),
             torch.compiler.set_stance("force_eager"),
             torch.autocast(pl_module.device.type, enabled=False),
+            frozen_in_fp32(pl_module.network),
         ):
             result = curvature.measure(
                 lambda: sum(answer_loss(pl_module.network, b) for b in batches) / len(batches),

@@ -77,3 +77,51 @@ def test_compiling_a_model_without_repeated_blocks_is_a_config_error_that_leaves
         with compiled_blocks(model):
             pass
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_frozen_weights_held_in_bf16_give_the_same_bits_under_autocast_and_fp32_for_the_hessian():
+    import torch
+    from test_curvature import tiny_batch
+
+    from chainforget.models import frozen_in_fp32, frozen_linears, hold_frozen_in
+    from lightning_modules.stage import answer_loss
+
+    model = load_model(ModelSpec(name="tiny", finetune="lora"), seed=0)
+    batch = tiny_batch()
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = answer_loss(model, batch)
+        grads = torch.autograd.grad(loss, lora)
+        return loss.detach(), grads
+
+    loss, grads = loss_and_grads()
+    fp32_weights = {m: m.weight.detach().clone() for m in frozen_linears(model)}
+    embedding = model.get_input_embeddings().weight
+    assert len(fp32_weights) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down); the tied LM head is not among them
+    freed = hold_frozen_in(model, torch.bfloat16)
+    assert freed == sum(w.numel() * 2 for w in fp32_weights.values()) and embedding.dtype == torch.float32
+    held_loss, held_grads = loss_and_grads()
+    assert torch.equal(held_loss, loss) and all(torch.equal(a, b) for a, b in zip(held_grads, grads))
+    with frozen_in_fp32(model):  # the Hessian's fp32 pass outside autocast: the rounded values, in fp32
+        assert all(m.weight.dtype == torch.float32 for m in fp32_weights)
+        assert all(torch.equal(m.weight, w.bfloat16().float()) for m, w in fp32_weights.items())
+        answer_loss(model, batch).backward()
+    assert all(m.weight.dtype == torch.bfloat16 for m in fp32_weights)
+
+
+def test_a_bf16_mixed_chain_with_frozen_weights_in_bf16_still_measures_hessians_and_ewcs_fisher(smoke_config):
+    from chainforget.config import MitigationSpec
+
+    config = replace(
+        smoke_config,
+        model=replace(smoke_config.model, finetune="lora"),
+        trainer=replace(smoke_config.trainer, precision="bf16-mixed"),
+        curvature=CurvatureSpec(enabled=True, batches=1, max_iter=5, stages=[1, 2]),
+        mitigation=MitigationSpec(name="ewc", strength=1.0),
+    )
+    # both run in fp32 outside autocast, after stage 1 left the frozen weights in bf16
+    record = run(config, "bf16")
+    assert all(stage["curvature"]["top_eigenvalue"] > 0 for stage in record["stages"])
+    assert record["stages"][1]["mitigation"]["mean_penalty"] > 0

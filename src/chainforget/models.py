@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -198,3 +199,43 @@ def load_trainable(model, path: Path) -> None:
     with torch.no_grad():
         for name, tensor in state.items():
             parameters[name].copy_(tensor)
+
+
+def frozen_linears(model) -> list[torch.nn.Linear]:
+    """The linear layers no optimizer moves (LoRA's base layers) and no other layer shares a weight with (a tied LM
+    head is the input embedding, whose lookups must keep their dtype)."""
+    embedding = model.get_input_embeddings().weight
+    return [
+        module
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding
+    ]
+
+
+def hold_frozen_in(model, dtype: torch.dtype) -> int:
+    """Store the frozen linear weights in ``dtype``, the dtype autocast would cast them to on every forward pass
+    (and whose copies a step spends time on: ``copy_`` in the profile). Under autocast to ``dtype`` the results are
+    bit for bit those of the fp32 weights: a matmul reads the same rounded values either way. Returns the bytes
+    this frees (about 212 MB for SmolLM2-135M with LoRA)."""
+    freed = 0
+    for module in frozen_linears(model):
+        if module.weight.dtype != dtype:
+            freed += module.weight.numel() * (
+                module.weight.element_size() - torch.empty((), dtype=dtype).element_size()
+            )
+            module.weight.data = module.weight.data.to(dtype)
+    return freed
+
+
+@contextmanager
+def frozen_in_fp32(model):
+    """Frozen linear weights in fp32 for a computation outside autocast (the Hessian, EWC's Fisher), back in their
+    own dtype afterwards (bf16 -> fp32 -> bf16 is exact). They hold ``hold_frozen_in``'s rounded values."""
+    held = {module: module.weight.dtype for module in frozen_linears(model) if module.weight.dtype != torch.float32}
+    for module in held:
+        module.weight.data = module.weight.data.float()
+    try:
+        yield
+    finally:
+        for module, dtype in held.items():
+            module.weight.data = module.weight.data.to(dtype)
