@@ -2,16 +2,17 @@
 machine's measured matmul peak.
 
     python benchmarks/training.py [--steps 12] [--repeats 3] [--threads 2] [--batch-sizes 8 32] [--variants ...]
+                                  [--profile]
 
-Both sides: SmolLM2-135M-Instruct (the offline route), LoRA r=8 on q/k/v/o, BBQ-lite prompts, max_seq_len 256,
-bf16 autocast, AdamW, eager attention (what ``train.attention: auto`` picks on a CPU), the same batches in
-the same order. Beside them: Trainer.fit with the SDPA kernel (the model's own) and with compiled decoder
-blocks (``train.compile``), and at each batch size. Tokens/s counts real (non-pad) tokens; the first two
-steps of every run are warm-up (and compilation) and not timed. Model FLOPs per token for LoRA training are
-4 x (non-embedding parameters): 2N forward + 2N for the activation gradients (frozen weights get no weight
-gradients), the LM head only at the answer position; plus attention's own products (``flops_per_token``).
-Where the run is on tcmalloc (as the chainforget command is, when installed), Trainer.fit is measured again
-in a child process on the system's malloc.
+Both sides: SmolLM2-135M-Instruct (the offline route), LoRA r=8 on q/k/v/o, BBQ-lite prompts, max_seq_len 256, bf16
+autocast with the frozen weights held in bf16, fused AdamW, eager attention (what ``train.attention: auto`` picks on
+a CPU), the same batches in the same order. Beside them: Trainer.fit with the SDPA kernel (the model's own) and with
+compiled decoder blocks (``train.compile``), and at each batch size. Tokens/s counts real (non-pad) tokens; the
+first two steps of every run are warm-up (and compilation) and not timed. Model FLOPs per token for LoRA training
+are 4 x (non-embedding parameters): 2N forward + 2N for the activation gradients (frozen weights get no weight
+gradients), the LM head only at the answer position; plus attention's own products (``flops_per_token``). Where the
+run is on tcmalloc (as the chainforget command is, when installed), Trainer.fit is measured again in a child process
+on the system's malloc.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def plain_loop(model, loader_batches) -> list[tuple[float, int]]:
 
     from chainforget.models import hold_frozen_in
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    hold_frozen_in(model, torch.bfloat16)  # what a bf16-mixed stage does: the same numeric settings on both sides
+    # what a bf16-mixed stage does: the same numeric settings on both sides
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    hold_frozen_in(model, torch.bfloat16)
     model.set_attn_implementation("eager")
     model.train()
     timings = []
@@ -124,6 +126,30 @@ def lightning_fit(model, datamodule, **kernels) -> list[tuple[float, int]]:
     return timer.timings
 
 
+def profile(args) -> None:
+    """Where a step's time goes: ``torch.profiler`` over the plain loop's steps after two warm-up steps (the same
+    numerics as a stage), the operators by their own time, at the first batch size."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    from chainforget.config import ModelSpec
+    from chainforget.models import load_model
+
+    batch_size = args.batch_sizes[0]
+    _, loader = batches(args.steps, batch_size)
+    model = load_model(ModelSpec(), seed=0)
+    plain_loop(model, loader[:2])
+    with profiler(activities=[ProfilerActivity.CPU]) as trace:
+        timings = plain_loop(model, loader[2:5])
+    rate = sum(t for _, t in timings) / sum(s for s, _ in timings)
+    events = [e for e in trace.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"profile: plain loop, batch {batch_size}, 3 steps at {rate:.0f} tokens/s; operators by own time")
+    for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]:
+        share = 100 * event.self_cpu_time_total / total
+        print(f"  {event.key:<40} {share:5.1f}%  {event.count:>6} calls")
+
+
 def non_embedding_parameters(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
 
@@ -150,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--profile", action="store_true", help="print where a step's time goes, then measure")
     parser.add_argument(
         "--json", action="store_true", help="print only the median tokens/s, as JSON (for a parent run)"
     )
@@ -235,6 +262,8 @@ def measure(args) -> list[Row]:
             json.dumps({"allocator": allocator.in_use(), "medians": [[b, v, rate] for (b, v), rate in medians.items()]})
         )
         return []
+    if args.profile:
+        profile(args)
     peaks_bf16, peak_fp32 = [matmul_peak(torch.bfloat16)], matmul_peak(torch.float32)
     print(
         f"training on {allocator.in_use()} malloc: threads {args.threads}, {args.steps} steps (first 2 untimed), "

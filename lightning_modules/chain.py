@@ -285,6 +285,7 @@ def train_or_reuse(chain: ChainRun, plan: StagePlan, previous_key: str) -> tuple
     mitigation = plan.mitigation
     key = content_key(
         "stage",
+        TRAINING_NUMERICS,
         previous_key,
         plan.entry,
         asdict(config.train),
@@ -312,6 +313,10 @@ def train_or_reuse(chain: ChainRun, plan: StagePlan, previous_key: str) -> tuple
     stage = facts | {"replays": list(plan.replays), **outcome, "cache_hit": cached is not None, "cache_key": key}
     return stage, key
 
+
+# How a stage computes, where it changed results at the rounding level (a cached stage of other numerics is not the
+# same stage): fused AdamW since 2026-12-01.
+TRAINING_NUMERICS = "adamw-fused"
 
 # The lightning.Trainer arguments the chain runner sets itself (every other one comes from the config's
 # ``trainer`` block; tests/test_chain.py checks that the two together are all of Trainer's arguments): the

@@ -367,7 +367,7 @@ class StageModule(L.LightningModule):
         if self.hparams.optimizer:
             optimizer = instantiate_class(parameters, self.hparams.optimizer)
         else:
-            optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+            optimizer = adamw(parameters, self.hparams.lr, self.hparams.weight_decay)
         if self.hparams.lr_scheduler:
             schedule = instantiate_class(optimizer, self.hparams.lr_scheduler)
             return LightningCLI.configure_optimizers(self, optimizer, schedule)
@@ -445,6 +445,13 @@ class StageModule(L.LightningModule):
             }
             for task, example_id, label, values, count in rows
         ]
+
+
+def adamw(parameters: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused where torch has the kernel (one pass over each tensor instead of a dozen: 8x faster on a CPU,
+    a fifth of a full fine-tuning step); it rounds differently from the for-each kernel in the last bit."""
+    fused = all(p.device.type in ("cpu", "cuda", "mps") and p.dtype.is_floating_point for p in parameters)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning's mixed precisions

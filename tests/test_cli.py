@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,13 @@ def test_tasks_command_lists_the_registry_and_a_chains_sizes(capsys):
 def test_no_cache_flag_maps_to_the_cache_field():
     assert parse_chain(["--config", SMOKE, "--no-cache"], prog="test").cache is False
     assert parse_chain(["--config", SMOKE], prog="test").cache is True
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "256"), ("32", "32")])
+def test_the_command_caps_onednns_kernel_cache_unless_the_user_set_it(given, expected, monkeypatch, capsys):
+    if given is None:
+        monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", given)
+    assert main(["tasks"]) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == expected

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chainforget: unknown command {command!r}; use one of: {', '.join(commands)}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # oneDNN keeps compiled kernels for the last 1,024 matmul shapes it met; every new sequence length adds some,
+    # about 6 MB each, and bucketed batches meet hundreds (a whole demo: ~250 MB). 256 keeps what a stage reuses
+    # (same speed, measured) and caps the rest. Read when oneDNN first runs, so set before any matmul.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
     try:
         check_environment()
         return commands[command](rest) or 0
