@@ -464,7 +464,7 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
         "steps": int(trainer.global_step),
         "tokens": int(module.tokens_seen),
         "wall_s": round(time.perf_counter() - started, 3),
-        "final_loss": module.final_loss,
+        "final_loss": None if module.final_loss is None else float(module.final_loss),
         "weight_drift": module.weight_drift(),
     }
     return {
@@ -483,7 +483,7 @@ def mitigation_summary(config: ChainConfig, plan: StagePlan, module: StageModule
         return {"name": spec.name, "strength": spec.strength, "replay_ids": ids}
     if plan.mitigation is None:
         return None
-    mean = module.mitigation_total / max(1, config.train.steps)
+    mean = float(module.mitigation_total) / max(1, config.train.steps)
     settings = {knob: getattr(spec, knob) for knob in spec.rule.knobs if knob not in ("strength", "stages")}
     field = "mean_perturbation" if spec.rule.kind == "sam" else "mean_penalty"
     return {"name": spec.name, "strength": spec.strength, field: mean, **settings}

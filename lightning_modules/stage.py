@@ -162,11 +162,12 @@ class StageModule(L.LightningModule):
         self.fisher: dict[str, torch.Tensor] | None = None
         self.anchor: dict[str, torch.Tensor] | None = None
         self.teacher: torch.Tensor | None = None
-        self.final_loss: float | None = None
+        self.final_loss: torch.Tensor | float | None = None  # tensors while training (no per-step wait on a GPU)
         self.tokens_seen = 0
-        self.mitigation_total = 0.0
+        self.mitigation_total: torch.Tensor | float = 0.0
         self.curvature: dict | None = None
         self._step_started = 0.0
+        self._batch_tokens = 0
         self._training_kernels = ExitStack()
         self._tallies: torch.Tensor | None = None  # per eval task: loss sum, correct, count
         self.strict_loading = False  # checkpoints hold the trainable weights only
@@ -259,8 +260,8 @@ class StageModule(L.LightningModule):
         numpy_state = np.random.get_state()
         checkpoint["stage"] = {
             "tokens_seen": self.tokens_seen,
-            "mitigation_total": self.mitigation_total,
-            "final_loss": self.final_loss,
+            "mitigation_total": float(self.mitigation_total),
+            "final_loss": None if self.final_loss is None else float(self.final_loss),
             "anchor": self.anchor,
             "teacher": self.teacher,
             "rng": {
@@ -322,13 +323,13 @@ class StageModule(L.LightningModule):
         loss = loss_of(logits, batch)
         penalty = self.penalty(batch, logits)
         if penalty is not None:
-            self.mitigation_total += float(penalty.detach())
+            self.mitigation_total += penalty.detach()  # a tensor: reading it every step would wait on a GPU
             self.log("train/penalty", penalty)
         objective = loss if penalty is None else loss + penalty
         if not self.automatic_optimization:
             self.sam_step(batch, objective)
-        self.tokens_seen += int(batch["attention_mask"].sum())
-        self.final_loss = float(loss.detach())
+        self.tokens_seen += self._batch_tokens
+        self.final_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/tokens", float(self.tokens_seen))
@@ -347,14 +348,19 @@ class StageModule(L.LightningModule):
         optimizer.zero_grad()
         if schedule is not None:
             schedule.step()
-        perturbation = float(torch.sqrt(sum((s.float() ** 2).sum() for s in steps)))
+        perturbation = torch.sqrt(sum((s.float() ** 2).sum() for s in steps))
         self.mitigation_total += perturbation
         self.log("train/sam_perturbation", perturbation)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer.training:  # counted on the host, before the batch reaches the device
+            self._batch_tokens = int(batch["attention_mask"].sum())
+        return batch
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         elapsed = time.perf_counter() - self._step_started
         if elapsed > 0:
-            self.log("train/tokens_per_s", float(batch["attention_mask"].sum()) / elapsed)
+            self.log("train/tokens_per_s", self._batch_tokens / elapsed)
 
     def weight_drift(self) -> float | None:
         """L2 distance the trainable weights moved from the stage-start anchor (when one was kept)."""
