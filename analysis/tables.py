@@ -171,6 +171,56 @@ def example_forgetting_summary(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# what a stage must teach its task for a finding about forgetting it to mean anything (pp of learning, judged as
+# ``chainforget.metrics.learning`` judges it): the issue's bar for the paper's safety and capability tasks
+LEARNING_TARGETS = {"safety": 15.0, "capability": 10.0}
+
+
+def learning_table(records: list[dict]) -> pd.DataFrame:
+    """What each run's stages taught their tasks (``metrics.learning`` in the record; records without it are left
+    out), one row per run x trained task: the regime (fine-tuning method, answer format, eval mode, learning rate,
+    steps, training examples, seed), the base model's and the trained stage's balanced accuracy and most frequent
+    answer's share, BBQ's accuracy per context, ``learned`` (pp) against the task role's target, and the stage's
+    training time in minutes. A shortcut shows as a high answer share or a context below the base model's."""
+    rows = []
+    for record in records:
+        config = record["config"]
+        for row in record["metrics"].get("learning", []):
+            task, stage = row["task"], row["trained_stage"]
+            role = record["tasks"][task]["role"]
+            target = LEARNING_TARGETS.get(role)
+            contexts = {k: v for k, v in row.items() if k.startswith("acc_") and k.count("_") == 2}
+            rows.append(
+                {
+                    "run_name": record["run_name"],
+                    "task": task,
+                    "role": role,
+                    "finetune": config["model"]["finetune"],
+                    "answer": config["train"].get("answer", "letter"),
+                    "eval_mode": config["eval"]["mode"],
+                    "lr": config["train"]["lr"],
+                    "steps": config["train"]["steps"],
+                    "train_examples": record["data"][task]["train"],
+                    "seed": config["seed"],
+                    "balanced_acc_base": PP * row["balanced_acc_base"],
+                    "balanced_acc_trained": PP * row["balanced_acc_trained"],
+                    "top_answer_share_base": PP * row["top_answer_share_base"],
+                    "top_answer_share_trained": PP * row["top_answer_share_trained"],
+                    **{name: PP * value for name, value in contexts.items() if name not in ("acc_base",)},
+                    "gain": row["gain"],
+                    "learned": row["learned"],
+                    "target": target,
+                    "met": None if target is None else row["learned"] >= target,
+                    "train_min": record["stages"][stage - 1]["train"]["wall_s"] / 60,
+                }
+            )
+    columns = ["task", "finetune", "answer", "lr", "steps", "seed"]
+    return pd.DataFrame(rows).sort_values(columns).reset_index(drop=True) if rows else pd.DataFrame(rows)
+
+
+PP = 100.0
+
+
 def asymmetry_seeds(records: list[dict]) -> pd.DataFrame:
     """One row per setting x safety task S x capability task C x seed that ran in both orders: ``F_safety`` =
     F_S(S→C), ``F_capability`` = F_C(C→S), the two runs' names and the difference ``asymmetry``. ``condition`` is

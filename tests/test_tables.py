@@ -9,6 +9,7 @@ from analysis.tables import (
     asymmetry_seeds,
     curvature_forgetting,
     example_forgetting_summary,
+    learning_table,
     mean_interval,
     order_asymmetry,
     replay_recovery,
@@ -334,3 +335,42 @@ def test_a_run_that_repeats_another_runs_settings_and_seed_is_left_out_once():
     assert [(r["id"], r["reason"]) for r in repeats] == [
         ("zz-same-settings-and-seed", f"repeats {first['run_name']} (same settings and seed)")
     ]
+
+
+def test_learning_table_judges_each_task_against_its_roles_target():
+    def taught(task, learned, contexts=None, answer="text"):
+        run = record(
+            [task],
+            0,
+            model={"finetune": "lora"},
+            train={"lr": 2e-3, "steps": 150, "answer": answer},
+            eval={"mode": "text_norm"},
+        )
+        run["data"] = {task: {"train": 1200}}
+        run["stages"][0]["train"] = {"wall_s": 150.0}
+        row = {
+            "task": task,
+            "trained_stage": 1,
+            "acc_base": 0.3,
+            "acc_trained": 0.5,
+            "balanced_acc_base": 0.25,
+            "balanced_acc_trained": 0.45,
+            "top_answer_share_base": 1.0,
+            "top_answer_share_trained": 0.4,
+            "gain": 20.0,
+            "context_gain_min": None,
+            "learned": learned,
+            **(contexts or {}),
+        }
+        run["metrics"]["learning"] = [row]
+        return run
+
+    shortcut = {"acc_ambig_base": 0.3, "acc_ambig_trained": 0.9, "acc_disambig_base": 0.3, "acc_disambig_trained": 0.1}
+    runs = [taught("bbq", -20.0, shortcut, answer="letter"), taught("csqa", 12.0), taught("bbq", 16.0)]
+    runs.append(record(["csqa"], 1))  # written before learning was measured: left out
+    table = learning_table(runs)
+    assert len(table) == 3 and table["target"].tolist() == [15.0, 15.0, 10.0]  # bbq letter, bbq text, csqa
+    assert table["met"].tolist() == [False, True, True]
+    first = table.iloc[0]
+    assert (first["answer"], first["acc_ambig_trained"], first["acc_disambig_trained"]) == ("letter", 90.0, 10.0)
+    assert first["top_answer_share_base"] == 100.0 and first["train_min"] == 2.5
