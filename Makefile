@@ -21,16 +21,22 @@ demo: setup
 smoke: setup
 	$(BIN)/chainforget chain --config sweeps/configs/smoke.yaml
 
-# The paper's four findings at CPU scale (docs/results/README.md): three Optuna grid studies, two one-thread
+# The paper's four findings at CPU scale (docs/results/README.md): the Optuna grid studies, two one-thread
 # workers each, then the tables, run records and report in docs/results. About 1.5 hours on a 2-core CPU.
-# Offline: make findings FINDINGS_ARGS="--config sweeps/configs/shared_data.yaml"
+# The studies' storage and runs live in FINDINGS_DIR (the stage cache in the user cache), never only in the work
+# tree: `make findings` again picks up where a killed one stopped (a killed trial is retried once its heartbeat is
+# 30 s stale), and FINDINGS_DIR on a shared disk lets other machines join. Each finished chain prints a progress
+# line with the time left. Offline: make findings FINDINGS_ARGS="--config sweeps/configs/shared_data.yaml"
+FINDINGS_DIR ?= $(HOME)/.cache/chainforget/findings
 findings: setup
+	mkdir -p $(FINDINGS_DIR)
 	for study in order replay replay_toxigen sam; do \
 	  for worker in 1 2; do \
-	    CHAINFORGET_THREADS=1 $(BIN)/chainforget sweep optuna sweeps/optuna/findings_$$study.yaml $(FINDINGS_ARGS) & \
+	    CHAINFORGET_THREADS=1 $(BIN)/chainforget sweep optuna sweeps/optuna/findings_$$study.yaml \
+	      --storage sqlite:///$(FINDINGS_DIR)/findings.db --out $(FINDINGS_DIR)/runs $(FINDINGS_ARGS) & \
 	  done; wait; \
 	done
-	$(BIN)/python -m analysis.findings runs/findings docs/results
+	$(BIN)/python -m analysis.findings $(FINDINGS_DIR)/runs docs/results
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest

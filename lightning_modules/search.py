@@ -30,6 +30,7 @@ from pathlib import Path
 
 from chainforget.config import INT_LIMIT, is_file, is_plain_name, key_type, parse_chain, read_mapping
 from chainforget.errors import ConfigError
+from chainforget.progress import study_progress
 from chainforget.records import atomic_write_text, check_summary_name, read_record, summary_metrics
 
 
@@ -666,5 +667,27 @@ def optuna_study(
         values = [float(summary[o]) for o in spec["objectives"]]
         return values if multi else values[0]
 
-    study.optimize(objective, n_trials=n_trials or spec.get("n_trials"), catch=())
+    total = grid_size(spec) if grid else n_trials or spec.get("n_trials")
+    study.optimize(objective, n_trials=n_trials or spec.get("n_trials"), catch=(), callbacks=[progress(name, total)])
     return study
+
+
+def grid_size(spec: dict) -> int:
+    return math.prod(len(param["choices"]) for param in spec["params"].values())
+
+
+def progress(name: str, total: int | None):
+    """An Optuna callback printing ``study_progress``'s line after each trial, from what the storage holds (every
+    worker's trials, so the line is the study's, not this worker's)."""
+    import optuna
+
+    states = optuna.trial.TrialState
+
+    def after_trial(study, _trial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == states.COMPLETE]
+        minutes = [(t.datetime_complete - t.datetime_start).total_seconds() / 60 for t in done]
+        running = sum(t.state == states.RUNNING for t in trials)
+        print(study_progress(name, len(done), total, minutes, running), file=sys.stderr, flush=True)
+
+    return after_trial

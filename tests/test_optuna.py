@@ -37,7 +37,7 @@ def study_file(tmp_path, **fields) -> Path:
     return path
 
 
-def test_grid_study_on_sqlite_runs_each_point_and_logs_trial_params(tmp_path):
+def test_grid_study_on_sqlite_runs_each_point_and_logs_trial_params(tmp_path, capsys):
     path = study_file(
         tmp_path,
         study_name="grid",
@@ -47,6 +47,9 @@ def test_grid_study_on_sqlite_runs_each_point_and_logs_trial_params(tmp_path):
     study = optuna_study(path, out=str(tmp_path / "runs"))
     assert sorted(t.params["train.lr"] for t in study.trials if t.state.name == "COMPLETE") == [1e-3, 3e-3]
     assert (tmp_path / "runs" / "optuna" / "grid.db").exists()
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[grid] ")]
+    assert [line.split(",")[0] for line in progress] == ["[grid] 1/2 trials done", "[grid] 2/2 trials done"]
+    assert "min left with 1 worker(s)" in progress[0]
     for trial in study.trials:
         run_dir = Path(trial.user_attrs["run_dir"])
         assert run_dir.name == f"grid-trial{trial.number}" and (run_dir / "run.json").exists()

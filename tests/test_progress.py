@@ -34,3 +34,13 @@ def test_a_chain_writes_progress_to_stderr_and_only_results_to_stdout(smoke_conf
     for stage in ("train stage 1 (bbq)", "train stage 2 (csqa)", "eval bbq @ stage 0", "eval csqa @ stage 2"):
         assert stage in err
     assert "GPU available" not in err and "litlogger" not in err and "LeafSpec" not in err
+
+
+def test_a_studys_progress_line_counts_what_is_done_and_what_is_left():
+    from chainforget.progress import study_progress
+
+    line = study_progress("order", 3, 24, [4.0, 6.0, 5.0], running=1)
+    # 21 chains left at 5 min each, two workers at it (one other running, plus this one's next)
+    assert line == "[order] 3/24 trials done, 5.0 min per chain, about 52 min left with 2 worker(s)"
+    assert study_progress("order", 24, 24, [5.0], running=0) == "[order] 24/24 trials done, 5.0 min per chain"
+    assert study_progress("tpe", 0, None, [], running=0) == "[tpe] 0/? trials done"

@@ -41,3 +41,17 @@ def bar_options() -> dict:
     if sys.stderr.isatty():
         return {"file": sys.stderr, "dynamic_ncols": True}
     return {"file": LogLines(), "ascii": True, "ncols": 100}
+
+
+def study_progress(name: str, finished: int, total: int | None, minutes: list[float], running: int) -> str:
+    """One line after a study's trial: how many of its ``total`` trials (a grid's points) are done, the mean chain
+    time over ``minutes`` (the finished trials' durations), and the time left at that pace with the workers now at
+    it (``running`` other trials plus the next one this worker starts)."""
+    mean = sum(minutes) / len(minutes) if minutes else None
+    line = f"[{name}] {finished}/{total if total is not None else '?'} trials done"
+    if mean is not None:
+        line += f", {mean:.1f} min per chain"
+    if total is not None and mean is not None and finished < total:
+        workers = running + 1
+        line += f", about {mean * (total - finished) / workers:.0f} min left with {workers} worker(s)"
+    return line
