@@ -86,7 +86,6 @@ def biased_forgetting_over_seeds(records: list[dict]) -> pd.DataFrame:
     (run, group) pairs large enough to count have a ``BF_g`` interval that excludes 0 (about 5% would by chance
     if every group forgot alike)."""
     frame = forgetting_frame(records)
-    table = group_table(frame)
     overall = frame[frame["group_kind"] == "all"].set_index("run_name")["F"]
     labels = condition_labels(records)
     rows = []
@@ -101,9 +100,10 @@ def biased_forgetting_over_seeds(records: list[dict]) -> pd.DataFrame:
     for (condition, task, kind), part in per_run.groupby(["condition", "task", "group_kind"], sort=True):
         bf, bf_lo, bf_hi = mean_interval(part["BF"].dropna(), bounds=DIFFERENCE_RANGE)
         spread, spread_lo, spread_hi = mean_interval(part["spread"].dropna(), bounds=SPREAD_RANGE)
-        chosen = (table["condition"] == condition) & (table["task"] == task) & (table["group_kind"] == kind)
-        groups = table[chosen & ~table["small"]]
-        tested, beyond = int(groups["seeds"].sum()), int(groups["seeds_beyond_interval"].sum())
+        # each (run, group) pair on its own: a group small in one seed still counts in the seeds where it is not
+        chosen = (frame["condition"] == condition) & (frame["task"] == task) & (frame["group_kind"] == kind)
+        groups = frame[chosen & ~frame["small"].astype(bool)]
+        tested, beyond = len(groups), int(((groups["BF_lo"] > 0) | (groups["BF_hi"] < 0)).sum())
         row = {"condition": condition, "task": task, "group_kind": kind, "seeds": len(part), "F": part["F"].mean()}
         row |= {"BF": bf, "BF_lo": bf_lo, "BF_hi": bf_hi}
         row |= {"spread": spread, "spread_lo": spread_lo, "spread_hi": spread_hi}

@@ -101,3 +101,7 @@ def test_groups_count_as_unequal_only_when_their_paired_bf_interval_excludes_zer
     assert row["BF"] == 12.0 and row["spread"] == 17.0 and row["worst_groups"] == "a"
     # spreads 15 and 19: 17 -+ 12.706 * 2.828 / 1.414 = 17 -+ 25.4; a spread is never below 0
     assert row["spread_lo"] == 0.0 and row["spread_hi"] == pytest.approx(17 + 12.7062047 * 2, rel=1e-6)
+    # group a below the size that counts in seed 1 only: it still counts in seed 0 (3 pairs tested, 1 beyond)
+    records[1]["metrics"]["forgetting"][1]["small"] = True
+    (row,) = biased_forgetting_over_seeds(records).to_dict("records")
+    assert (row["group_runs_tested"], row["group_runs_beyond_interval"]) == (3, 1)
