@@ -209,6 +209,18 @@ CASES = [
         "model.mitigation.name: lwf distils the answer letters' distribution, which data.answer: text does not",
     ),
     (
+        "training shares that do not sum to 1",
+        CHAIN + ["--tasks.bbq.train_shares={context: {ambig: 0.5}}"],
+        None,
+        "tasks.*.train_shares.context: {'ambig': 0.5} is not allowed; use shares in [0, 1] that sum to 1",
+    ),
+    (
+        "training shares by a group kind the task lacks",
+        CHAIN + ["--tasks.bbq.train_shares={ctx: {a: 1.0}}"],
+        None,
+        "tasks.bbq.train_shares: 'ctx' is not a group kind of bbq; use category, target, context",
+    ),
+    (
         "an answer format that does not exist",
         CHAIN + ["--train.answer=option"],
         None,

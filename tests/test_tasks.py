@@ -9,7 +9,7 @@ from chainforget import tasks
 from chainforget.config import TaskSpec
 from chainforget.errors import ChainforgetError, DataError
 from chainforget.tasks import bbq, csqa
-from chainforget.tasks.splits import hash_split, stratified_cap
+from chainforget.tasks.splits import hash_split, stratified_cap, with_shares
 
 
 def test_bbq_release_rows_parse_into_examples_with_groups_and_bias_meta():
@@ -228,3 +228,28 @@ def answers(*pairs):
 )
 def test_bbq_target_option_rules(info, stereotyped, unknown, expected):
     assert bbq.target_index(info, stereotyped, unknown) == expected
+
+
+def test_train_shares_keep_the_largest_subset_with_those_shares():
+    items = [("a", i) for i in range(10)] + [("b", i) for i in range(30)] + [("c", i) for i in range(5)]
+    kept = with_shares(items, lambda item: item[0], {"a": 0.25, "b": 0.75}, seed=0)
+    # a allows 10 / 0.25 = 40, b allows 30 / 0.75 = 40: all of both; c has no share and goes
+    assert sorted(kept) == sorted(items[:40])
+    kept = with_shares(items, lambda item: item[0], {"a": 0.5, "b": 0.5}, seed=0)
+    assert [g for g, _ in kept].count("a") == 10 and [g for g, _ in kept].count("b") == 10  # a is the scarce one
+    assert kept == sorted(kept, key=items.index)  # the input order is kept
+    assert kept != with_shares(items, lambda item: item[0], {"a": 0.5, "b": 0.5}, seed=1)  # which b's: the seed's
+
+
+def test_bbq_trained_mostly_on_disambiguated_contexts():
+    spec = TaskSpec(source="release", path=str(FIXTURES / "bbq"), eval_fraction=0.5)
+    plain = tasks.load("bbq", spec, 0)
+    shared = tasks.load(
+        "bbq", TaskSpec(**{**spec.__dict__, "train_shares": {"context": {"ambig": 0.25, "disambig": 0.75}}}), 0
+    )
+    count = lambda data, context: sum(e.groups["context"] == context for e in data.train)  # noqa: E731
+    assert (count(plain, "ambig"), count(plain, "disambig")) == (12, 12)
+    assert (count(shared, "ambig"), count(shared, "disambig")) == (4, 12)
+    assert shared.eval == plain.eval and shared.fingerprint != plain.fingerprint  # eval untouched; a new cache key
+    with pytest.raises(ChainforgetError, match="no group 'ambigous' in the training data; groups: ambig, disambig"):
+        tasks.load("bbq", TaskSpec(**{**spec.__dict__, "train_shares": {"context": {"ambigous": 1.0}}}), 0)

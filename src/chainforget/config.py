@@ -107,6 +107,10 @@ class TaskSpec:
         max_eval: cap on evaluation examples (stratified by group), ``null`` for all.
         eval_fraction: share of split keys (e.g. BBQ templates) held out for evaluation when the source has
             no evaluation split of its own.
+        train_shares: the training examples' shares by the groups of one group kind, after ``max_train``, e.g.
+            ``{context: {ambig: 0.25, disambig: 0.75}}``: the largest seeded subset with those shares is kept
+            (groups not named are dropped). A mixture where one answer given everywhere no longer pays (BBQ's
+            "unknown" is right in every ambiguous context). ``null`` keeps the data's own shares.
     """
 
     source: Literal["auto", "release", "pypi", "hub"] = "auto"
@@ -114,9 +118,21 @@ class TaskSpec:
     max_train: int | None = ranged(None, 1)
     max_eval: int | None = ranged(None, 1)
     eval_fraction: float = ranged(0.3, above=0.0, below=1.0)
+    train_shares: dict[str, dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self, "tasks.*")
+        if self.train_shares is not None:
+            if len(self.train_shares) != 1:
+                raise ConfigError(
+                    f"tasks.*.train_shares: {self.train_shares!r} is not allowed; name one group kind, "
+                    "e.g. {context: {ambig: 0.25, disambig: 0.75}}"
+                )
+            ((kind, shares),) = self.train_shares.items()
+            if not shares or any(not 0 <= v <= 1 for v in shares.values()) or abs(sum(shares.values()) - 1) > 1e-6:
+                raise ConfigError(
+                    f"tasks.*.train_shares.{kind}: {shares!r} is not allowed; use shares in [0, 1] that sum to 1"
+                )
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 
 from chainforget.config import TaskSpec
 from chainforget.errors import ConfigError, DataError
-from chainforget.tasks.splits import hash_split, stratified_cap
+from chainforget.tasks.splits import hash_split, stratified_cap, with_shares
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -121,6 +121,8 @@ def load(name: str, spec: TaskSpec, seed: int) -> TaskData:
     if duplicates:
         raise DataError(f"task {name}: duplicate example id {duplicates[0]!r} ({len(duplicates)} duplicated ids)")
     train = stratified_cap(train, task.stratum, spec.max_train, seed)
+    if spec.train_shares:
+        train = shared_out(task, train, spec.train_shares, seed)
     evaluation = stratified_cap(evaluation, task.stratum, spec.max_eval, seed)
     if not train or not evaluation:
         raise DataError(
@@ -128,6 +130,23 @@ def load(name: str, spec: TaskSpec, seed: int) -> TaskData:
             "both must be non-empty (check path, eval_fraction and max_train/max_eval)"
         )
     return TaskData(name, task.role, task.group_kinds, train, evaluation, _fingerprint(train, evaluation))
+
+
+def shared_out(task: Task, train: list[Example], train_shares: dict[str, dict[str, float]], seed: int) -> list[Example]:
+    """``train`` cut to ``train_shares`` (``TaskSpec.train_shares``), its group kind and groups checked against the
+    task's own."""
+    ((kind, shares),) = train_shares.items()
+    if kind not in task.group_kinds:
+        allowed = ", ".join(task.group_kinds) or "none"
+        raise ConfigError(f"tasks.{task.name}.train_shares: {kind!r} is not a group kind of {task.name}; use {allowed}")
+    present = sorted({e.groups[kind] for e in train})
+    unknown = [name for name in shares if name not in present]
+    if unknown:
+        raise ConfigError(
+            f"tasks.{task.name}.train_shares.{kind}: no group {unknown[0]!r} in the training data; "
+            f"groups: {', '.join(present)}"
+        )
+    return with_shares(train, lambda e: e.groups[kind], shares, seed)
 
 
 def resolve_source(task: Task, spec: TaskSpec) -> TaskSpec:

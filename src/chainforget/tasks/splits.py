@@ -50,3 +50,20 @@ def stratified_cap(items: Sequence[T], stratum: Callable[[T], Hashable], limit: 
                 chosen.append(queue[depth])
         depth += 1
     return [items[i] for i in sorted(chosen)]
+
+
+def with_shares(items: Sequence[T], group: Callable[[T], str], shares: dict[str, float], seed: int) -> list[T]:
+    """The largest subset of ``items`` whose groups have the given ``shares`` (each group's items shuffled by
+    ``seed``, the first ``round(share * size)`` kept; groups without a share are dropped). The input order is kept.
+    ``size`` is what the scarcest group allows: ``min(count_g / share_g)`` over the groups with a share."""
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        by_group[group(item)].append(index)
+    size = min(len(by_group.get(name, [])) / share for name, share in shares.items() if share > 0)
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    for name in sorted(shares):
+        indices = list(by_group.get(name, []))
+        rng.shuffle(indices)
+        chosen += indices[: round(shares[name] * size)]
+    return [items[i] for i in sorted(chosen)]
