@@ -14,34 +14,39 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from analysis.tables import seed_summary
+from analysis.tables import pooled_intervals, seed_summary
 
 PALETTE = "colorblind"
 
 
-def group_forgetting_figure(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None = None):
-    """Horizontal bars of per-group forgetting F_g (pp), one panel per condition and forgotten task that has groups:
-    the mean over seeds, each seed's value as a dot, and the 95% Student-t interval over seeds clipped to F's range
-    (-100 to +100 pp; a single run: its paired-bootstrap interval). The dashed line is the task's overall F, so bars
-    beyond it are groups forgotten more than the task as a whole. Groups below the minimum eval size are left out
-    (the tables keep them); ``kinds``: default all."""
+def group_forgetting_figure(
+    forgetting: pd.DataFrame, kinds: tuple[str, ...] | None = None, flips: pd.DataFrame | None = None
+):
+    """Horizontal bars of per-group forgetting F_g (pp), one panel per condition and forgotten task that has groups,
+    groups sorted by F_g: the mean over seeds, each seed's value as a dot, and a 95% interval: the cluster bootstrap
+    over seeds and examples (``tables.pooled_intervals``) where ``flips`` (``example_forgetting_frame``) has every
+    seed's per-example forgetting, else the t-interval over seeds (one run: its paired bootstrap). The dashed line is
+    the task's overall F, so bars beyond it are groups forgotten more than the task as a whole. Groups below the
+    minimum eval size in some seed are drawn grey and marked (n < min); ``kinds``: default all."""
     kinds = tuple(kinds or group_kinds(forgetting))
-    kept = forgetting[forgetting["group_kind"].isin(("all", *kinds)) & ~forgetting["small"].astype(bool)]
+    kept = forgetting[forgetting["group_kind"].isin(("all", *kinds))]
     summary = seed_summary(kept)
+    summary = pooled_intervals(summary, flips if flips is not None else pd.DataFrame())
+    small = kept.groupby(["condition", "task", "group_kind", "group"])["small"].any().rename("small")
+    summary = summary.merge(small.reset_index(), on=["condition", "task", "group_kind", "group"])
     groups = summary.groupby(["condition", "task"], sort=True)
     panels = [(key, part) for key, part in groups if (part["group_kind"] != "all").any()]
     rows = max((len(part) for _, part in panels), default=1)
     columns = min(4, max(1, len(panels)))
     lines = -(-max(1, len(panels)) // columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(5.2 * columns, lines * (0.32 * rows + 1.8) + 0.4), squeeze=False)
-    colours = dict(zip(sorted(kinds), sns.color_palette(PALETTE, len(kinds)))) | {"all": (0.45, 0.45, 0.45)}
+    fig, axes = plt.subplots(lines, columns, figsize=(5.6 * columns, lines * (0.32 * rows + 1.8) + 0.6), squeeze=False)
+    colours = dict(zip(sorted(kinds), sns.color_palette(PALETTE, len(kinds)))) | {"all": (0.2, 0.2, 0.2)}
     for ax, ((condition, task), panel) in zip(axes.flat, panels):
-        panel = all_first(panel, "F")
-        labels = group_labels(panel)
-        hue = panel["group_kind"].to_numpy()
-        sns.barplot(
-            x=panel["F"].to_numpy(), y=labels, hue=hue, palette=colours, dodge=False, errorbar=None, ax=ax, legend=False
-        )
+        panel = apart(all_first(panel, "F"))
+        tiny = panel["small"].to_numpy()
+        labels = [f"{label} (n < min)" if t else label for label, t in zip(group_labels(panel), tiny)]
+        bar_colours = [(0.8, 0.8, 0.8) if t else colours[kind] for kind, t in zip(panel["group_kind"], tiny)]
+        ax.barh(np.arange(len(panel)), panel["F"], color=bar_colours, height=0.8)
         lo = (panel["F"] - panel["F_lo"]).clip(lower=0).fillna(0)
         hi = (panel["F_hi"] - panel["F"]).clip(lower=0).fillna(0)
         ax.errorbar(panel["F"], np.arange(len(panel)), xerr=[lo, hi], fmt="none", ecolor="black", capsize=2, lw=1)
@@ -50,20 +55,29 @@ def group_forgetting_figure(forgetting: pd.DataFrame, kinds: tuple[str, ...] | N
             runs = kept[(kept["condition"] == condition) & (kept["task"] == task)]
             y = [position.get(key) for key in zip(runs["group_kind"], runs["group"])]
             ax.scatter(runs["F"], y, s=9, color="black", alpha=0.6, zorder=3)
+        ax.set_yticks(np.arange(len(panel)), labels)
+        ax.invert_yaxis()
         overall = float(panel.loc[panel["group_kind"] == "all", "F"].iloc[0])
         ax.axvline(overall, color="black", ls="--", lw=1)
         ax.axvline(0, color="grey", lw=0.8)
-        heading = wrap(f"{condition}: forgetting of {task}", 60)
+        ax.set_xlim(-105, 105)
+        heading = wrap(f"{condition}: forgetting of {task}", 30)  # no wider than the panel
         seeds = int(panel["seeds"].max())
         ax.set_title(f"{heading}\n(all: {overall:+.1f} pp, {seeds} seed{'s' if seeds > 1 else ''})", fontsize=10)
         ax.set_xlabel("forgetting F_g (pp)")
-        ax.set_ylabel("")
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    how = "bars: mean over seeds; dots: single seeds; whiskers: 95% t-interval over seeds, clipped to the possible"
-    how += " -100..+100 pp (one run: its paired-bootstrap interval); dashed: F of all examples"
-    fig.suptitle(f"Per-group forgetting of the first task after the second stage\n{how}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # half an inch for the two-line title
+    methods = set(summary["interval"])
+    if methods == {"cluster bootstrap"}:
+        whiskers = "95% cluster bootstrap over seeds and their examples"
+    else:
+        whiskers = "95% t-interval over seeds, clipped to -100..+100 pp (one run: its paired bootstrap)"
+        if "cluster bootstrap" in methods:
+            whiskers += "; cluster bootstrap where every seed has per-example counts"
+    how = f"bars: mean over seeds; dots: single seeds; whiskers: {whiskers}; dashed: F of all examples; grey: small"
+    title = wrap(f"Per-group forgetting of the first task after the second stage. {how}", 62 * columns)
+    fig.suptitle(title, fontsize=10)  # wrapped to the panels' width, so it is never cut off
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 + 0.17 * title.count("\n")) / fig.get_figheight()))
     return fig
 
 
@@ -132,6 +146,13 @@ def all_first(panel: pd.DataFrame, by: str) -> pd.DataFrame:
     """The ``all`` row, then each group kind's groups by ``by``, largest first."""
     groups = panel[panel["group_kind"] != "all"].sort_values(["group_kind", by], ascending=[True, False])
     return pd.concat([panel[panel["group_kind"] == "all"], groups], ignore_index=True)
+
+
+def apart(panel: pd.DataFrame) -> pd.DataFrame:
+    """``all_first``'s order with, within each group kind, the small groups after the ones that count."""
+    kinds = {kind: i for i, kind in enumerate(dict.fromkeys(panel["group_kind"]))}
+    order = sorted(range(len(panel)), key=lambda i: (kinds[panel["group_kind"].iloc[i]], bool(panel["small"].iloc[i])))
+    return panel.iloc[order].reset_index(drop=True)
 
 
 def group_labels(panel: pd.DataFrame) -> np.ndarray:

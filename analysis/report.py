@@ -49,7 +49,7 @@ def html_table(frame: pd.DataFrame, index: bool = False) -> Markup:
 def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str, object] | None]]:
     """``(title, caption, table, (figure file, figure))`` for everything these runs support."""
     records = runs.records
-    forgetting = forgetting_frame(records)
+    forgetting, flips = forgetting_frame(records), example_forgetting_frame(records)
     accuracy = (
         "Stage 0 is the base model; accuracy on each task's eval split, the mean over the condition's seeds (figure: "
         "the band is the range over seeds). A condition is one value of every config key that can change results; "
@@ -71,7 +71,10 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
             "Forgetting and biased forgetting (pp)",
             per_run,
             forgetting_summary(records),
-            ("group_forgetting.png", plots.group_forgetting_figure(forgetting)),
+            (
+                "group_forgetting.png",
+                plots.group_forgetting_figure(forgetting, flips=example_forgetting_frame(records)),
+            ),
         ),
     ]
     heatmap = plots.forgetting_heatmap(forgetting)
@@ -86,7 +89,7 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
                 ("forgetting_heatmap.png", heatmap),
             )
         )
-    examples = example_forgetting_frame(records)
+    examples = flips
     if not examples.empty:  # records written before per-example forgetting was measured have none
         caption = "Share of each group's eval examples answered right at the stage that trained the task and wrong "
         caption += "at the last (forgotten), or the other way (learned); forgotten − learned = F. forgotten_adj and "

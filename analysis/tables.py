@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.intervals import cluster_interval
 from analysis.power import mde_asymmetry, mde_biased_forgetting, mde_forgetting, seeds_needed
 from analysis.runs import condition_labels, evals_frame, example_forgetting_frame, forgetting_frame
 from chainforget.records import EXAMPLE_FORGETTING
@@ -154,6 +155,40 @@ def seed_summary(forgetting: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip(keys, key)) | {"seeds": int(frame["seed"].nunique()), "F": f_mean, "F_lo": f_lo, "F_hi": f_hi}
         rows.append(row | {"BF": bf_mean, "BF_lo": bf_lo, "BF_hi": bf_hi})
     return pd.DataFrame(rows).astype({c: float for c in ("F_lo", "F_hi", "BF_lo", "BF_hi")})
+
+
+def pooled_intervals(summary: pd.DataFrame, flips: pd.DataFrame, resamples: int = 2000) -> pd.DataFrame:
+    """``summary`` (``seed_summary``) with F and BF intervals from the cluster bootstrap over seeds and examples
+    (``analysis.intervals``) wherever every seed of the row has per-example forgetting (``example_forgetting_frame``;
+    records written before it was measured keep their intervals), and an ``interval`` column saying which."""
+    out = summary.copy()
+    out["interval"] = np.where(out["seeds"] > 1, "t over seeds", "paired bootstrap")
+    if flips.empty:
+        return out
+    counts = flips.assign(
+        forgotten_n=(flips["forgotten"] * flips["n"] / PP).round(),
+        learned_n=(flips["learned"] * flips["n"] / PP).round(),
+    ).set_index(["condition", "task", "seed", "group_kind", "group"])[["n", "forgotten_n", "learned_n"]]
+    for i, row in out.iterrows():
+        key = (row["condition"], row["task"])
+        try:
+            part = counts.loc[key]
+        except KeyError:
+            continue
+        seeds = sorted(part.index.get_level_values("seed").unique())
+        try:
+            group = np.array([part.loc[(s, row["group_kind"], row["group"])].to_numpy() for s in seeds])
+            whole = np.array([part.loc[(s, "all", "all")].to_numpy() for s in seeds])
+        except KeyError:
+            continue
+        if len(seeds) != row["seeds"]:
+            continue
+        rest = None if row["group_kind"] == "all" else whole - group
+        ci = cluster_interval(group, rest, resamples=resamples)
+        out.loc[i, ["F_lo", "F_hi"]] = ci["F"]
+        out.loc[i, ["BF_lo", "BF_hi"]] = ci.get("BF", (np.nan, np.nan))
+        out.loc[i, "interval"] = "cluster bootstrap"
+    return out
 
 
 def example_forgetting_summary(frame: pd.DataFrame) -> pd.DataFrame:

@@ -152,7 +152,7 @@ def test_accuracy_figure_draws_a_line_and_intervals_per_task():
     assert len(ax.containers) == 2  # one set of Wilson error bars per task
 
 
-def test_group_bars_average_seeds_and_leave_out_small_groups_and_groupless_tasks():
+def test_group_bars_average_seeds_draw_small_groups_apart_and_leave_out_groupless_tasks():
     rows = forgetting_rows()
     second_seed = rows.assign(seed=1, F=rows["F"] + 2.0)
     small = rows.iloc[[0]].assign(group="tiny", small=True, F=90.0)
@@ -177,8 +177,13 @@ def test_group_bars_average_seeds_and_leave_out_small_groups_and_groupless_tasks
     fig = plots.group_forgetting_figure(pd.concat([rows, second_seed, small, groupless], ignore_index=True))
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert len(panels) == 2  # csqa → toxigen forgets a task without groups: no panel
-    widths = sorted(round(p.get_width(), 6) for p in panels[0].patches if p.get_height() > 0)
-    assert widths == [-3.0, 7.0, 11.0, 23.0]  # means over the two seeds; the small group (90) is left out
+    bars = [p for p in panels[0].patches if p.get_height() > 0]
+    assert sorted(round(p.get_width(), 6) for p in bars) == [-3.0, 7.0, 11.0, 23.0, 90.0]  # means over two seeds
+    labels = [label.get_text() for label in panels[0].get_yticklabels()]
+    tiny = labels.index(next(label for label in labels if label.endswith("(n < min)")))
+    kind = labels[tiny].split(":")[0]
+    assert all(not label.startswith(f"{kind}:") for label in labels[tiny + 1 :])  # after its kind's other groups
+    assert bars[tiny].get_facecolor()[:3] == pytest.approx((0.8, 0.8, 0.8)) and bars[tiny].get_width() == 90.0
     assert "2 seeds" in panels[0].get_title()
 
 
