@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import WandbLogger
 
-from chainforget import evaluation, metrics, mitigations, tasks
+from chainforget import allocator, evaluation, metrics, mitigations, tasks
 from chainforget.config import ChainConfig
 from chainforget.errors import ConfigError
 from chainforget.models import (
@@ -220,6 +220,7 @@ def run_chain(
         data = tasks.load_all({name: config.tasks[name] for name in names}, config.seed, config.train_size)
         tokenizer = load_tokenizer(config.model)
         check_prompt_fits(tokenizer, data, config.train.max_seq_len, "train.max_seq_len")
+        allocator.release_free_memory()  # what an earlier chain of this process freed, before this one's model
         model = load_model(config.model, config.seed).to(eval_device(config))
         run_dir.mkdir(parents=True, exist_ok=True)  # created only once data and model have loaded
         if not resuming:

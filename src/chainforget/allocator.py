@@ -12,6 +12,7 @@ turns this off.
 from __future__ import annotations
 
 import ctypes.util
+import gc
 import os
 import sys
 from pathlib import Path
@@ -63,3 +64,16 @@ def reexec_on_tcmalloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def release_free_memory() -> None:
+    """Hand the memory the allocator holds free back to the system: tcmalloc keeps what a process freed for reuse
+    (that is its speed), so the freed activations of one chain would sit under the next chain's newly read model
+    file and the two would add up. ``malloc_trim`` does the same for glibc's malloc."""
+    gc.collect()  # Lightning's trainer and module refer to each other: only the cycle collector frees them
+    process = ctypes.CDLL(None)
+    for name in ("MallocExtension_ReleaseFreeMemory", "malloc_trim"):
+        release = getattr(process, name, None)
+        if release is not None:
+            release(*([0] if name == "malloc_trim" else []))
+            return
