@@ -5,6 +5,10 @@
 writes ``docs/results/tables/*.csv``, copies every run's ``run.json`` to ``docs/results/runs/<run>/`` (what the
 tables are rebuilt from, see tests/test_findings.py), the report of the plain chains (``report/``: report.html,
 report.md, figures) and the report of the SAM and replay chains (``report-mitigations/``).
+
+    python -m analysis.findings --learning ~/.cache/chainforget/regime2/runs docs/results/regime
+
+writes the learning table of the regime search (``write_learning``).
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.plots import learning_figure, save
 from analysis.report import write_report
 from analysis.runs import condition_labels, forgetting_frame, load_records
 from analysis.tables import (
     DIFFERENCE_RANGE,
     SPREAD_RANGE,
     curvature_forgetting,
+    learning_table,
     mean_interval,
     order_asymmetry,
     power_table,
@@ -149,5 +155,24 @@ def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
     return tables
 
 
+def write_learning(source: Path, out: Path) -> pd.DataFrame:
+    """The learning table of the regime search (``sweeps/optuna/regime*.yaml``): every run's ``run.json`` copied to
+    ``out/runs/`` (what the table is rebuilt from, see tests/test_findings.py), ``out/learning.csv`` and the figure
+    ``out/learning.png``."""
+    records = [r for r in load_records(source) if r["metrics"].get("learning")]
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    for record in records:
+        target = out / "runs" / record["run_name"]
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(source) / record["run_name"] / "run.json", target / "run.json")
+    table = learning_table(load_records(out / "runs"))
+    table.to_csv(out / "learning.csv", index=False)
+    save(learning_figure(table), out / "learning.png")
+    return table
+
+
 if __name__ == "__main__":
-    write_findings(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "--learning":  # python -m analysis.findings --learning <regime runs> docs/results/regime
+        write_learning(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        write_findings(Path(sys.argv[1]), Path(sys.argv[2]))

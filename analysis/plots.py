@@ -142,6 +142,55 @@ def example_forgetting_figure(frame: pd.DataFrame, kinds: tuple[str, ...] | None
     return fig
 
 
+def learning_figure(table: pd.DataFrame):
+    """What each regime taught each task (``tables.learning_table``): one panel per task, one row per regime (method,
+    answer format, learning rate), an arrow from the base model's balanced accuracy to the trained stage's. The
+    dotted line is the base model plus the task role's target; a red arrow is a gain bought with a shortcut (a BBQ
+    context fell below the base model's), labelled with the context's loss."""
+    tasks = list(dict.fromkeys(table.sort_values(["role", "task"], ascending=[False, True])["task"]))
+    columns = min(3, max(1, len(tasks)))
+    lines = -(-len(tasks) // columns)
+    rows = table.groupby("task").size().max()
+    fig, axes = plt.subplots(lines, columns, figsize=(5.4 * columns, lines * (0.45 * rows + 1.6)), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        part = table[table["task"] == task].sort_values(["finetune", "answer", "lr"]).reset_index(drop=True)
+        for y, row in part.iterrows():
+            honest = row["learned"] >= row["gain"] - 1e-9
+            colour = "tab:blue" if honest else "tab:red"
+            ax.annotate(
+                "",
+                xy=(row["balanced_acc_trained"], y),
+                xytext=(row["balanced_acc_base"], y),
+                arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.6},
+            )
+            note = f"{row['learned']:+.1f} pp" if honest else f"shortcut: a context {row['learned']:+.1f} pp"
+            ax.text(
+                max(row["balanced_acc_trained"], row["balanced_acc_base"]) + 2,
+                y,
+                note,
+                va="center",
+                fontsize=8,
+                color=colour,
+            )
+        labels = [f"{r.finetune}, {r.answer}, lr {r.lr:g}" for r in part.itertuples()]
+        ax.set_yticks(range(len(part)), labels)
+        ax.set_ylim(len(part) - 0.5, -0.5)
+        base, target = part["balanced_acc_base"].median(), part["target"].iloc[0]
+        if target is not None and not pd.isna(target):
+            ax.axvline(base + target, color="grey", ls=":", lw=1)
+        ax.set_xlim(0, 118)  # room for the labels right of the arrows
+        role = part["role"].iloc[0]
+        ax.set_title(wrap(f"{task} ({role}; target +{target:g} pp, dotted)", 40), fontsize=10)
+        ax.set_xlabel("balanced accuracy (%), base → trained")
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.set_visible(False)
+    steps, examples = int(table["steps"].max()), int(table["train_examples"].max())
+    title = f"What one stage teaches its task: SmolLM2-135M-Instruct, {steps} steps of 8, up to {examples} examples"
+    fig.suptitle(wrap(title, 62 * columns), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def all_first(panel: pd.DataFrame, by: str) -> pd.DataFrame:
     """The ``all`` row, then each group kind's groups by ``by``, largest first."""
     groups = panel[panel["group_kind"] != "all"].sort_values(["group_kind", by], ascending=[True, False])

@@ -167,7 +167,6 @@ class StageModule(L.LightningModule):
         self.mitigation_total: torch.Tensor | float = 0.0
         self.curvature: dict | None = None
         self._step_started = 0.0
-        self._batch_tokens = 0
         self._training_kernels = ExitStack()
         self._tallies: torch.Tensor | None = None  # per eval task: loss sum, correct, count
         self.strict_loading = False  # checkpoints hold the trainable weights only
@@ -328,7 +327,7 @@ class StageModule(L.LightningModule):
         objective = loss if penalty is None else loss + penalty
         if not self.automatic_optimization:
             self.sam_step(batch, objective)
-        self.tokens_seen += self._batch_tokens
+        self.tokens_seen += self.trainer.datamodule.batch_tokens
         self.final_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -352,15 +351,10 @@ class StageModule(L.LightningModule):
         self.mitigation_total += perturbation
         self.log("train/sam_perturbation", perturbation)
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if self.trainer.training:  # counted on the host, before the batch reaches the device
-            self._batch_tokens = int(batch["attention_mask"].sum())
-        return batch
-
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         elapsed = time.perf_counter() - self._step_started
         if elapsed > 0:
-            self.log("train/tokens_per_s", self._batch_tokens / elapsed)
+            self.log("train/tokens_per_s", self.trainer.datamodule.batch_tokens / elapsed)
 
     def weight_drift(self) -> float | None:
         """L2 distance the trainable weights moved from the stage-start anchor (when one was kept)."""
@@ -611,6 +605,7 @@ class StageDataModule(L.LightningDataModule):
         self.eval_tasks = list(self.mixture)  # the tasks whose eval split validation, test and predict read
         self.eval_samples: list[dict] = []
         self.eval_letters: torch.Tensor | None = None
+        self.batch_tokens = 0  # real tokens of the training batch on its way to the device
 
     @staticmethod
     def check_arguments(tasks: list[str], mixture: str, batch_size: int, max_seq_len: int) -> None:
@@ -738,6 +733,11 @@ class StageDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self.eval_loader()
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer.training:  # counted on the host, before the batch reaches the device (no wait on a GPU)
+            self.batch_tokens = int(batch["attention_mask"].sum())
+        return batch
 
     def state_dict(self) -> dict:
         # batches consumed: every optimizer step took `accumulate_grad_batches` of them
