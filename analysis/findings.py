@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.plots import learning_figure, save
+from analysis.plots import learning_curves_figure, learning_figure, save
 from analysis.report import write_report
 from analysis.runs import condition_labels, forgetting_frame, load_records
 from analysis.tables import (
@@ -168,6 +168,9 @@ def write_learning(source: Path, out: Path) -> pd.DataFrame:
     table = learning_table(load_records(out / "runs"))
     table.to_csv(out / "learning.csv", index=False)
     save(learning_figure(table), out / "learning.png")
+    curves = learning_curves_figure(table)
+    if curves is not None:
+        save(curves, out / "learning_curves.png")
     return table
 
 

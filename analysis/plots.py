@@ -144,16 +144,19 @@ def example_forgetting_figure(frame: pd.DataFrame, kinds: tuple[str, ...] | None
 
 def learning_figure(table: pd.DataFrame):
     """What each regime taught each task (``tables.learning_table``): one panel per task, one row per regime (method,
-    answer format, learning rate), an arrow from the base model's balanced accuracy to the trained stage's. The
-    dotted line is the base model plus the task role's target; a red arrow is a gain bought with a shortcut (a BBQ
-    context fell below the base model's), labelled with the context's loss."""
+    answer format, learning rate), an arrow from the base model's balanced accuracy to the trained stage's (each
+    regime's own base: letter and text scoring differ). The grey tick is that base plus the task role's target; a
+    red arrow is a gain that left a BBQ context below the base model's, labelled with that context's loss."""
+    steps = int(table["steps"].mode().iloc[0])  # the regimes compared at one stage length; curves show the others
+    regime = ["task", "finetune", "answer", "mixture", "lr", "steps", "seed"]
+    table = table[table["steps"] == steps].drop_duplicates(regime)  # a study may repeat another's grid point
     tasks = list(dict.fromkeys(table.sort_values(["role", "task"], ascending=[False, True])["task"]))
     columns = min(3, max(1, len(tasks)))
     lines = -(-len(tasks) // columns)
     rows = table.groupby("task").size().max()
     fig, axes = plt.subplots(lines, columns, figsize=(5.4 * columns, lines * (0.45 * rows + 1.6)), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
-        part = table[table["task"] == task].sort_values(["finetune", "answer", "lr"]).reset_index(drop=True)
+        part = table[table["task"] == task].sort_values(["finetune", "answer", "mixture", "lr"]).reset_index(drop=True)
         for y, row in part.iterrows():
             honest = row["learned"] >= row["gain"] - 1e-9
             colour = "tab:blue" if honest else "tab:red"
@@ -163,7 +166,9 @@ def learning_figure(table: pd.DataFrame):
                 xytext=(row["balanced_acc_base"], y),
                 arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.6},
             )
-            note = f"{row['learned']:+.1f} pp" if honest else f"shortcut: a context {row['learned']:+.1f} pp"
+            note = f"{row['learned']:+.1f} pp" if honest else f"a context {row['learned']:+.1f} pp below base"
+            if not pd.isna(row["target"]):  # where this regime's base model plus the role's target lies
+                ax.plot([row["balanced_acc_base"] + row["target"]] * 2, [y - 0.3, y + 0.3], color="grey", lw=1.2)
             ax.text(
                 max(row["balanced_acc_trained"], row["balanced_acc_base"]) + 2,
                 y,
@@ -172,21 +177,53 @@ def learning_figure(table: pd.DataFrame):
                 fontsize=8,
                 color=colour,
             )
-        labels = [f"{r.finetune}, {r.answer}, lr {r.lr:g}" for r in part.itertuples()]
+        labels = [
+            f"{r.finetune}, {r.answer}, lr {r.lr:g}" + (f"\n{r.mixture}" if r.mixture else "")
+            for r in part.itertuples()
+        ]
         ax.set_yticks(range(len(part)), labels)
         ax.set_ylim(len(part) - 0.5, -0.5)
-        base, target = part["balanced_acc_base"].median(), part["target"].iloc[0]
-        if target is not None and not pd.isna(target):
-            ax.axvline(base + target, color="grey", ls=":", lw=1)
-        ax.set_xlim(0, 118)  # room for the labels right of the arrows
-        role = part["role"].iloc[0]
-        ax.set_title(wrap(f"{task} ({role}; target +{target:g} pp, dotted)", 40), fontsize=10)
+        ax.set_xlim(0, 125)  # room for the labels right of the arrows
+        role, target = part["role"].iloc[0], part["target"].iloc[0]
+        ax.set_title(wrap(f"{task} ({role}; grey tick: base + {target:g} pp)", 48), fontsize=10)
         ax.set_xlabel("balanced accuracy (%), base → trained")
     for ax in list(axes.flat)[len(tasks) :]:
         ax.set_visible(False)
-    steps, examples = int(table["steps"].max()), int(table["train_examples"].max())
+    examples = int(table["train_examples"].max())
     title = f"What one stage teaches its task: SmolLM2-135M-Instruct, {steps} steps of 8, up to {examples} examples"
     fig.suptitle(wrap(title, 62 * columns), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves_figure(table: pd.DataFrame):
+    """Balanced accuracy (%) against stage length for each task and regime that ran at several lengths
+    (``tables.learning_table``), from the base model (0 steps) on; one panel per regime, one line per task, each
+    task's target (its base model plus the role's target) as a dotted line of its colour. ``None`` when no regime
+    ran at two lengths."""
+    keys = ["finetune", "answer", "mixture", "lr"]
+    regimes = [key for key, part in table.groupby(keys, sort=True) if part["steps"].nunique() > 1]
+    if not regimes:
+        return None
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.4 * len(regimes), 4.2), squeeze=False)
+    tasks = sorted(table["task"].unique())
+    colours = dict(zip(tasks, sns.color_palette(PALETTE, len(tasks))))
+    for ax, regime in zip(axes.flat, regimes):
+        part = table[(table[keys] == pd.Series(regime, index=keys)).all(axis=1)]
+        for task, runs in part.groupby("task", sort=True):
+            runs = runs.drop_duplicates(["steps", "seed"]).sort_values("steps")
+            x = [0, *runs["steps"]]
+            y = [runs["balanced_acc_base"].iloc[0], *runs["balanced_acc_trained"]]
+            ax.plot(x, y, marker="o", color=colours[task], label=task)
+            ax.axhline(y[0] + runs["target"].iloc[0], color=colours[task], ls=":", lw=1)
+        finetune, answer, mixture, lr = regime
+        ax.set_title(
+            wrap(f"{finetune}, {answer} answers, lr {lr:g}" + (f", {mixture}" if mixture else ""), 45), fontsize=10
+        )
+        ax.set_xlabel("optimizer steps of 8 examples (0 = base model)")
+        ax.set_ylabel("balanced accuracy (%)")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Learning curves: the trained stage's balanced accuracy; dotted: each task's target", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -206,6 +206,14 @@ def example_forgetting_summary(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def shares_label(train_shares: dict | None) -> str:
+    """``context ambig 0.25 / disambig 0.75`` for a task's ``train_shares``, ``""`` for the data's own shares."""
+    if not train_shares:
+        return ""
+    ((kind, shares),) = train_shares.items()
+    return f"{kind} " + " / ".join(f"{group} {share:g}" for group, share in sorted(shares.items()))
+
+
 # what a stage must teach its task for a finding about forgetting it to mean anything (pp of learning, judged as
 # ``chainforget.metrics.learning`` judges it): the issue's bar for the paper's safety and capability tasks
 LEARNING_TARGETS = {"safety": 15.0, "capability": 10.0}
@@ -236,6 +244,7 @@ def learning_table(records: list[dict]) -> pd.DataFrame:
                     "lr": config["train"]["lr"],
                     "steps": config["train"]["steps"],
                     "train_examples": record["data"][task]["train"],
+                    "mixture": shares_label(config["tasks"][task].get("train_shares")),
                     "seed": config["seed"],
                     "balanced_acc_base": PP * row["balanced_acc_base"],
                     "balanced_acc_trained": PP * row["balanced_acc_trained"],
@@ -249,7 +258,7 @@ def learning_table(records: list[dict]) -> pd.DataFrame:
                     "train_min": record["stages"][stage - 1]["train"]["wall_s"] / 60,
                 }
             )
-    columns = ["task", "finetune", "answer", "lr", "steps", "seed"]
+    columns = ["task", "finetune", "answer", "mixture", "lr", "steps", "seed"]
     return pd.DataFrame(rows).sort_values(columns).reset_index(drop=True) if rows else pd.DataFrame(rows)
 
 

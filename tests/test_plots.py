@@ -281,3 +281,50 @@ def test_example_forgetting_bars_sort_groups_mark_chance_and_keep_whiskers_withi
     assert [tuple(segment[:, 0]) for segment in chance.get_segments()] == [(16.0, 16.0)]  # 5 options: (1/5)(4/5)
     assert "2 seeds" in bbq.get_title() and "chance 22.2 pp" in bbq.get_title() and "(pp)" in bbq.get_xlabel()
     assert "range over seeds" in fig.get_suptitle()
+
+
+def test_learning_figures_draw_each_regime_and_each_tasks_curve():
+    def row(task, role, finetune, answer, steps, base, trained, learned):
+        return {
+            "task": task,
+            "role": role,
+            "finetune": finetune,
+            "answer": answer,
+            "mixture": "",
+            "lr": 2e-3,
+            "steps": steps,
+            "seed": 0,
+            "train_examples": 1200,
+            "balanced_acc_base": base,
+            "balanced_acc_trained": trained,
+            "gain": trained - base,
+            "learned": learned,
+            "target": 15.0 if role == "safety" else 10.0,
+        }
+
+    table = pd.DataFrame(
+        [
+            row("bbq", "safety", "lora", "letter", 150, 33.0, 50.0, -25.0),  # a shortcut: red
+            row("bbq", "safety", "lora", "text", 150, 30.0, 64.0, 34.0),
+            row("csqa", "capability", "lora", "text", 150, 28.0, 53.0, 25.0),
+            row("csqa", "capability", "lora", "text", 150, 28.0, 53.0, 25.0),  # the same grid point in another study
+            row("csqa", "capability", "lora", "text", 25, 28.0, 44.0, 16.0),
+        ]
+    )
+    fig = plots.learning_figure(table)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title().split(" (")[0] for ax in panels] == ["bbq", "csqa"]  # safety first
+
+    def arrows(ax):
+        return [child for child in ax.texts if getattr(child, "arrow_patch", None) is not None]
+
+    assert len(arrows(panels[0])) == 2 and len(arrows(panels[1])) == 1  # the repeated grid point drawn once
+    notes = [t.get_text() for t in panels[0].texts if t not in arrows(panels[0])]
+    assert "a context -25.0 pp below base" in notes and "+34.0 pp" in notes
+    curves = plots.learning_curves_figure(table)
+    (ax,) = [ax for ax in curves.axes if ax.get_visible()]
+    lines = {line.get_label(): line for line in ax.get_lines() if line.get_marker() == "o"}
+    assert sorted(lines) == ["bbq", "csqa"]
+    line = lines["csqa"]
+    assert list(line.get_xdata()) == [0, 25, 150] and list(line.get_ydata()) == [28.0, 44.0, 53.0]
+    assert plots.learning_curves_figure(table[table["steps"] == 150]) is None  # no regime at two lengths
