@@ -87,11 +87,13 @@ def answer_loss(network, batch) -> torch.Tensor:
 
 
 class StageModule(L.LightningModule):
-    """Fine-tunes a causal LM on the answer letter only: cross-entropy of the next token after the prompt,
-    the same distribution letter-mode scoring reads (prompt tokens carry no loss). Validation and test score the
-    data module's eval split the same way (argmax of the next-token log-probability over the option letters) and
-    log ``val/loss`` and ``val/acc`` (``test/...``), also per task (``val/<task>/acc``) when the stage mixes
-    tasks; prediction returns one record per example (task, example id, label, prediction, option log-probs).
+    """Fine-tunes a causal LM on the answer only (prompt tokens carry no loss): the answer letter's cross-entropy
+    after the lettered prompt, the distribution letter-mode scoring reads, or, when the data module trains text
+    answers, the correct option's text tokens after the question. Validation and test score the data module's eval
+    split the same way (argmax over the option letters' next-token log-probabilities, or over each option's
+    log-probability per byte) and log ``val/loss`` and ``val/acc`` (``test/...``), also per task
+    (``val/<task>/acc``) when the stage mixes tasks; prediction returns one record per example (task, example id,
+    label, prediction, option scores). Under a mixed precision the frozen linear weights are held in its dtype.
 
     Hyper-parameters are kept as plain values (specs as dicts), so ``hparams.yaml`` and a checkpoint's
     ``hyper_parameters`` read back without Python tags. Checkpoints are safetensors files (no pickle, so loading
