@@ -39,7 +39,8 @@ def group_forgetting_figure(
     rows = max((len(part) for _, part in panels), default=1)
     columns = min(4, max(1, len(panels)))
     lines = -(-max(1, len(panels)) // columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(5.6 * columns, lines * (0.32 * rows + 1.8) + 0.6), squeeze=False)
+    size = (5.6 * columns, lines * (0.32 * rows + 1.8) + 0.6)
+    fig, axes = plt.subplots(lines, columns, figsize=size, squeeze=False, layout="constrained")  # makes room for titles
     colours = dict(zip(sorted(kinds), sns.color_palette(PALETTE, len(kinds)))) | {"all": (0.2, 0.2, 0.2)}
     for ax, ((condition, task), panel) in zip(axes.flat, panels):
         panel = apart(all_first(panel, "F"))
@@ -77,7 +78,6 @@ def group_forgetting_figure(
     how = f"bars: mean over seeds; dots: single seeds; whiskers: {whiskers}; dashed: F of all examples; grey: small"
     title = wrap(f"Per-group forgetting of the first task after the second stage. {how}", 62 * columns)
     fig.suptitle(title, fontsize=10)  # wrapped to the panels' width, so it is never cut off
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 + 0.17 * title.count("\n")) / fig.get_figheight()))
     return fig
 
 
