@@ -345,6 +345,7 @@ def test_learning_table_judges_each_task_against_its_roles_target():
             model={"finetune": "lora"},
             train={"lr": 2e-3, "steps": 150, "answer": answer},
             eval={"mode": "text_norm"},
+            tasks={task: {"train_shares": {"context": {"ambig": 0.25, "disambig": 0.75}} if task == "bbq" else None}},
         )
         run["data"] = {task: {"train": 1200}}
         run["stages"][0]["train"] = {"wall_s": 150.0}
@@ -374,3 +375,4 @@ def test_learning_table_judges_each_task_against_its_roles_target():
     first = table.iloc[0]
     assert (first["answer"], first["acc_ambig_trained"], first["acc_disambig_trained"]) == ("letter", 90.0, 10.0)
     assert first["top_answer_share_base"] == 100.0 and first["train_min"] == 2.5
+    assert first["mixture"] == "context ambig 0.25 / disambig 0.75" and table.iloc[2]["mixture"] == ""
