@@ -139,13 +139,18 @@ def sam_vs_plain(points: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
-    records = load_records(source)
-    shutil.rmtree(out / "runs", ignore_errors=True)  # the published records are exactly this source's
+def publish_records(records: list[dict], source: Path, out: Path) -> None:
+    """``out/runs/<run>/run.json`` for exactly these ``records`` of ``source``: what the published tables are
+    rebuilt from."""
+    shutil.rmtree(out / "runs", ignore_errors=True)
     for record in records:
         target = out / "runs" / record["run_name"]
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(source) / record["run_name"] / "run.json", target / "run.json")
+
+
+def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
+    publish_records(load_records(source), source, out)
     tables = findings_tables(load_records(out / "runs"))
     (out / "tables").mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
@@ -159,12 +164,7 @@ def write_learning(source: Path, out: Path) -> pd.DataFrame:
     """The learning table of the regime search (``sweeps/optuna/regime*.yaml``): every run's ``run.json`` copied to
     ``out/runs/`` (what the table is rebuilt from, see tests/test_findings.py), ``out/learning.csv`` and the figure
     ``out/learning.png``."""
-    records = [r for r in load_records(source) if r["metrics"].get("learning")]
-    shutil.rmtree(out / "runs", ignore_errors=True)
-    for record in records:
-        target = out / "runs" / record["run_name"]
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(source) / record["run_name"] / "run.json", target / "run.json")
+    publish_records([r for r in load_records(source) if r["metrics"].get("learning")], source, out)
     table = learning_table(load_records(out / "runs"))
     table.to_csv(out / "learning.csv", index=False)
     save(learning_figure(table), out / "learning.png")

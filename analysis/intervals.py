@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PP = 100.0
+from chainforget.metrics import PP
 
 
 def draw_forgetting(counts: np.ndarray, picks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

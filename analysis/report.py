@@ -73,7 +73,7 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
             forgetting_summary(records),
             (
                 "group_forgetting.png",
-                plots.group_forgetting_figure(forgetting, flips=example_forgetting_frame(records)),
+                plots.group_forgetting_figure(forgetting, flips=flips),
             ),
         ),
     ]
@@ -89,16 +89,15 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
                 ("forgetting_heatmap.png", heatmap),
             )
         )
-    examples = flips
-    if not examples.empty:  # records written before per-example forgetting was measured have none
+    if not flips.empty:  # records written before per-example forgetting was measured have none
         caption = "Share of each group's eval examples answered right at the stage that trained the task and wrong "
         caption += "at the last (forgotten), or the other way (learned); forgotten − learned = F. forgotten_adj and "
         caption += "learned_adj subtract expected_flip, the share a uniform guess over each example's k options flips "
         caption += "either way, mean (1/k)(1 − 1/k). Table: means over seeds, 95% t-intervals over seeds clipped to "
         caption += "0..100 pp (±100 pp adjusted); figure: whiskers are the range over seeds, or a 95% Wilson interval "
         caption += "for a group in one run."
-        figure = ("example_forgetting.png", plots.example_forgetting_figure(examples))
-        table = example_forgetting_summary(examples).round(2)
+        figure = ("example_forgetting.png", plots.example_forgetting_figure(flips))
+        table = example_forgetting_summary(flips).round(2)
         out.append(("Per-example forgetting and learning (pp)", caption, table, figure))
     asymmetry = order_asymmetry(records)
     if not asymmetry.empty:

@@ -13,6 +13,7 @@ import pandas as pd
 from analysis.intervals import cluster_interval
 from analysis.power import mde_asymmetry, mde_biased_forgetting, mde_forgetting, seeds_needed
 from analysis.runs import condition_labels, evals_frame, example_forgetting_frame, forgetting_frame
+from chainforget.metrics import PP
 from chainforget.records import EXAMPLE_FORGETTING
 
 # ranges (pp) of the quantities averaged over seeds: a difference of two accuracies (F, F_g, accuracy changes),
@@ -250,7 +251,7 @@ def learning_table(records: list[dict]) -> pd.DataFrame:
                     "balanced_acc_trained": PP * row["balanced_acc_trained"],
                     "top_answer_share_base": PP * row["top_answer_share_base"],
                     "top_answer_share_trained": PP * row["top_answer_share_trained"],
-                    **{name: PP * value for name, value in contexts.items() if name not in ("acc_base",)},
+                    **{name: PP * value for name, value in contexts.items()},
                     "gain": row["gain"],
                     "learned": row["learned"],
                     "target": target,
@@ -260,9 +261,6 @@ def learning_table(records: list[dict]) -> pd.DataFrame:
             )
     columns = ["task", "finetune", "answer", "mixture", "lr", "steps", "seed"]
     return pd.DataFrame(rows).sort_values(columns).reset_index(drop=True) if rows else pd.DataFrame(rows)
-
-
-PP = 100.0
 
 
 def asymmetry_seeds(records: list[dict]) -> pd.DataFrame:

@@ -22,6 +22,7 @@ from chainforget.config import (
     ModelSpec,
     TrainerSpec,
     TrainSpec,
+    check_answer_and_mitigation,
     check_field,
     config_files,
     read_mapping,
@@ -127,11 +128,7 @@ def check_stage_arguments(config) -> None:
         mitigation = as_spec(MitigationSpec, plain(model.mitigation), "model.mitigation") or MitigationSpec()
     except ConfigError as exc:
         raise ConfigError(f"model.{exc}") from None
-    if config.data.answer == "text" and "teacher" in mitigation.rule.needs:
-        raise ConfigError(
-            f"model.mitigation.name: {mitigation.name} distils the answer letters' distribution, which "
-            "data.answer: text does not train; use data.answer: letter or another mitigation"
-        )
+    check_answer_and_mitigation(config.data.answer, mitigation, "data.answer", "model.mitigation.name")
     if model.init_from:
         StageCache.at(model.cache_dir).weights_for(model.init_from)
     shared = {field.name for field in dataclasses.fields(TrainerSpec)} - {"checkpoint_every"}

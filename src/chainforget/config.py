@@ -454,11 +454,7 @@ class ChainConfig:
                 f"mitigation.name: {mitigation.name} acts from stage {mitigation.rule.first_stage} on and this chain "
                 f"has {stages} stage(s), so it would never act; add a stage or drop the mitigation"
             )
-        if self.train.answer == "text" and "teacher" in mitigation.rule.needs:
-            raise ConfigError(
-                f"mitigation.name: {mitigation.name} distils the answer letters' distribution, which "
-                "train.answer: text does not train; use train.answer: letter or another mitigation"
-            )
+        check_answer_and_mitigation(self.train.answer, mitigation, "train.answer", "mitigation.name")
         for probe in self.eval.probes:
             if probe not in self.tasks:
                 raise ConfigError(f"eval.probes: {probe!r} is not under tasks")
@@ -468,6 +464,16 @@ class ChainConfig:
 
 
 NAME_BYTES = 255  # the longest file or folder name Linux, macOS and Windows filesystems hold
+
+
+def check_answer_and_mitigation(answer: str, mitigation: MitigationSpec, answer_key: str, mitigation_key: str) -> None:
+    """A mitigation that distils the answer letters' distribution (LwF's teacher) needs a stage that trains one:
+    text answers have none. The keys name the settings as the command at hand spells them."""
+    if answer == "text" and "teacher" in mitigation.rule.needs:
+        raise ConfigError(
+            f"{mitigation_key}: {mitigation.name} distils the answer letters' distribution, which "
+            f"{answer_key}: text does not train; use {answer_key}: letter or another mitigation"
+        )
 
 
 def check_strings(tree: dict, prefix: str = "") -> None:

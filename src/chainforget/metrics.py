@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 ALL = "all"
+PP = 100.0  # a fraction in percentage points
 
 
 def group_splits(frame: pd.DataFrame, kinds: tuple[str, ...]) -> list[tuple[str, pd.Series]]:
@@ -229,9 +230,6 @@ def learning(predictions: pd.DataFrame, trained_at: dict[str, int], contexts: st
         row["learned"] = row["gain"] if not gains or min(gains) >= 0 else min(gains)
         rows.append(row)
     return rows
-
-
-PP = 100.0
 
 
 def bbq_bias_scores(predictions: pd.DataFrame, by: str = "category") -> list[dict]:

@@ -20,6 +20,7 @@ import pandas as pd
 
 from chainforget import allocator
 from chainforget.errors import ConfigError, DataError, WriteError
+from chainforget.metrics import PP
 from chainforget.tasks.downloads import file_sha256
 
 SCHEMA_VERSION = 3  # 2: what each stage trains and replays, each task's role and training stage; 3: mitigation
@@ -254,7 +255,6 @@ def summary_metrics(record: dict) -> dict[str, float | str | None]:
     return summary
 
 
-PP = 100.0
 EXAMPLE_FORGETTING = ("forgotten", "learned", "expected_flip", "forgotten_adj", "learned_adj")  # pp, per example
 FRACTION_SCORES = ("acc", "acc_ambig", "balanced_acc")  # task scores stored as fractions (bias scores are x100)
 
