@@ -89,7 +89,7 @@ def measure(args) -> list[Row]:
     from training import matmul_peak, non_embedding_parameters
 
     from chainforget.config import ModelSpec
-    from chainforget.models import load_model, load_tokenizer, smollm2_dir
+    from chainforget.models import SMOLLM2, load_model, load_tokenizer, wheel_model_dir
     from chainforget.scoring import score_letters, score_text
     from chainforget.tasks import question_text
 
@@ -97,7 +97,7 @@ def measure(args) -> list[Row]:
     spec = ModelSpec(finetune="full")
     model, tokenizer = load_model(spec).eval(), load_tokenizer(spec)
     non_embedding = non_embedding_parameters(model)
-    lm = HFLM(pretrained=str(smollm2_dir()), device="cpu", dtype="float32", batch_size=args.batch_size)
+    lm = HFLM(pretrained=str(wheel_model_dir(SMOLLM2)), device="cpu", dtype="float32", batch_size=args.batch_size)
     print(
         f"evaluation: threads {args.threads}, batch {args.batch_size}, {args.repeats} repeats; "
         "items/s median [min, max]"

