@@ -37,11 +37,12 @@ from chainforget.models import (
     load_model,
     load_tokenizer,
     load_trainable,
+    lora_layers,
     save_pretrained,
     save_trainable,
     trainable_parameters,
 )
-from chainforget.plan import StagePlan, plan_chain
+from chainforget.plan import StagePlan, plan_chain, safety_stage
 from chainforget.progress import bar_options
 from chainforget.records import (
     StageCache,
@@ -191,6 +192,10 @@ class ChainRun:
     run_dir: Path
     tracker: object | None
     progress: bool
+    # the safety direction, once the safety stage has run (mitigations that keep to it): each adapted layer's
+    # subspace and the trainable weights that stage ended with
+    safety_layers: dict[str, mitigations.SafetyLayer] | None = None
+    safety_weights: dict[str, torch.Tensor] | None = None
 
 
 @quiet_libraries()
@@ -251,8 +256,13 @@ def run_stages(chain: ChainRun, on_stage: Callable[[int, dict], None] | None) ->
     predictions = [evaluate(chain, 0, key)]
     tracking.log_stage(chain.tracker, predictions[-1], data)
     stages = []
+    direction_from = safety_stage(config.order) if "safety" in config.mitigation.rule.needs else None
     for plan in chain.plans:
+        before = mitigations.snapshot(trainable_parameters(chain.model)) if plan.index == direction_from else None
         stage, key = train_or_reuse(chain, plan, key)
+        if before is not None:
+            chain.safety_weights = mitigations.snapshot(trainable_parameters(chain.model))
+            chain.safety_layers = mitigations.safety_layers(lora_layers(chain.model), before, chain.safety_weights)
         stages.append(stage)
         predictions.append(evaluate(chain, plan.index, key))
         tracking.log_stage(chain.tracker, predictions[-1], data)
@@ -431,7 +441,7 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
         attention=config.train.attention,
         compile=config.train.compile,
     )
-    module.fisher = fisher
+    module.fisher, module.safety = fisher, chain.safety_layers
     batches = config.train.steps * config.trainer.accumulate_grad_batches
     datamodule = stage_data(chain, plan.entry, batches, plan.seed)
     resume = checkpoints / "last.ckpt"
@@ -461,6 +471,7 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
         print(f"chainforget: stage {index} resumes from its checkpoint {resume}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=resume if resume.exists() else None)
+    projection = project_onto_safety(chain, plan.mitigation) if plan.mitigation else None
     train = {
         "steps": int(trainer.global_step),
         "tokens": int(module.tokens_seen),
@@ -470,20 +481,35 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
     }
     return {
         "train": train,
-        "mitigation": mitigation_summary(config, plan, module, datamodule),
+        "mitigation": mitigation_summary(config, plan, module, datamodule, projection),
         "curvature": module.curvature,
     }
 
 
-def mitigation_summary(config: ChainConfig, plan: StagePlan, module: StageModule, datamodule) -> dict | None:
-    """What the mitigation did in this stage: the replayed example ids, or its mean penalty (SAM: perturbation)
-    with the settings it read."""
+def project_onto_safety(chain: ChainRun, spec) -> dict | None:
+    """Safe LoRA's projection of the stage just trained (``mitigations.project_layers``), in place; what it did."""
+    if spec.rule.kind != "projection":
+        return None
+    started = time.perf_counter()
+    parameters = trainable_parameters(chain.model)
+    done = mitigations.project_layers(parameters, chain.safety_layers, chain.safety_weights, spec.strength)
+    similarity = {name: round(value, 6) for name, value in done["similarity"].items()}
+    return {"projected": done["projected"], "similarity": similarity, "wall_s": round(time.perf_counter() - started, 3)}
+
+
+def mitigation_summary(
+    config: ChainConfig, plan: StagePlan, module: StageModule, datamodule, projection: dict | None
+) -> dict | None:
+    """What the mitigation did in this stage: the replayed example ids, the layers projected with every layer's
+    similarity, or its mean penalty (SAM: perturbation) with the settings it read."""
     spec = config.mitigation
     if plan.replays:
         ids = {name: datamodule.drawn_ids.get(name, []) for name in plan.replays}
         return {"name": spec.name, "strength": spec.strength, "replay_ids": ids}
     if plan.mitigation is None:
         return None
+    if projection is not None:
+        return {"name": spec.name, "strength": spec.strength, **projection}
     mean = float(module.mitigation_total) / max(1, config.train.steps)
     settings = {knob: getattr(spec, knob) for knob in spec.rule.knobs if knob not in ("strength", "stages")}
     field = "mean_perturbation" if spec.rule.kind == "sam" else "mean_penalty"

@@ -164,6 +164,7 @@ class StageModule(L.LightningModule):
         self.fisher: dict[str, torch.Tensor] | None = None
         self.anchor: dict[str, torch.Tensor] | None = None
         self.teacher: torch.Tensor | None = None
+        self.safety: dict[str, mitigations.SafetyLayer] | None = None  # set by the chain runner, as ``fisher``
         self.final_loss: torch.Tensor | float | None = None  # tensors while training (no per-step wait on a GPU)
         self.tokens_seen = 0
         self.mitigation_total: torch.Tensor | float = 0.0
@@ -240,6 +241,11 @@ class StageModule(L.LightningModule):
                 f"mitigation {self.mitigation.name} needs the previous stage's data for its Fisher; "
                 "run it inside `chainforget chain`"
             )
+        if "safety" in needs and self.safety is None:
+            raise ConfigError(
+                f"mitigation {self.mitigation.name} needs the chain's safety stage for its direction; "
+                "run it inside `chainforget chain`"
+            )
         if "anchor" in needs and self.anchor is None:  # a resumed stage keeps its stage-start anchor
             self.anchor = mitigations.snapshot(self.trainable())
         if "teacher" in needs and self.teacher is None:
@@ -313,7 +319,7 @@ class StageModule(L.LightningModule):
         letters = self.trainer.datamodule.letters
         teacher = None if self.teacher is None else self.teacher[batch["index"].cpu()].to(logits.device)
         answers = None if "targets" in batch else logits[:, letters]
-        step = mitigations.StepState(self.trainable(), answers, self.anchor, self.fisher, teacher)
+        step = mitigations.StepState(self.trainable(), answers, self.anchor, self.fisher, teacher, self.safety)
         return penalty(step, self.mitigation)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:

@@ -5,11 +5,13 @@ CSQA after BBQ answers A everywhere unless something holds the BBQ behaviour in 
 tiny model can learn to tell the two formats apart, which is what replay needs to pay off.
 """
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from chainforget.config import CurvatureSpec, MitigationSpec
 from chainforget.errors import ConfigError
@@ -128,3 +130,79 @@ def test_a_mitigation_added_to_the_registry_alone_runs_in_a_chain_and_reaches_th
     assert "mitigation.strength" not in inactive_keys(record)
     logged = pd.read_csv(Path(smoke_config.out) / "l1" / "lightning_logs" / "stage2" / "metrics.csv")
     assert (logged["train/penalty"].dropna() > 0).all() and len(logged["train/penalty"].dropna()) >= 1
+
+
+def stage_rows(record, stage):
+    return [row for row in record["eval"] if row["stage"] == stage]
+
+
+@pytest.fixture()
+def lora_config(smoke_config):
+    """The smoke chain with LoRA adapters (the safety-direction mitigations work on LoRA updates)."""
+    return replace(smoke_config, model=replace(smoke_config.model, finetune="lora"))
+
+
+def test_safety_direction_mitigations_at_strengths_that_do_nothing_are_plain_fine_tuning(lora_config):
+    plain = chain(lora_config, "plain")
+    for spec in (MitigationSpec("safety_anchor", 0.0), MitigationSpec("safety_projection", -1.0)):
+        kept = chain(lora_config, spec.name, spec)
+        assert stage_rows(kept, 2) == stage_rows(plain, 2)
+    assert kept["stages"][1]["mitigation"]["projected"] == []
+    assert len(kept["stages"][1]["mitigation"]["similarity"]) == 8  # q/k/v/o of the tiny model's two layers
+
+
+def test_safety_projection_keeps_the_later_update_inside_the_safety_subspace(lora_config):
+    from safetensors.torch import load_file
+
+    from chainforget import mitigations
+
+    plain = chain(lora_config, "plain", steps=100, lr=5e-3)
+    record = chain(lora_config, "projected", MitigationSpec("safety_projection", 1.0), steps=100, lr=5e-3)
+    done = record["stages"][1]["mitigation"]
+    assert sorted(done["projected"]) == sorted(done["similarity"]) and all(s < 1 for s in done["similarity"].values())
+    assert done["wall_s"] < 5
+    run = Path(lora_config.out) / "projected"
+    first, second = (load_file(run / f"stage{k}" / "adapter_model.safetensors") for k in (1, 2))
+    for name in done["projected"]:  # B of stage 2 lies in the span of the stage-1 update (B = 0 before it)
+        a_key, b_key = (f"{name}.lora_{x}.weight" for x in "AB")
+        basis = mitigations.update_basis(first[b_key].double() @ first[a_key].double())
+        b = second[b_key].double()
+        assert torch.allclose(basis @ (basis.T @ b), b, atol=1e-5)
+    assert bbq_forgetting(record) < bbq_forgetting(plain)
+
+
+def test_a_strong_safety_anchor_holds_the_update_to_the_safety_directions(lora_config):
+    free = chain(lora_config, "free", MitigationSpec("safety_anchor", 0.0))
+    held = chain(lora_config, "held", MitigationSpec("safety_anchor", 1e4))
+    assert free["stages"][1]["mitigation"]["mean_penalty"] == 0.0
+    assert held["stages"][1]["mitigation"]["mean_penalty"] > 0.0
+    assert held["stages"][1]["train"]["weight_drift"] < free["stages"][1]["train"]["weight_drift"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(model="full", mitigation=("safety_anchor", 1.0)), "needs model.finetune: lora, not full"),
+        (dict(order=["csqa", "csqa"], mitigation=("safety_anchor", 1.0)), "order ['csqa', 'csqa'] trains none"),
+        (dict(order=["csqa", "bbq", "csqa"], mitigation=("safety_projection", 0.5)), "at stage 2; put it first"),
+    ],
+)
+def test_safety_direction_mitigations_refuse_chains_without_a_direction(lora_config, changes, message):
+    model = replace(lora_config.model, finetune=changes.get("model", "lora"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        replace(
+            lora_config,
+            model=model,
+            order=changes.get("order", lora_config.order),
+            mitigation=MitigationSpec(*changes["mitigation"]),
+        )
+
+
+def test_safety_direction_mitigations_act_only_after_the_safety_stage():
+    from chainforget.plan import plan_stages
+
+    for spec in (MitigationSpec("safety_anchor", 1.0), MitigationSpec("safety_projection", 0.5)):
+        after = plan_stages(["bbq", "csqa", "csqa"], spec, CurvatureSpec(), 0)
+        assert [plan.mitigation for plan in after] == [None, spec, spec]
+        before = plan_stages(["csqa", "bbq"], spec, CurvatureSpec(), 0)
+        assert [plan.mitigation for plan in before] == [None, None]

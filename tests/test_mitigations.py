@@ -11,7 +11,14 @@ from chainforget.errors import ConfigError
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        (dict(name="l2sp", strength=-1.0), "mitigation.strength: -1.0 is not allowed"),
+        (
+            dict(name="l2sp", strength=-1.0),
+            "strength: penalty weight -1.0 is not allowed for l2sp; use 0 <= lambda",
+        ),
+        (
+            dict(name="safety_projection", strength=1.5),
+            "threshold 1.5 is not allowed for safety_projection; use -1 <= tau <= 1",
+        ),
         (dict(name="ewc", strength=math.nan), "mitigation.strength: nan is not allowed"),
         (dict(name="replay_stage", strength=1.5), "replay ratio 1.5 is not allowed"),
         (dict(name="lwf", strength=1.0, temperature=0.0), "mitigation.temperature: 0.0"),
@@ -90,3 +97,81 @@ def test_sam_steps_rho_along_the_normalised_gradient_and_back():
     assert float(steps[0].norm()) == pytest.approx(0.5)
     mitigations.sam_descent([weight], steps)
     assert weight.detach().tolist() == pytest.approx([1.0, 1.0])
+
+
+def safety_layer(b_safety, a_safety, scale=2.0):
+    """A layer whose safety stage moved it from B = 0 (LoRA's start) to ``b_safety @ a_safety``."""
+    update = scale * b_safety @ a_safety
+    return mitigations.SafetyLayer("a", "b", scale, mitigations.update_basis(update))
+
+
+def test_update_basis_spans_the_update_with_orthonormal_columns():
+    b, a = double(6, 2, seed=1), double(2, 5, seed=2)
+    basis = mitigations.update_basis(b @ a)
+    assert basis.shape == (6, 2)  # a rank-2 update
+    assert torch.allclose(basis.T @ basis, torch.eye(2, dtype=basis.dtype), atol=1e-12)
+    assert torch.allclose(basis @ (basis.T @ b), b, atol=1e-12)  # B's columns lie in the span
+    assert mitigations.update_basis(torch.zeros(4, 3, dtype=torch.float64)).shape == (4, 0)
+
+
+def test_projection_keeps_a_layer_already_inside_the_safety_subspace():
+    b_s, a_s = double(6, 2, seed=1), double(2, 5, seed=2)
+    layer = safety_layer(b_s, a_s)
+    b = b_s @ double(2, 2, seed=3)  # the later stage moved B only within the safety subspace
+    new_b, similarity = mitigations.project_update(b, double(2, 5, seed=4), layer, b_s, a_s, tau=1.0)
+    assert similarity == pytest.approx(1.0)
+    assert new_b is None
+
+
+def test_projection_by_threshold_and_its_geometry():
+    b_s, a_s = double(6, 2, seed=1), double(2, 5, seed=2)
+    layer = safety_layer(b_s, a_s)
+    b, a = double(6, 2, seed=5), double(2, 5, seed=6)
+    update = 2.0 * (b @ a - b_s @ a_s)
+    q = layer.basis
+    expected = float(torch.linalg.matrix_norm(q @ q.T @ update) / torch.linalg.matrix_norm(update))
+    assert 0 < expected < 1
+    for tau in (-1.0, 0.0, expected - 1e-9):  # nothing projected at or below the similarity
+        assert mitigations.project_update(b, a, layer, b_s, a_s, tau) == (None, pytest.approx(expected))
+    new_b, similarity = mitigations.project_update(b, a, layer, b_s, a_s, tau=1.0)
+    assert similarity == pytest.approx(expected)
+    # the projected layer is the safety stage's weights plus the projection of the update since then
+    assert torch.allclose(2.0 * new_b @ a, 2.0 * b_s @ a_s + q @ q.T @ update, atol=1e-12)
+    again, similarity = mitigations.project_update(new_b, a, layer, b_s, a_s, tau=1.0)
+    assert again is None and similarity == pytest.approx(1.0)  # a projection is idempotent
+
+
+def test_project_layers_edits_b_in_place_and_reports_each_layer():
+    b_s, a_s = double(6, 2, seed=1), double(2, 5, seed=2)
+    basis = safety_layer(b_s, a_s).basis
+    layers = {
+        "inside": mitigations.SafetyLayer("in.a", "in.b", 2.0, basis),
+        "outside": mitigations.SafetyLayer("out.a", "out.b", 2.0, basis),
+    }
+    parameters = {"in.a": a_s.clone(), "in.b": 2 * b_s, "out.a": a_s.clone(), "out.b": double(6, 2, seed=7)}
+    safety = {"in.a": a_s, "in.b": b_s, "out.a": a_s, "out.b": b_s}
+    kept = parameters["in.b"].clone()
+    done = mitigations.project_layers(parameters, layers, safety, tau=0.9)
+    assert done["projected"] == ["outside"]
+    assert done["similarity"]["inside"] == pytest.approx(1.0)
+    assert torch.equal(parameters["in.b"], kept)
+    q = layers["outside"].basis
+    assert torch.allclose(parameters["out.b"], q @ q.T @ double(6, 2, seed=7), atol=1e-12)
+
+
+def test_safety_anchor_penalty_by_hand_gradient_and_zero_inside_the_subspace():
+    b_s, a_s = double(6, 2, seed=1), double(2, 5, seed=2)
+    layer = {"l": safety_layer(b_s, a_s)}
+    anchor = {"a": a_s, "b": b_s}
+    q = layer["l"].basis
+    b, a = double(6, 2, seed=3), double(2, 5, seed=4)
+    update = 2.0 * (b @ a - b_s @ a_s)
+    by_hand = 0.5 * 0.7 * float(((update - q @ q.T @ update) ** 2).sum())
+    value = mitigations.safety_anchor_penalty({"a": a, "b": b}, anchor, layer, 0.7)
+    assert float(value) == pytest.approx(by_hand)
+    inside = {"a": double(2, 5, seed=5), "b": b_s @ double(2, 2, seed=6)}  # moves within the subspace cost nothing
+    assert float(mitigations.safety_anchor_penalty(inside, anchor, layer, 0.7)) == pytest.approx(0.0, abs=1e-20)
+    assert torch.autograd.gradcheck(
+        lambda a, b: mitigations.safety_anchor_penalty({"a": a, "b": b}, anchor, layer, 0.7),
+        (a.clone().requires_grad_(), b.clone().requires_grad_()),
+    )

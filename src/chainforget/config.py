@@ -218,15 +218,19 @@ class MitigationSpec:
         name: ``replay_stage`` (extra last stage: last task + share r of earlier tasks), ``replay_mix``
             (that mixture inside every later stage), ``l2sp`` (pull toward the previous stage's weights),
             ``ewc`` (the same, weighted by a diagonal Fisher of the previous stage's data), ``lwf``
-            (KL to the previous-stage model's answer distribution), ``sam`` (sharpness-aware minimisation).
-        strength: r in [0, 1] for replay, lambda >= 0 for l2sp/ewc/lwf, radius rho >= 0 for sam.
+            (KL to the previous-stage model's answer distribution), ``sam`` (sharpness-aware minimisation),
+            ``safety_anchor`` (pay for moving outside the safety stage's update directions), ``safety_projection``
+            (after each later stage, project each layer's update onto them where it strays). The last two need
+            LoRA.
+        strength: r in [0, 1] for replay, lambda >= 0 for l2sp/ewc/lwf/safety_anchor, radius rho >= 0 for sam,
+            similarity threshold tau in [-1, 1] for safety_projection.
         temperature: LwF softmax temperature.
         fisher_batches: batches of the previous stage's data used to estimate the EWC Fisher.
         stages: the stages (1-based) it applies to; ``null``: every stage after the first (every stage for sam).
     """
 
     name: str = "none"
-    strength: float = ranged(0.0, 0.0)
+    strength: float = ranged(0.0)  # each mitigation's range: its rule's min_strength, max_strength
     temperature: float = ranged(2.0, above=0.0)
     fisher_batches: int = ranged(8, 1)
     stages: list[int] | None = None
@@ -237,11 +241,13 @@ class MitigationSpec:
         if self.name not in MITIGATIONS:
             raise ConfigError(f"mitigation.name: {self.name!r} is unknown; use one of {', '.join(MITIGATIONS)}")
         check_ranges(self, "mitigation")
-        if self.strength > self.rule.max_strength:
-            what, symbol = self.rule.strength_is.rsplit(" ", 1)
+        rule = self.rule
+        if not rule.min_strength <= self.strength <= rule.max_strength:
+            what, symbol = rule.strength_is.rsplit(" ", 1)
+            upper = f" <= {rule.max_strength:g}" if math.isfinite(rule.max_strength) else ""
             raise ConfigError(
                 f"mitigation.strength: {what} {self.strength} is not allowed for {self.name}; "
-                f"use 0 <= {symbol} <= {self.rule.max_strength:g}"
+                f"use {rule.min_strength:g} <= {symbol}{upper}"
             )
         check_stages(self.stages, "mitigation.stages")
 
@@ -455,6 +461,7 @@ class ChainConfig:
                 f"has {stages} stage(s), so it would never act; add a stage or drop the mitigation"
             )
         check_answer_and_mitigation(self.train.answer, mitigation, "train.answer", "mitigation.name")
+        check_safety_direction(self)
         for probe in self.eval.probes:
             if probe not in self.tasks:
                 raise ConfigError(f"eval.probes: {probe!r} is not under tasks")
@@ -473,6 +480,34 @@ def check_answer_and_mitigation(answer: str, mitigation: MitigationSpec, answer_
         raise ConfigError(
             f"{mitigation_key}: {mitigation.name} distils the answer letters' distribution, which "
             f"{answer_key}: text does not train; use {answer_key}: letter or another mitigation"
+        )
+
+
+def check_safety_direction(config: ChainConfig) -> None:
+    """A mitigation that keeps to the safety direction reads the update of the chain's safety stage
+    (``plan.safety_stage``) layer by layer as a LoRA update ``B @ A``: it needs LoRA and a stage that trains a safety
+    task; the projection also needs that stage first where a stage follows it (only an update from the base
+    model's ``B = 0`` stays a rank-r adapter once projected)."""
+    from chainforget.plan import safety_stage
+
+    mitigation = config.mitigation
+    if "safety" not in mitigation.rule.needs:
+        return
+    if config.model.finetune != "lora":
+        raise ConfigError(
+            f"mitigation.name: {mitigation.name} works on each adapted layer's low-rank update and needs "
+            f"model.finetune: lora, not {config.model.finetune}"
+        )
+    stage = safety_stage(config.order)
+    if stage is None:
+        raise ConfigError(
+            f"mitigation.name: {mitigation.name} keeps to the update of the stage that trains a safety task, and "
+            f"order {config.order} trains none"
+        )
+    if mitigation.rule.kind == "projection" and 1 < stage < len(config.order):
+        raise ConfigError(
+            f"mitigation.name: {mitigation.name} projects onto the update of the chain's first stage, and order "
+            f"{config.order} first trains a safety task at stage {stage}; put it first or end the chain with it"
         )
 
 

@@ -1,10 +1,10 @@
-"""The mitigations of forgetting, framework-free: what each is (``MITIGATIONS``) and its maths (L2-SP, EWC, LwF
-and the SAM perturbation).
+"""The mitigations of forgetting, framework-free: what each is (``MITIGATIONS``) and its maths (L2-SP, EWC, LwF,
+the SAM perturbation, and the safety direction's anchor and projection).
 
-Each takes one strength knob (penalty weight lambda, SAM radius rho, replay ratio r); at strength 0 each is
-exactly plain fine-tuning. Adding one: its maths and one ``MITIGATIONS`` entry here, a config snippet in
-``sweeps/configs/mitigations/`` and its test; the config, the stage plan, the Lightning module and analysis
-read the entry. Replay is data, not a loss: the stage plan (``chainforget.plan``) works out its mixtures.
+Each takes one strength knob (penalty weight lambda, SAM radius rho, replay ratio r, similarity threshold tau); at
+strength 0 each is exactly plain fine-tuning. Adding one: its maths and one ``MITIGATIONS`` entry here, a config
+snippet in ``sweeps/configs/mitigations/`` and its test; the config, the stage plan, the Lightning module and
+analysis read the entry. Replay is data, not a loss: the stage plan (``chainforget.plan``) works out its mixtures.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class StepState:
         anchor: the trainable parameters at the stage's start (when the mitigation ``needs`` it).
         fisher: EWC's diagonal Fisher of the previous stage's data (when it ``needs`` it).
         teacher: the stage-start model's answer-letter logits on the batch's examples (when it ``needs`` it).
+        safety: the safety subspace of every adapted layer (when it ``needs`` it; see ``SafetyLayer``).
     """
 
     parameters: dict[str, torch.Tensor]
@@ -36,6 +37,25 @@ class StepState:
     anchor: dict[str, torch.Tensor] | None = None
     fisher: dict[str, torch.Tensor] | None = None
     teacher: torch.Tensor | None = None
+    safety: dict[str, SafetyLayer] | None = None
+
+
+@dataclass(frozen=True)
+class SafetyLayer:
+    """One LoRA-adapted linear layer and its safety subspace.
+
+    Args:
+        lora_a: name of its ``A`` (rank x in) among the trainable parameters.
+        lora_b: name of its ``B`` (out x rank); the layer's weight is ``W0 + scale * B @ A``.
+        scale: LoRA's ``alpha / rank``.
+        basis: orthonormal columns (out x k) spanning the update of the stage that trained the safety task
+            (``update_basis``): the subspace the safety tuning moved this layer's outputs in.
+    """
+
+    lora_a: str
+    lora_b: str
+    scale: float
+    basis: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -44,20 +64,23 @@ class Mitigation:
 
     Args:
         kind: ``penalty`` (a term added to each step's loss), ``sam`` (SAM's two-pass step), ``replay`` (data:
-            the stage plan mixes earlier tasks' examples into a stage) or ``none``.
+            the stage plan mixes earlier tasks' examples into a stage), ``projection`` (an edit of the weights
+            once a stage has trained) or ``none``.
         knobs: the ``mitigation`` settings it reads besides its name; analysis treats the others as inactive.
         strength_is: what the strength is, ending in its symbol (for messages and labels).
-        max_strength: the largest strength allowed (replay ratios are shares).
+        min_strength, max_strength: the strengths allowed (replay ratios are shares, similarities cosines).
         first_stage: the first stage it applies to unless ``mitigation.stages`` says otherwise (2 for what
             protects an earlier stage, 1 for SAM, which shapes each stage's own minimum).
         adds_stage: replay as an extra last stage (the paper's) instead of inside the later stages.
-        needs: the stage-start state its penalty reads: ``anchor``, ``fisher`` or ``teacher`` (see ``StepState``).
+        needs: the stage-start state its penalty reads: ``anchor``, ``fisher``, ``teacher`` or ``safety`` (see
+            ``StepState``).
         penalty: the loss term, from the step's state and the ``mitigation`` settings.
     """
 
-    kind: Literal["none", "penalty", "sam", "replay"]
+    kind: Literal["none", "penalty", "sam", "replay", "projection"]
     knobs: tuple[str, ...] = ("strength", "stages")
     strength_is: str = "penalty weight lambda"
+    min_strength: float = 0.0
     max_strength: float = math.inf
     first_stage: int = 2
     adds_stage: bool = False
@@ -135,6 +158,91 @@ def sam_descent(parameters: list[torch.Tensor], steps: list[torch.Tensor]) -> No
         p.sub_(step)
 
 
+def update_basis(update: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """Orthonormal columns spanning a layer's update ``V`` (out x in): its left singular vectors whose singular
+    value is above ``rtol`` times the largest (a LoRA update ``scale * B @ A`` has at most ``rank``)."""
+    u, sigma, _ = torch.linalg.svd(update.double(), full_matrices=False)
+    keep = sigma > rtol * sigma[0] if sigma.numel() and sigma[0] > 0 else torch.zeros_like(sigma, dtype=torch.bool)
+    return u[:, keep].to(update.dtype)
+
+
+def off_subspace(update: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``(I - Q Q^T) U``: the part of ``update`` outside the span of ``basis``'s orthonormal columns ``Q``."""
+    return update - basis @ (basis.T @ update)
+
+
+def safety_anchor_penalty(
+    parameters: dict[str, torch.Tensor],
+    anchor: dict[str, torch.Tensor],
+    layers: dict[str, SafetyLayer],
+    strength: float,
+) -> torch.Tensor:
+    """``strength / 2 * sum_l ||(I - Q_l Q_l^T) dW_l||_F^2``, with ``dW_l = scale (B A - B_0 A_0)`` the layer's update
+    since the stage started and ``Q_l`` its safety subspace: only moves outside the directions the safety tuning
+    moved in are paid for (after AsFT, Yang et al. 2025, who anchor fine-tuning to the alignment direction
+    ``W_aligned - W_base``; here the chain's own safety stage gives it)."""
+    total = 0.0
+    device = next(iter(parameters.values())).device.type
+    with torch.autocast(device, enabled=False):  # in the parameters' own precision, not the forward pass's
+        for layer in layers.values():
+            a, b = parameters[layer.lora_a], parameters[layer.lora_b]
+            update = layer.scale * (b @ a - anchor[layer.lora_b] @ anchor[layer.lora_a])
+            total = total + (off_subspace(update, layer.basis.to(update)) ** 2).sum()
+    return 0.5 * strength * total
+
+
+@torch.no_grad()
+def project_update(
+    b: torch.Tensor, a: torch.Tensor, layer: SafetyLayer, safety_b: torch.Tensor, safety_a: torch.Tensor, tau: float
+) -> tuple[torch.Tensor | None, float]:
+    """Safe LoRA's projection (Hsu et al., NeurIPS 2024) of one layer's update since the safety stage,
+    ``U = scale (B A - B_s A_s)``, onto the safety subspace: with ``C = Q Q^T`` the exact projection onto it, the
+    similarity ``cos(U, C U) = ||C U||_F / ||U||_F``; below ``tau`` the layer keeps ``C U`` instead of ``U``.
+
+    Returns the projected ``B`` (``C B``: since ``C B_s A_s = B_s A_s`` when ``B_s A_s`` is the safety update
+    itself, ``W_s + C U = W_0 + scale (C B) A``, still a rank-r adapter) or ``None`` where the layer is kept, and the
+    similarity. tau = -1 (or 0) projects no layer; tau = 1 every layer not already inside the subspace. Safe LoRA
+    uses ``V V^T / ||V||_F`` for ``C``, a cheaper stand-in for the exact projection, which no rank-r adapter could
+    hold here."""
+    basis = layer.basis.to(b)
+    update = layer.scale * (b @ a - safety_b @ safety_a)
+    norm = torch.linalg.matrix_norm(update)
+    if norm == 0:
+        return None, 1.0
+    similarity = float(torch.linalg.matrix_norm(basis @ (basis.T @ update)) / norm)
+    if similarity >= tau:
+        return None, similarity
+    return basis @ (basis.T @ b), similarity
+
+
+def safety_layers(
+    layers: dict[str, tuple[str, str, float]], before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
+) -> dict[str, SafetyLayer]:
+    """Each adapted layer (``models.lora_layers``: names of ``A``, ``B`` and the scale) with the subspace of its
+    update over the safety stage, ``scale (B A - B_0 A_0)`` from the weights ``before`` and ``after`` it."""
+    return {
+        name: SafetyLayer(a, b, scale, update_basis(scale * (after[b] @ after[a] - before[b] @ before[a])))
+        for name, (a, b, scale) in layers.items()
+    }
+
+
+@torch.no_grad()
+def project_layers(
+    parameters: dict[str, torch.Tensor], layers: dict[str, SafetyLayer], safety: dict[str, torch.Tensor], tau: float
+) -> dict:
+    """Apply ``project_update`` to every layer in place, against the weights ``safety`` the safety stage ended
+    with; returns the layers projected and every layer's similarity."""
+    projected, similarity = [], {}
+    for name, layer in layers.items():
+        a, b = parameters[layer.lora_a], parameters[layer.lora_b]
+        safety_b, safety_a = safety[layer.lora_b].to(b), safety[layer.lora_a].to(a)
+        new_b, similarity[name] = project_update(b, a, layer, safety_b, safety_a, tau)
+        if new_b is not None:
+            b.copy_(new_b)
+            projected.append(name)
+    return {"projected": projected, "similarity": similarity}
+
+
 REPLAY = "replay ratio r"
 MITIGATIONS: dict[str, Mitigation] = {
     "none": Mitigation("none", knobs=()),
@@ -158,6 +266,18 @@ MITIGATIONS: dict[str, Mitigation] = {
         penalty=lambda step, spec: lwf_penalty(step.logits, step.teacher, spec.temperature, spec.strength),
     ),
     "sam": Mitigation("sam", strength_is="radius rho", first_stage=1),
+    "safety_anchor": Mitigation(
+        "penalty",
+        needs=frozenset({"anchor", "safety"}),
+        penalty=lambda step, spec: safety_anchor_penalty(step.parameters, step.anchor, step.safety, spec.strength),
+    ),
+    "safety_projection": Mitigation(
+        "projection",
+        strength_is="similarity threshold tau",
+        min_strength=-1.0,
+        max_strength=1.0,
+        needs=frozenset({"safety"}),
+    ),
 }
 
 

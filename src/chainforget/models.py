@@ -217,6 +217,17 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def lora_layers(model) -> dict[str, tuple[str, str, float]]:
+    """Every LoRA-adapted layer by module name: the names of its ``A`` and ``B`` weights among
+    ``trainable_parameters`` and its scale ``alpha / rank`` (the layer computes ``W0 x + scale * B A x``)."""
+    return {
+        name: (f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight", float(scale))
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and hasattr(module, "scaling")
+        for adapter, scale in module.scaling.items()
+    }
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
 

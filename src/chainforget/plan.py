@@ -78,12 +78,26 @@ def plan_chain(config: ChainConfig) -> list[StagePlan]:
     return plan_stages(config.order, config.mitigation, config.curvature, config.seed)
 
 
+def safety_stage(order: list[str]) -> int | None:
+    """The first stage whose (largest-weight) task is a safety task: the update the safety-direction mitigations
+    keep to."""
+    from chainforget import tasks
+
+    for index, entry in enumerate(order, start=1):
+        weights = parse_stage(entry)
+        if any(tasks.get(name).role == "safety" for name, w in weights.items() if w == max(weights.values())):
+            return index
+    return None
+
+
 def plan_stages(order: list[str], mitigation: MitigationSpec, curvature: CurvatureSpec, seed: int) -> list[StagePlan]:
     """The stages of ``order`` with ``mitigation`` applied: ``replay_stage`` adds a stage that repeats the last
-    one with replayed data mixed in, ``replay_mix`` mixes replayed data into later stages."""
+    one with replayed data mixed in, ``replay_mix`` mixes replayed data into later stages; one that keeps to the
+    safety direction acts only in the stages after the safety stage (none where no stage follows it)."""
     entries = apply_replay(order, mitigation)
     written = [*order, order[-1]] if mitigation.rule.adds_stage else list(order)
-    trains_with = mitigation.rule.kind in ("penalty", "sam")  # replay acts through the entries instead
+    trains_with = mitigation.rule.kind in ("penalty", "sam", "projection")  # replay acts through the entries
+    after = safety_stage(order) if "safety" in mitigation.rule.needs else 0
     plans = []
     for index, (entry, as_written) in enumerate(zip(entries, written), start=1):
         weights = parse_stage(as_written)
@@ -94,7 +108,7 @@ def plan_stages(order: list[str], mitigation: MitigationSpec, curvature: Curvatu
                 entry=entry,
                 trains=tuple(name for name, weight in weights.items() if weight == max(weights.values())),
                 replays=tuple(earlier_tasks(order, index)) if rewritten else (),
-                mitigation=mitigation if trains_with and mitigation.applies_to(index) else None,
+                mitigation=mitigation if trains_with and mitigation.applies_to(index) and index > after else None,
                 curvature=curvature.applies_to(index),
                 seed=seed + index,
             )
