@@ -370,8 +370,11 @@ def eval_device(config: ChainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def stage_data(chain: ChainRun, entry: str, batches: int, seed: int) -> StageDataModule:
-    """The stage's data module over the chain's loaded data: ``batches`` batches drawn from ``entry``'s mixture."""
+def stage_data(
+    chain: ChainRun, entry: str, batches: int, seed: int, group_by: dict[str, str] | None = None
+) -> StageDataModule:
+    """The stage's data module over the chain's loaded data: ``batches`` batches drawn from ``entry``'s mixture,
+    the examples of the tasks in ``group_by`` labelled with their group of that kind."""
     train = chain.config.train
     datamodule = StageDataModule.prepared(
         chain.data,
@@ -384,6 +387,7 @@ def stage_data(chain: ChainRun, entry: str, batches: int, seed: int) -> StageDat
         bucket=train.bucket,
         answer=train.answer,
     )
+    datamodule.group_by = group_by or {}
     datamodule.setup()
     return datamodule
 
@@ -443,7 +447,11 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
     )
     module.fisher, module.safety = fisher, chain.safety_layers
     batches = config.train.steps * config.trainer.accumulate_grad_batches
-    datamodule = stage_data(chain, plan.entry, batches, plan.seed)
+    spec = plan.mitigation
+    group_by = None
+    if spec is not None and spec.rule.weighs_replay:
+        group_by = {task: spec.group_kind or chain.data[task].group_kinds[0] for task in plan.replays}
+    datamodule = stage_data(chain, plan.entry, batches, plan.seed, group_by)
     resume = checkpoints / "last.ckpt"
     resumed_at = SafetensorsCheckpointIO.global_step(resume) if resume.exists() else None
     loggers = [StageCSVLogger(run_dir, name="lightning_logs", version=f"stage{index}", resumed_at=resumed_at)]
@@ -505,7 +513,12 @@ def mitigation_summary(
     spec = config.mitigation
     if plan.replays:
         ids = {name: datamodule.drawn_ids.get(name, []) for name in plan.replays}
-        return {"name": spec.name, "strength": spec.strength, "replay_ids": ids}
+        summary = {"name": spec.name, "strength": spec.strength, "replay_ids": ids}
+        if module.group_weights is not None:  # group_replay: the DRO weights the stage ended with
+            weights = module.group_weights.tolist()
+            summary |= {"replay_share": spec.replay_share, "group_kind": datamodule.group_by}
+            summary["group_weights"] = {name: round(w, 6) for name, w in zip(datamodule.group_names, weights)}
+        return summary
     if plan.mitigation is None:
         return None
     if projection is not None:

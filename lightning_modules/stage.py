@@ -82,6 +82,17 @@ def loss_of(logits: torch.Tensor, batch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["answer"])
 
 
+def example_losses(logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the summed cross-entropy of its answer tokens and how many there are (1 for a letter)."""
+    if "targets" in batch:
+        targets = batch["targets"]
+        flat = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+        counted = (targets != -100).sum(dim=1)
+        return flat.view_as(targets).sum(dim=1), counted.to(flat.dtype)
+    losses = F.cross_entropy(logits.float(), batch["answer"], reduction="none")
+    return losses, torch.ones_like(losses)
+
+
 def answer_loss(network, batch) -> torch.Tensor:
     return loss_of(answer_logits(network, batch), batch)
 
@@ -165,6 +176,7 @@ class StageModule(L.LightningModule):
         self.anchor: dict[str, torch.Tensor] | None = None
         self.teacher: torch.Tensor | None = None
         self.safety: dict[str, mitigations.SafetyLayer] | None = None  # set by the chain runner, as ``fisher``
+        self.group_weights: torch.Tensor | None = None  # group_replay's q over the data module's group_names
         self.final_loss: torch.Tensor | float | None = None  # tensors while training (no per-step wait on a GPU)
         self.tokens_seen = 0
         self.mitigation_total: torch.Tensor | float = 0.0
@@ -246,6 +258,9 @@ class StageModule(L.LightningModule):
                 f"mitigation {self.mitigation.name} needs the chain's safety stage for its direction; "
                 "run it inside `chainforget chain`"
             )
+        groups = self.trainer.datamodule.group_names
+        if self.mitigation.name == "group_replay" and groups and self.group_weights is None:
+            self.group_weights = torch.full((len(groups),), 1.0 / len(groups), dtype=torch.float64)
         if "anchor" in needs and self.anchor is None:  # a resumed stage keeps its stage-start anchor
             self.anchor = mitigations.snapshot(self.trainable())
         if "teacher" in needs and self.teacher is None:
@@ -271,6 +286,7 @@ class StageModule(L.LightningModule):
             "final_loss": None if self.final_loss is None else float(self.final_loss),
             "anchor": self.anchor,
             "teacher": self.teacher,
+            "group_weights": self.group_weights,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
@@ -292,7 +308,7 @@ class StageModule(L.LightningModule):
             state["mitigation_total"],
             state["final_loss"],
         )
-        self.anchor, self.teacher = state["anchor"], state["teacher"]
+        self.anchor, self.teacher, self.group_weights = state["anchor"], state["teacher"], state["group_weights"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         kind, keys, *rest = state["rng"]["numpy"]
@@ -327,7 +343,7 @@ class StageModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         logits = answer_logits(self.network, batch)
-        loss = loss_of(logits, batch)
+        loss = loss_of(logits, batch) if self.group_weights is None else self.group_dro_loss(logits, batch)
         penalty = self.penalty(batch, logits)
         if penalty is not None:
             self.mitigation_total += penalty.detach()  # a tensor: reading it every step would wait on a GPU
@@ -341,6 +357,19 @@ class StageModule(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/tokens", float(self.tokens_seen))
         return objective if self.automatic_optimization else None
+
+    def group_dro_loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        """The batch's loss with each replayed example weighted by its group's DRO weight, after the weights took
+        their step on this batch's group losses (as group DRO does). At eta = 0 every weight stays 1 and the loss
+        is ``loss_of``'s, computed the same way."""
+        if self.mitigation.strength == 0:
+            return loss_of(logits, batch)
+        sums, counts = example_losses(logits, batch)
+        groups, weights = batch["group"], self.group_weights.to(sums.device)
+        means, present = mitigations.group_mean_losses((sums / counts).detach().double(), groups, len(weights))
+        self.group_weights = mitigations.group_dro_step(weights, means, present, self.mitigation.strength)
+        self.log("train/dro_max_weight", self.group_weights.max().float())
+        return (mitigations.example_weights(groups, self.group_weights).to(sums.dtype) * sums).sum() / counts.sum()
 
     def sam_step(self, batch, loss: torch.Tensor) -> None:
         """SAM: gradient at the current point, step of radius rho uphill, gradient there, step back, update."""
@@ -614,6 +643,9 @@ class StageDataModule(L.LightningDataModule):
         self.eval_samples: list[dict] = []
         self.eval_letters: torch.Tensor | None = None
         self.batch_tokens = 0  # real tokens of the training batch on its way to the device
+        # group_replay: the group kind to label each replayed task's examples with, and the groups found
+        self.group_by: dict[str, str] = {}
+        self.group_names: list[str] = []
 
     @staticmethod
     def check_arguments(tasks: list[str], mixture: str, batch_size: int, max_seq_len: int) -> None:
@@ -682,6 +714,13 @@ class StageDataModule(L.LightningDataModule):
         self.drawn_ids = {name: sorted({e.id for task, e in drawn if task == name}) for name in self.mixture}
         self.letters = letter_token_ids(self.tokenizer, max(len(e.choices) for _, e in drawn))
         self.samples = [{"index": i, **self.encode_answer(e)} for i, (_, e) in enumerate(drawn)]
+        if self.group_by:  # every group of the replayed tasks' training data, drawn this time or not
+            labels = [(t, e.groups.get(self.group_by[t], "")) if t in self.group_by else None for t, e in drawn]
+            pool = [(t, e.groups.get(kind, "")) for t, kind in self.group_by.items() for e in self.data[t].train]
+            self.group_names = [f"{t}/{g}" for t, g in sorted(set(pool))]
+            index = {name: i for i, name in enumerate(self.group_names)}
+            for sample, label in zip(self.samples, labels):
+                sample["group"] = -1 if label is None else index[f"{label[0]}/{label[1]}"]
 
     def encode_answer(self, example) -> dict:
         """A training sample: the prompt and its answer letter, or question + correct option text and how many of
@@ -774,6 +813,8 @@ class StageDataModule(L.LightningDataModule):
         else:
             batch["answer"] = torch.tensor([s["answer"] for s in samples], dtype=torch.long)
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+        if self.group_names:
+            batch["group"] = torch.tensor([s["group"] for s in samples], dtype=torch.long)
         return batch
 
     def collate_eval(self, samples: list[dict]) -> dict:

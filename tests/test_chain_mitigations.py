@@ -206,3 +206,22 @@ def test_safety_direction_mitigations_act_only_after_the_safety_stage():
         assert [plan.mitigation for plan in after] == [None, spec, spec]
         before = plan_stages(["csqa", "bbq"], spec, CurvatureSpec(), 0)
         assert [plan.mitigation for plan in before] == [None, None]
+
+
+def test_group_replay_at_eta_zero_is_replay_stage_and_otherwise_weighs_groups(smoke_config):
+    replayed = chain(smoke_config, "replay", MitigationSpec("replay_stage", 0.5))
+    uniform = chain(smoke_config, "eta0", MitigationSpec("group_replay", 0.0, replay_share=0.5))
+    assert [s["name"] for s in uniform["stages"]] == [s["name"] for s in replayed["stages"]]
+    assert stage_rows(uniform, 3) == stage_rows(replayed, 3)
+    weighted = chain(smoke_config, "eta1", MitigationSpec("group_replay", 1.0, replay_share=0.5))
+    third = weighted["stages"][2]["mitigation"]
+    assert third["group_kind"] == {"bbq": "category"} and third["replay_share"] == 0.5
+    weights = third["group_weights"]
+    assert set(weights) == {"bbq/Age", "bbq/Religion"}  # the smoke BBQ fixture's two categories
+    assert sum(weights.values()) == pytest.approx(1.0) and max(weights.values()) > 0.5
+    assert uniform["stages"][2]["mitigation"]["group_weights"] == {"bbq/Age": 0.5, "bbq/Religion": 0.5}
+
+
+def test_group_replay_refuses_a_group_kind_a_replayed_task_lacks(smoke_config):
+    with pytest.raises(ConfigError, match=re.escape("mitigation.group_kind: 'topic' is not a group kind of bbq")):
+        replace(smoke_config, mitigation=MitigationSpec("group_replay", 1.0, group_kind="topic"))

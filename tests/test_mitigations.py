@@ -175,3 +175,37 @@ def test_safety_anchor_penalty_by_hand_gradient_and_zero_inside_the_subspace():
         lambda a, b: mitigations.safety_anchor_penalty({"a": a, "b": b}, anchor, layer, 0.7),
         (a.clone().requires_grad_(), b.clone().requires_grad_()),
     )
+
+
+def test_group_mean_losses_by_hand():
+    losses = torch.tensor([1.0, 3.0, 5.0, 7.0], dtype=torch.float64)
+    groups = torch.tensor([0, 0, -1, 2])
+    means, present = mitigations.group_mean_losses(losses, groups, 3)
+    assert means.tolist() == [2.0, 0.0, 7.0]
+    assert present.tolist() == [True, False, True]
+
+
+def test_group_dro_moves_weight_toward_the_group_whose_loss_rises():
+    weights = torch.full((3,), 1 / 3, dtype=torch.float64)
+    present = torch.tensor([True, True, True])
+    assert torch.equal(
+        mitigations.group_dro_step(weights, torch.tensor([1.0, 2.0, 3.0]).double(), present, 0.0), weights
+    )
+    history = [weights]
+    for step in range(5):  # group 2's loss keeps rising, the others stay
+        losses = torch.tensor([1.0, 1.0, 1.0 + step], dtype=torch.float64)
+        history.append(mitigations.group_dro_step(history[-1], losses, present, 0.5))
+    assert all(float(q.sum()) == pytest.approx(1.0) for q in history)
+    assert [float(q[2]) for q in history] == sorted(float(q[2]) for q in history)
+    assert float(history[-1][2]) > 0.9
+    q = history[1]  # one step by hand: q_g exp(eta l_g), normalised
+    raised = torch.tensor([math.exp(0.5), math.exp(0.5), math.exp(0.5)], dtype=torch.float64) / 3
+    assert torch.allclose(q, raised / raised.sum())
+    absent = mitigations.group_dro_step(weights, torch.tensor([5.0, 0.0, 0.0]).double(), present.logical_not(), 0.5)
+    assert torch.allclose(absent, weights)  # groups the batch lacks take no step
+
+
+def test_example_weights_are_one_under_uniform_group_weights():
+    groups = torch.tensor([-1, 0, 1, 1])
+    assert mitigations.example_weights(groups, torch.full((2,), 0.5)).tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert mitigations.example_weights(groups, torch.tensor([0.25, 0.75])).tolist() == [1.0, 0.5, 1.5, 1.5]

@@ -120,9 +120,19 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("mitigation", ["sam", "lwf", "ewc"])
+@pytest.mark.parametrize(
+    ("mitigation", "strength", "finetune", "stage"),
+    [
+        ("sam", 0.05, "full", 2),
+        ("lwf", 1.0, "full", 2),
+        ("ewc", 1.0, "full", 2),
+        ("safety_anchor", 1.0, "lora", 2),  # the safety direction is rebuilt from the cached stage 1
+        ("safety_projection", 0.9, "lora", 2),
+        ("group_replay", 1.0, "full", 3),  # the DRO weights carried over in the checkpoint
+    ],
+)
 def test_a_stage_with_a_mitigation_resumes_with_its_anchor_teacher_and_optimizer_state(
-    mitigation, smoke_config, monkeypatch, tmp_path
+    mitigation, strength, finetune, stage, smoke_config, monkeypatch, tmp_path
 ):
     from dataclasses import replace
 
@@ -132,7 +142,8 @@ def test_a_stage_with_a_mitigation_resumes_with_its_anchor_teacher_and_optimizer
 
     config = replace(
         smoke_config,
-        mitigation=MitigationSpec(name=mitigation, strength=0.05 if mitigation == "sam" else 1.0),
+        model=replace(smoke_config.model, finetune=finetune),
+        mitigation=MitigationSpec(name=mitigation, strength=strength),
         trainer=replace(smoke_config.trainer, checkpoint_every=4),
         wandb=replace(smoke_config.wandb, mode="disabled"),
     )
@@ -142,13 +153,13 @@ def test_a_stage_with_a_mitigation_resumes_with_its_anchor_teacher_and_optimizer
 
     original, steps = StageModule.training_step, []
 
-    def interrupt_in_stage_two(self, batch, batch_idx):
+    def interrupt(self, batch, batch_idx):
         steps.append(batch_idx)
-        if len(steps) == 30 + 11:  # stage 1 has 30 steps; stop after stage 2's checkpoint at step 8
+        if len(steps) == 30 * (stage - 1) + 11:  # every stage has 30 steps; stop after its checkpoint at step 8
             raise Interrupted
         return original(self, batch, batch_idx)
 
-    monkeypatch.setattr(StageModule, "training_step", interrupt_in_stage_two)
+    monkeypatch.setattr(StageModule, "training_step", interrupt)
     with pytest.raises(Interrupted):
         run_chain(config, progress=False)
     assert list((tmp_path / "runs").glob("*/checkpoints/*/last.ckpt"))
@@ -160,10 +171,10 @@ def test_a_stage_with_a_mitigation_resumes_with_its_anchor_teacher_and_optimizer
 
     monkeypatch.setattr(StageModule, "training_step", count)
     record = run_chain(config, progress=False)
-    assert len(resumed_steps) == 30 - 8  # stage 1 from the cache, stage 2 from its step-8 checkpoint
+    assert len(resumed_steps) == 30 - 8  # the stages before from the cache, this one from its step-8 checkpoint
     run_dir = tmp_path / "runs" / record["run_name"]
-    assert record["stages"][0]["cache_hit"] and not record["stages"][1]["cache_hit"]
-    assert record["stages"][1]["mitigation"] == expected["stages"][1]["mitigation"]  # penalty totals carried over
+    assert [s["cache_hit"] for s in record["stages"]] == [True] * (stage - 1) + [False]
+    assert record["stages"][stage - 1]["mitigation"] == expected["stages"][stage - 1]["mitigation"]
     pd.testing.assert_frame_equal(
         pd.read_parquet(run_dir / "predictions.parquet"),
         pd.read_parquet(tmp_path / "ref" / record["run_name"] / "predictions.parquet"),

@@ -220,12 +220,17 @@ class MitigationSpec:
             ``ewc`` (the same, weighted by a diagonal Fisher of the previous stage's data), ``lwf``
             (KL to the previous-stage model's answer distribution), ``sam`` (sharpness-aware minimisation),
             ``safety_anchor`` (pay for moving outside the safety stage's update directions), ``safety_projection``
-            (after each later stage, project each layer's update onto them where it strays). The last two need
-            LoRA.
+            (after each later stage, project each layer's update onto them where it strays; these two need
+            LoRA), ``group_replay`` (replay_stage with the replayed examples weighted by group, the weights moved
+            toward the groups with the highest loss by group DRO).
         strength: r in [0, 1] for replay, lambda >= 0 for l2sp/ewc/lwf/safety_anchor, radius rho >= 0 for sam,
-            similarity threshold tau in [-1, 1] for safety_projection.
+            similarity threshold tau in [-1, 1] for safety_projection, DRO step size eta >= 0 for group_replay
+            (eta = 0: replay_stage at r = ``replay_share``).
         temperature: LwF softmax temperature.
         fisher_batches: batches of the previous stage's data used to estimate the EWC Fisher.
+        replay_share: group_replay's share r of replayed examples (its strength is the DRO step size).
+        group_kind: the group kind group_replay weighs replayed examples by (``null``: each task's first, BBQ's
+            category, ToxiGen's target group).
         stages: the stages (1-based) it applies to; ``null``: every stage after the first (every stage for sam).
     """
 
@@ -233,6 +238,8 @@ class MitigationSpec:
     strength: float = ranged(0.0)  # each mitigation's range: its rule's min_strength, max_strength
     temperature: float = ranged(2.0, above=0.0)
     fisher_batches: int = ranged(8, 1)
+    replay_share: float = ranged(0.05, 0.0, 1.0)
+    group_kind: str | None = None
     stages: list[int] | None = None
 
     def __post_init__(self) -> None:
@@ -462,6 +469,7 @@ class ChainConfig:
             )
         check_answer_and_mitigation(self.train.answer, mitigation, "train.answer", "mitigation.name")
         check_safety_direction(self)
+        check_group_kind(self)
         for probe in self.eval.probes:
             if probe not in self.tasks:
                 raise ConfigError(f"eval.probes: {probe!r} is not under tasks")
@@ -509,6 +517,19 @@ def check_safety_direction(config: ChainConfig) -> None:
             f"mitigation.name: {mitigation.name} projects onto the update of the chain's first stage, and order "
             f"{config.order} first trains a safety task at stage {stage}; put it first or end the chain with it"
         )
+
+
+def check_group_kind(config: ChainConfig) -> None:
+    """group_replay's ``group_kind``, where given, must be one every replayed task (all but the last's) has."""
+    from chainforget import tasks
+
+    kind = config.mitigation.group_kind
+    if "group_kind" not in config.mitigation.rule.knobs or kind is None:
+        return
+    for name in dict.fromkeys(task for entry in config.order[:-1] for task in parse_stage(entry)):
+        if kind not in tasks.get(name).group_kinds:
+            kinds = ", ".join(tasks.get(name).group_kinds) or "none"
+            raise ConfigError(f"mitigation.group_kind: {kind!r} is not a group kind of {name} (it has: {kinds})")
 
 
 def check_strings(tree: dict, prefix: str = "") -> None:

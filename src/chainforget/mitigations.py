@@ -72,6 +72,8 @@ class Mitigation:
         first_stage: the first stage it applies to unless ``mitigation.stages`` says otherwise (2 for what
             protects an earlier stage, 1 for SAM, which shapes each stage's own minimum).
         adds_stage: replay as an extra last stage (the paper's) instead of inside the later stages.
+        share_knob: the setting that holds replay's share r (``strength`` unless the strength is another knob).
+        weighs_replay: it also weighs the replayed examples' loss in the stage that replays them (group_replay).
         needs: the stage-start state its penalty reads: ``anchor``, ``fisher``, ``teacher`` or ``safety`` (see
             ``StepState``).
         penalty: the loss term, from the step's state and the ``mitigation`` settings.
@@ -84,6 +86,8 @@ class Mitigation:
     max_strength: float = math.inf
     first_stage: int = 2
     adds_stage: bool = False
+    share_knob: str = "strength"
+    weighs_replay: bool = False
     needs: frozenset[str] = frozenset()
     penalty: Callable[[StepState, object], torch.Tensor] | None = None
 
@@ -243,11 +247,48 @@ def project_layers(
     return {"projected": projected, "similarity": similarity}
 
 
+def group_mean_losses(losses: torch.Tensor, groups: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss of each of ``count`` groups over the examples labelled with it (``groups``; -1: no group), and
+    which groups the batch has."""
+    labelled = groups >= 0
+    sums = losses.new_zeros(count).index_add_(0, groups[labelled], losses[labelled])
+    sizes = torch.bincount(groups[labelled], minlength=count).to(losses.dtype)
+    return sums / sizes.clamp(min=1), sizes > 0
+
+
+@torch.no_grad()
+def group_dro_step(
+    weights: torch.Tensor, group_losses: torch.Tensor, present: torch.Tensor, eta: float
+) -> torch.Tensor:
+    """Group DRO's exponentiated-gradient step (Sagawa et al., ICLR 2020): ``q_g <- q_g exp(eta l_g)`` for the groups
+    the batch has, then ``q / sum(q)``; the weight moves toward the groups whose loss is highest. eta = 0 keeps q."""
+    step = torch.where(present, eta * group_losses, torch.zeros_like(group_losses))
+    raised = weights * torch.exp(step - step.max())  # the common factor cancels in the normalisation
+    return raised / raised.sum()
+
+
+def example_weights(groups: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each example's loss weight: ``G q_g`` for a replayed example of group g (G groups), 1 for the rest (-1): so the
+    uniform ``q = 1/G`` weighs every example 1, today's replay, and replay's total share stays about r."""
+    scaled = len(weights) * weights[groups.clamp(min=0)]
+    return torch.where(groups >= 0, scaled, torch.ones_like(scaled))
+
+
 REPLAY = "replay ratio r"
 MITIGATIONS: dict[str, Mitigation] = {
     "none": Mitigation("none", knobs=()),
     "replay_stage": Mitigation("replay", knobs=("strength",), strength_is=REPLAY, max_strength=1.0, adds_stage=True),
     "replay_mix": Mitigation("replay", strength_is=REPLAY, max_strength=1.0),
+    # replay_stage whose replayed examples are weighted by group (example_weights), the weights moved by group DRO
+    # (group_dro_step) toward the groups the stage makes worst: after Vulnerability-Aware Alignment (ICML 2025)
+    "group_replay": Mitigation(
+        "replay",
+        knobs=("strength", "replay_share", "group_kind"),
+        strength_is="DRO step size eta",
+        adds_stage=True,
+        share_knob="replay_share",
+        weighs_replay=True,
+    ),
     "l2sp": Mitigation(
         "penalty",
         needs=frozenset({"anchor"}),

@@ -57,10 +57,11 @@ def apply_replay(order: list[str], spec: MitigationSpec) -> list[str]:
     rule = spec.rule
     if rule.kind != "replay":
         return list(order)
+    share = getattr(spec, rule.share_knob)
     if rule.adds_stage:
-        return [*order, replay_mixture(parse_stage(order[-1]), earlier_tasks(order, len(order) + 1), spec.strength)]
+        return [*order, replay_mixture(parse_stage(order[-1]), earlier_tasks(order, len(order) + 1), share)]
     return [
-        replay_mixture(parse_stage(entry), earlier_tasks(order, index), spec.strength)
+        replay_mixture(parse_stage(entry), earlier_tasks(order, index), share)
         if spec.applies_to(index) and earlier_tasks(order, index)
         else entry
         for index, entry in enumerate(order, start=1)
@@ -108,7 +109,10 @@ def plan_stages(order: list[str], mitigation: MitigationSpec, curvature: Curvatu
                 entry=entry,
                 trains=tuple(name for name, weight in weights.items() if weight == max(weights.values())),
                 replays=tuple(earlier_tasks(order, index)) if rewritten else (),
-                mitigation=mitigation if trains_with and mitigation.applies_to(index) and index > after else None,
+                mitigation=mitigation
+                if (trains_with and mitigation.applies_to(index) and index > after)
+                or (mitigation.rule.weighs_replay and rewritten)
+                else None,
                 curvature=curvature.applies_to(index),
                 seed=seed + index,
             )
