@@ -21,22 +21,25 @@ demo: setup
 smoke: setup
 	$(BIN)/chainforget chain --config sweeps/configs/smoke.yaml
 
-# The paper's four findings at CPU scale (docs/results/README.md): the Optuna grid studies, two one-thread
-# workers each, then the tables, run records and report in docs/results. About 1.5 hours on a 2-core CPU.
-# The studies' storage and runs live in FINDINGS_DIR (the stage cache in the user cache), never only in the work
-# tree: `make findings` again picks up where a killed one stopped (a killed trial is retried once its heartbeat is
-# 30 s stale), and FINDINGS_DIR on a shared disk lets other machines join. Each finished chain prints a progress
-# line with the time left. Offline: make findings FINDINGS_ARGS="--config sweeps/configs/shared_data.yaml"
-FINDINGS_DIR ?= $(HOME)/.cache/chainforget/findings
+# The paper's four findings at the regime that teaches (docs/results/README.md): the Optuna grid studies
+# sweeps/optuna/findings_text_*.yaml (both orders of BBQ/CSQA and ToxiGen/ARC-Easy, SAM and the replay grid on
+# BBQ/CSQA, the order study on Gemma-3-270M, the new mitigations), two one-thread workers each, then the tables,
+# run records and reports in docs/results/text-regime. About 9 hours on a 2-core CPU. The studies' storage and
+# runs live in FINDINGS_DIR (the stage cache in the user cache), never only in the work tree: `make findings` again
+# picks up where a killed one stopped (a killed trial is retried once its heartbeat is 30 s stale), and FINDINGS_DIR
+# on a shared disk lets other machines join. Each finished chain prints a progress line with the time left.
+# The letter-answer study of docs/results/ (before the regime search): sweeps/optuna/findings_{order,replay,sam}.yaml.
+FINDINGS_DIR ?= $(HOME)/.cache/chainforget/findings-text
+FINDINGS_STUDIES ?= order_toxigen order_bbq mitigations sam order_gemma replay
 findings: setup
 	mkdir -p $(FINDINGS_DIR)
-	for study in order replay replay_toxigen sam; do \
+	for study in $(FINDINGS_STUDIES); do \
 	  for worker in 1 2; do \
-	    CHAINFORGET_THREADS=1 $(BIN)/chainforget sweep optuna sweeps/optuna/findings_$$study.yaml \
+	    CHAINFORGET_THREADS=1 $(BIN)/chainforget sweep optuna sweeps/optuna/findings_text_$$study.yaml \
 	      --storage sqlite:///$(FINDINGS_DIR)/findings.db --out $(FINDINGS_DIR)/runs $(FINDINGS_ARGS) & \
 	  done; wait; \
 	done
-	$(BIN)/python -m analysis.findings $(FINDINGS_DIR)/runs docs/results
+	$(BIN)/python -m analysis.findings $(FINDINGS_DIR)/runs docs/results/text-regime
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest

@@ -151,12 +151,14 @@ def publish_records(records: list[dict], source: Path, out: Path) -> None:
 
 def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
     publish_records(load_records(source), source, out)
-    tables = findings_tables(load_records(out / "runs"))
+    records = load_records(out / "runs")
+    tables = findings_tables(records)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         table.to_csv(out / "tables" / f"{name}.csv", index=False)
-    write_report(out / "runs", out / "report", keep=lambda record: mitigation(record) == "none")  # findings 1-3
-    write_report(out / "runs", out / "report-mitigations", keep=lambda record: mitigation(record) != "none")
+    for folder, plain in (("report", True), ("report-mitigations", False)):  # findings 1-3; then SAM and replay
+        if any((mitigation(record) == "none") == plain for record in records):  # a study may not have run yet
+            write_report(out / "runs", out / folder, keep=lambda record, p=plain: (mitigation(record) == "none") == p)
     return tables
 
 

@@ -92,6 +92,15 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
 
+def _acts(key: str, record: dict, inactive: tuple[str, ...]) -> bool:
+    """Whether ``key`` can act in this run: not an ``inactive_keys`` prefix, nor a setting of a task the chain never
+    loaded (one its config does not even name, e.g. another pair's task in a study of several pairs)."""
+    parts = key.split(".")
+    if parts[0] == "tasks" and len(parts) > 1 and parts[1] not in record["tasks"]:
+        return False
+    return not _under(key, inactive)
+
+
 UNSET = "unset"  # how a key that one run's config lacks (e.g. written by an older version) shows in labels
 
 
@@ -102,7 +111,7 @@ def varying_keys(records: list[dict], leave_out: tuple[str, ...] = ()) -> list[s
     inactive = [inactive_keys(record) for record in records]
 
     def values(key: str) -> set[str]:
-        return {repr(c.get(key, UNSET)) for c, off in zip(configs, inactive) if not _under(key, off)}
+        return {repr(c.get(key, UNSET)) for c, r, off in zip(configs, records, inactive) if _acts(key, r, off)}
 
     return [key for key in dict.fromkeys(k for c in configs for k in c) if key != "order" and len(values(key)) > 1]
 
@@ -117,7 +126,7 @@ def condition_labels(records: list[dict], leave_out: tuple[str, ...] = ()) -> di
     labels = {}
     for record in records:
         config, inactive = result_config(record, leave_out), inactive_keys(record)
-        shown = [key for key in keys if not _under(key, inactive)]
+        shown = [key for key in keys if _acts(key, record, inactive)]
         settings = ", ".join(f"{key}={_show(config.get(key, UNSET))}" for key in shown)
         order = "" if "order" in leave_out else " → ".join(record["config"]["order"])
         labels[record["run_name"]] = f"{order} ({settings})" if order and settings else order or settings

@@ -18,7 +18,7 @@ from analysis.tables import (
 from chainforget import mitigations
 
 T_975_DF1 = 12.706204736  # Student t quantile, 1 degree of freedom
-ROLES = {"bbq": "safety", "csqa": "capability"}
+ROLES = {"bbq": "safety", "toxigen": "safety", "csqa": "capability"}
 
 
 def record(order, seed, forgetting=None, acc=None, mitigation=None, curvature=None, **config):
@@ -221,6 +221,22 @@ def test_condition_labels_show_only_keys_that_vary_and_can_act():
     ]
     assert list(condition_labels(runs[:2], leave_out=("mitigation",)).values()) == ["bbq → csqa", "bbq → csqa"]
     assert list(condition_labels(runs[:2], leave_out=("order", "mitigation")).values()) == ["", ""]
+
+
+def test_condition_labels_leave_out_the_tasks_of_another_pair():
+    """A study of several pairs, each config naming only its own tasks: the other pair's task settings are absent
+    from a record because that chain never loads those tasks, not because they differ."""
+    csqa = {"path": "c", "max_eval": 500}
+    runs = [
+        record(["bbq", "csqa"], 0, tasks={"bbq": {"path": "b", "max_eval": 540}, "csqa": csqa}, train={"steps": 300}),
+        record(["toxigen", "csqa"], 0, tasks={"toxigen": {"path": "t"}, "csqa": csqa}, train={"steps": 150}),
+        record(["csqa", "toxigen"], 0, tasks={"toxigen": {"path": "t"}, "csqa": csqa}, train={"steps": 150}),
+    ]
+    assert list(condition_labels(runs).values()) == [
+        "bbq → csqa (train.steps=300)",
+        "toxigen → csqa (train.steps=150)",
+        "csqa → toxigen (train.steps=150)",
+    ]
 
 
 def test_replay_recovery_keeps_runs_of_other_settings_apart():
