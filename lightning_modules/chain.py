@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import WandbLogger
 
-from chainforget import allocator, evaluation, metrics, mitigations, tasks
+from chainforget import allocator, curvature, evaluation, metrics, mitigations, tasks
 from chainforget.config import ChainConfig
 from chainforget.errors import ConfigError
 from chainforget.models import (
@@ -58,7 +58,7 @@ from chainforget.scoring import check_prompt_fits
 from chainforget.tasks import TaskData
 from lightning_modules import tracking
 from lightning_modules.checkpoint import SafetensorsCheckpointIO, StageCheckpoint, StageCSVLogger
-from lightning_modules.stage import CurvatureCallback, StageDataModule, StageModule, answer_loss
+from lightning_modules.stage import StageDataModule, StageModule, answer_loss, stage_curvature
 
 
 class ChainStopped(Exception):
@@ -319,10 +319,27 @@ def train_or_reuse(chain: ChainRun, plan: StagePlan, previous_key: str) -> tuple
         model.to(eval_device(config))  # Lightning hands the module back on the CPU
         chain.cache.put_stage(key, lambda path: save_trainable(model, path), outcome)
         shutil.rmtree(checkpoints, ignore_errors=True)  # the cache entry supersedes them
+    if plan.curvature:
+        outcome = outcome | {"curvature": measured_curvature(chain, plan, key)}
     save_pretrained(model, chain.tokenizer, chain.run_dir / f"stage{plan.index}")
     facts = {"index": plan.index, "name": plan.entry, "tasks": plan.mixture, "trains": list(plan.trains)}
     stage = facts | {"replays": list(plan.replays), **outcome, "cache_hit": cached is not None, "cache_key": key}
     return stage, key
+
+
+def measured_curvature(chain: ChainRun, plan: StagePlan, stage_key: str) -> dict:
+    """The Hessian of the stage's training loss at its end, on the first ``curvature.batches`` of its training
+    batches (``stage_curvature``), cached apart from the stage under its key and ``curvature.METHOD`` (a stage
+    cached before the method changed is measured again, not retrained)."""
+    config, spec = chain.config, chain.config.curvature
+    key = content_key("curvature", stage_key, curvature.METHOD, asdict(spec), config.trainer.precision)
+    found = chain.cache.get_measurement(key)
+    if found is not None:
+        return found
+    datamodule = stage_data(chain, plan.entry, config.train.steps * config.trainer.accumulate_grad_batches, plan.seed)
+    loader = iter(datamodule.loader())
+    batches = [next(loader) for _ in range(spec.batches)]
+    return chain.cache.put_measurement(key, stage_curvature(chain.model, batches, spec, config.trainer.precision))
 
 
 # How a stage computes, where it changed results at the rounding level (a cached stage of other numerics is not the
@@ -456,8 +473,6 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
     resumed_at = SafetensorsCheckpointIO.global_step(resume) if resume.exists() else None
     loggers = [StageCSVLogger(run_dir, name="lightning_logs", version=f"stage{index}", resumed_at=resumed_at)]
     callbacks = [StageProgressBar(f"train stage {index} ({plan.entry})")] if chain.progress else []
-    if plan.curvature:
-        callbacks.append(CurvatureCallback(config.curvature))
     if config.trainer.checkpoint_every:
         callbacks.append(StageCheckpoint(checkpoints, config.trainer.checkpoint_every))
     if chain.tracker is not None:
@@ -490,7 +505,7 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
     return {
         "train": train,
         "mitigation": mitigation_summary(config, plan, module, datamodule, projection),
-        "curvature": module.curvature,
+        "curvature": None,  # measured by the runner for a trained and a cached stage alike (measured_curvature)
     }
 
 

@@ -1,7 +1,7 @@
 """One fine-tuning stage: ``StageModule`` (answer-only causal-LM loss, AdamW + linear warm-up/decay, one
 optional mitigation; letter-mode validation, test and prediction) and ``StageDataModule`` (a seeded mixture of
-task training examples, and the tasks' eval splits), plus the ``CurvatureCallback`` that measures the Hessian
-at the end of the stage. All run under LightningCLI (``fit``, ``validate``, ``test``, ``predict``) or inside the
+task training examples, and the tasks' eval splits), plus ``stage_curvature``, the Hessian of a trained stage's
+training loss. All run under LightningCLI (``fit``, ``validate``, ``test``, ``predict``) or inside the
 chain runner, which hands them an already loaded model, tokenizer and data.
 """
 
@@ -180,7 +180,6 @@ class StageModule(L.LightningModule):
         self.final_loss: torch.Tensor | float | None = None  # tensors while training (no per-step wait on a GPU)
         self.tokens_seen = 0
         self.mitigation_total: torch.Tensor | float = 0.0
-        self.curvature: dict | None = None
         self._step_started = 0.0
         self._training_kernels = ExitStack()
         self._tallies: torch.Tensor | None = None  # per eval task: loss sum, correct, count
@@ -507,52 +506,50 @@ def as_spec(kind: type, value, field: str):
     return kind(**{**value, **nested})
 
 
-class CurvatureCallback(L.Callback):
-    """At the end of the stage: top Hessian eigenvalue (and optional trace) of the mean training loss over
-    the first ``spec.batches`` batches, w.r.t. the trainable parameters, in fp32 with eager attention (the
-    fused CPU attention kernel has no double backward). Stored on the module and logged."""
-
-    def __init__(self, spec: CurvatureSpec):
-        self.spec = spec
-
-    def on_train_end(self, trainer, pl_module: StageModule) -> None:
-        spec = self.spec
-        loader = iter(trainer.datamodule.loader())
-        batches = [{k: v.to(pl_module.device) for k, v in next(loader).items()} for _ in range(spec.batches)]
-        parameters = list(pl_module.trainable().values())
-        was_training = pl_module.network.training
-        pl_module.network.eval()
-        with (
-            attention_kernel(pl_module.network, "eager"),
-            torch.compiler.set_stance("force_eager"),
-            torch.autocast(pl_module.device.type, enabled=False),
-            frozen_in_fp32(pl_module.network),
-        ):
-            result = curvature.measure(
-                lambda: sum(answer_loss(pl_module.network, b) for b in batches) / len(batches),
-                parameters,
-                max_iter=spec.max_iter,
-                tol=spec.tol,
-                trace_samples=spec.trace_samples,
-                seed=spec.seed,
-            )
-        pl_module.network.train(was_training)
-        pl_module.curvature = {
-            "top_eigenvalue": result.top_eigenvalue,
-            "trace": result.trace,
-            "iterations": result.iterations,
-            "converged": result.converged,
-            "parameters": f"trainable ({result.num_parameters})",
-            "batches": spec.batches,
-            "batch_size": int(batches[0]["input_ids"].shape[0]),
-            "max_iter": spec.max_iter,
-            "tol": spec.tol,
-            "trace_samples": spec.trace_samples,
-            "seed": spec.seed,
-            "dtype": "float32",
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics({"curvature/top_eigenvalue": result.top_eigenvalue}, step=trainer.global_step)
+def stage_curvature(network, batches: list[dict], spec: CurvatureSpec, precision: str) -> dict:
+    """Top Hessian eigenvalue (and optional trace) of the mean training loss over ``batches`` w.r.t. the trainable
+    parameters, in fp32 with eager attention (the fused CPU attention kernel has no double backward). Under a mixed
+    precision the frozen weights are first held in its dtype as in training, so a stage measured right after its
+    training and one read back from the cache in a fresh process give the same number."""
+    compute = AUTOCAST_DTYPES.get(precision)
+    if compute is not None:
+        hold_frozen_in(network, compute)
+    device = next(network.parameters()).device
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    parameters = list(trainable_parameters(network).values())
+    was_training = network.training
+    network.eval()
+    with (
+        attention_kernel(network, "eager"),
+        torch.compiler.set_stance("force_eager"),
+        torch.autocast(device.type, enabled=False),
+        frozen_in_fp32(network),
+    ):
+        result = curvature.measure(
+            lambda: sum(answer_loss(network, b) for b in batches) / len(batches),
+            parameters,
+            max_iter=spec.max_iter,
+            tol=spec.tol,
+            trace_samples=spec.trace_samples,
+            seed=spec.seed,
+        )
+    network.train(was_training)
+    return {
+        "top_eigenvalue": result.top_eigenvalue,
+        "dominant_eigenvalue": result.dominant_eigenvalue,
+        "method": curvature.METHOD,
+        "trace": result.trace,
+        "iterations": result.iterations,
+        "converged": result.converged,
+        "parameters": f"trainable ({result.num_parameters})",
+        "batches": spec.batches,
+        "batch_size": int(batches[0]["input_ids"].shape[0]),
+        "max_iter": spec.max_iter,
+        "tol": spec.tol,
+        "trace_samples": spec.trace_samples,
+        "seed": spec.seed,
+        "dtype": "float32",
+    }
 
 
 @contextmanager

@@ -149,7 +149,25 @@ CASES = [
         "negative penalty",
         CHAIN + ["--mitigation.name=ewc", "--mitigation.strength=-2"],
         None,
-        "mitigation.strength: -2.0 is not allowed",
+        "mitigation.strength: penalty weight -2.0 is not allowed for ewc; use 0 <= lambda",
+    ),
+    (
+        "projection threshold above 1",
+        CHAIN + ["--mitigation.name=safety_projection", "--mitigation.strength=1.5", "--model.finetune=lora"],
+        None,
+        "mitigation.strength: similarity threshold 1.5 is not allowed for safety_projection; use -1 <= tau <= 1",
+    ),
+    (
+        "negative DRO step",
+        CHAIN + ["--mitigation.name=group_replay", "--mitigation.strength=-1"],
+        None,
+        "mitigation.strength: DRO step size -1.0 is not allowed for group_replay; use 0 <= eta",
+    ),
+    (
+        "safety anchor without LoRA",
+        CHAIN + ["--mitigation.name=safety_anchor", "--mitigation.strength=1", "--model.finetune=full"],
+        None,
+        "mitigation.name: safety_anchor works on each adapted layer's low-rank update and needs model.finetune: lora",
     ),
     ("unknown mitigation", CHAIN + ["--mitigation.name=dropout"], None, "mitigation.name"),
     (

@@ -5,13 +5,19 @@ CSQA after BBQ answers A everywhere unless something holds the BBQ behaviour in 
 tiny model can learn to tell the two formats apart, which is what replay needs to pay off.
 """
 
+import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
+from conftest import ROOT
 
 from chainforget.config import CurvatureSpec, MitigationSpec
 from chainforget.errors import ConfigError
@@ -84,6 +90,34 @@ def test_curvature_is_recorded_per_stage_and_cached(smoke_config):
     again = chain(smoke_config, "curv-again", steps=6, curvature=spec)
     assert [s["cache_hit"] for s in again["stages"]] == [True, True]
     assert [s["curvature"] for s in again["stages"]] == [s["curvature"] for s in first["stages"]]
+
+
+def test_curvature_of_a_cached_stage_measured_in_a_fresh_process_equals_the_first_measurement(smoke_config):
+    """The curvature is measured on the trained stage, cached apart from it: a stage read back from the cache whose
+    measurement is gone (as after a change of method) is measured again, not retrained, to the same number."""
+    import shutil
+
+    spec = CurvatureSpec(enabled=True, batches=1, max_iter=30, tol=1e-3, stages=[1])
+    first = chain(smoke_config, "curv", steps=6, curvature=spec)
+    measured = first["stages"][0]["curvature"]
+    assert measured["method"] == "largest-algebraic" and measured["top_eigenvalue"] >= measured["dominant_eigenvalue"]
+    cache = Path(smoke_config.cache_dir)
+    for entry in cache.iterdir():
+        if (entry / "measurement.json").exists():
+            shutil.rmtree(entry)
+    config = replace(smoke_config, run_name="curv-fresh", train=replace(smoke_config.train, steps=6), curvature=spec)
+    written = Path(smoke_config.out).parent / "curv-fresh.yaml"
+    written.write_text(yaml.safe_dump(config.to_dict()))
+    done = subprocess.run(
+        [sys.executable, "-m", "chainforget.cli", "chain", "--config", str(written)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "CHAINFORGET_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    stage = json.loads((Path(smoke_config.out) / "curv-fresh" / "run.json").read_text())["stages"][0]
+    assert stage["cache_hit"] and stage["curvature"] == measured
 
 
 def test_ewc_outside_a_chain_is_a_clear_error(smoke_config):

@@ -24,6 +24,17 @@ def test_top_eigenvalue_of_a_known_quadratic_within_one_percent():
     result = curvature.measure(loss, [x], max_iter=200, tol=1e-6, seed=3)
     assert result.converged
     assert result.top_eigenvalue == pytest.approx(5.0, rel=0.01)
+    assert result.dominant_eigenvalue == result.top_eigenvalue
+
+
+def test_the_top_eigenvalue_is_the_largest_even_where_a_negative_one_is_larger_in_size():
+    loss, x = quadratic([-5.0, 2.0, 1.0, 0.5, -0.1])  # a saddle, as LoRA's bilinear B A makes at a minimum
+    result = curvature.measure(loss, [x], max_iter=300, tol=1e-8, seed=3)
+    assert result.converged
+    assert result.dominant_eigenvalue == pytest.approx(-5.0, rel=1e-3)
+    assert result.top_eigenvalue == pytest.approx(2.0, rel=1e-3)
+    loss, x = quadratic([-5.0, -2.0, -1.0])  # every eigenvalue negative: the largest is the one nearest zero
+    assert curvature.measure(loss, [x], max_iter=300, tol=1e-8).top_eigenvalue == pytest.approx(-1.0, rel=1e-3)
 
 
 def test_hutchinson_trace_is_exact_for_a_diagonal_hessian():

@@ -1,5 +1,5 @@
-"""Curvature of the training loss: Hessian-vector products, power iteration for the top eigenvalue
-(the Hessian's spectral radius at a minimum) and Hutchinson's trace estimate.
+"""Curvature of the training loss: Hessian-vector products, power iteration for the top (largest) eigenvalue,
+the sharpness of a minimum, and Hutchinson's trace estimate.
 
 The gradient graph is built once (``create_graph=True``); every Hessian-vector product is one more
 backward pass through it. Framework-free: give it a loss closure and the parameters.
@@ -20,6 +20,12 @@ class Curvature:
     converged: bool
     trace: float | None
     num_parameters: int
+    dominant_eigenvalue: float  # of largest magnitude: the top one unless a negative one is larger in size
+
+
+# What ``top_eigenvalue`` measures (records and cached measurements name it): the largest eigenvalue. Before
+# 2026-12-01 it was the eigenvalue of largest magnitude, which LoRA's bilinear B A makes negative at some minima.
+METHOD = "largest-algebraic"
 
 
 class HessianOperator:
@@ -43,18 +49,40 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def top_eigenvalue(
     hvp: HessianOperator, *, max_iter: int = 30, tol: float = 1e-3, seed: int = 0
-) -> tuple[float, int, bool]:
-    """Power iteration: returns ``(eigenvalue of largest magnitude, iterations, converged)``.
+) -> tuple[float, float, int, bool]:
+    """The largest eigenvalue: ``(largest, of largest magnitude, iterations, converged)``.
 
-    Stops when the Rayleigh quotient changes by less than ``tol`` relative to its size.
+    Power iteration finds the eigenvalue of largest magnitude, ``d``. Where it is negative (LoRA's bilinear
+    ``B A`` gives the loss directions of negative curvature, which can outweigh the positive ones at a minimum),
+    power iteration on ``H - d I``, whose eigenvalues ``l - d`` are all >= 0, finds ``l_max - d``. Each run stops
+    when the Rayleigh quotient changes by less than ``tol`` relative to its size; ``max_iter`` is per run.
     """
+    dominant, iterations, converged = power_iteration(hvp, max_iter=max_iter, tol=tol, seed=seed)
+    if dominant >= 0:
+        return dominant, dominant, iterations, converged
+    shifted = lambda vector: [hv - dominant * v for hv, v in zip(hvp(vector), vector)]  # noqa: E731
+    gap, more, settled = power_iteration(shifted, max_iter=max_iter, tol=tol, seed=seed, like=hvp.parameters)
+    return gap + dominant, dominant, iterations + more, converged and settled
+
+
+def power_iteration(
+    operator: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+    *,
+    max_iter: int,
+    tol: float,
+    seed: int,
+    like: list[torch.Tensor] | None = None,
+) -> tuple[float, int, bool]:
+    """``(eigenvalue of largest magnitude, iterations, converged)`` of a symmetric ``operator`` on vectors shaped like
+    ``like`` (default: a ``HessianOperator``'s parameters)."""
     generator = torch.Generator().manual_seed(seed)
-    vector = [torch.randn(p.shape, generator=generator).to(p) for p in hvp.parameters]
+    shapes = like if like is not None else operator.parameters
+    vector = [torch.randn(p.shape, generator=generator).to(p) for p in shapes]
     norm = _dot(vector, vector) ** 0.5
     vector = [v / norm for v in vector]
     eigenvalue = 0.0
     for iteration in range(1, max_iter + 1):
-        product = hvp(vector)
+        product = operator(vector)
         estimate = _dot(vector, product)
         norm = _dot(product, product) ** 0.5
         if norm == 0.0:
@@ -87,6 +115,6 @@ def measure(
 ) -> Curvature:
     """Top eigenvalue (and optionally the trace) of the Hessian of ``loss_fn()`` w.r.t. ``parameters``."""
     hvp = HessianOperator(loss_fn, parameters)
-    eigenvalue, iterations, converged = top_eigenvalue(hvp, max_iter=max_iter, tol=tol, seed=seed)
+    eigenvalue, dominant, iterations, converged = top_eigenvalue(hvp, max_iter=max_iter, tol=tol, seed=seed)
     trace = hutchinson_trace(hvp, samples=trace_samples, seed=seed) if trace_samples > 0 else None
-    return Curvature(eigenvalue, iterations, converged, trace, sum(p.numel() for p in parameters))
+    return Curvature(eigenvalue, iterations, converged, trace, sum(p.numel() for p in parameters), dominant)

@@ -308,11 +308,16 @@ class StageCache:
 
     An entry is a directory written in a temp location and renamed into place, with a ``manifest.json``
     of file checksums that is verified on every read; a damaged entry is discarded with a warning. A stage's
-    entry holds its trainable weights and its training summary, an evaluation's its predictions; only this
-    class knows the file names.
+    entry holds its trainable weights and its training summary, an evaluation's its predictions, a measurement
+    of a stage (its curvature) one JSON object; only this class knows the file names.
     """
 
-    WEIGHTS, SUMMARY, PREDICTIONS = "weights.safetensors", "stage.json", "predictions.parquet"
+    WEIGHTS, SUMMARY, PREDICTIONS, MEASUREMENT = (
+        "weights.safetensors",
+        "stage.json",
+        "predictions.parquet",
+        "measurement.json",
+    )
 
     def __init__(self, root: Path, read: bool = True):
         self.root = Path(root)
@@ -345,6 +350,15 @@ class StageCache:
         """Store an evaluation's predictions; returns them as read back, as a later cache hit will see them."""
         entry = self.put(key, lambda entry: frame.to_parquet(entry / self.PREDICTIONS, index=False))
         return pd.read_parquet(entry / self.PREDICTIONS)
+
+    def get_measurement(self, key: str) -> dict | None:
+        entry = self.get(key)
+        return None if entry is None else json.loads((entry / self.MEASUREMENT).read_text())
+
+    def put_measurement(self, key: str, measurement: dict) -> dict:
+        """Store a measurement of a stage (its curvature); returns it as read back."""
+        entry = self.put(key, lambda entry: (entry / self.MEASUREMENT).write_text(json.dumps(measurement)))
+        return json.loads((entry / self.MEASUREMENT).read_text())
 
     def weights_for(self, init_from: str) -> Path:
         """The weights file behind a fit's ``model.init_from``: a ``.safetensors`` file, a chain's run directory
