@@ -321,3 +321,15 @@ def test_a_different_config_never_overwrites_a_run_and_the_same_one_resumes_it(s
 
     assert main([*args, "--trainer.log_every_n_steps=2", "--wandb.mode=offline"]) == 0  # same run: resumed
     assert json.loads((run_dir / "run.json").read_text())["stages"][0]["cache_hit"] is True
+
+    # a run written before a setting existed is the same run where the setting is at its default, not otherwise
+    written = json.loads((run_dir / "config.json").read_text())
+    del written["mitigation"]["replay_share"]
+    (run_dir / "config.json").write_text(json.dumps(written))
+    assert main(args) == 0
+    written = json.loads((run_dir / "config.json").read_text())
+    del written["mitigation"]["replay_share"]
+    (run_dir / "config.json").write_text(json.dumps(written))
+    capsys.readouterr()
+    assert main([*args, "--mitigation.replay_share=0.1"]) == 2
+    assert "(mitigation.replay_share: 'unset' -> 0.1)" in capsys.readouterr().err
