@@ -487,7 +487,8 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
     spec = plan.mitigation
     group_by = None
     if spec is not None and spec.rule.weighs_replay:
-        group_by = {task: spec.group_kind or chain.data[task].group_kinds[0] for task in plan.replays}
+        kinds = {task: chain.data[task].group_kinds for task in plan.replays}
+        group_by = {task: (spec.group_kind or kinds[task][0]) if kinds[task] else None for task in plan.replays}
     datamodule = stage_data(chain, plan.entry, batches, plan.seed, group_by)
     resume = checkpoints / "last.ckpt"
     resumed_at = SafetensorsCheckpointIO.global_step(resume) if resume.exists() else None

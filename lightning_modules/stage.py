@@ -259,7 +259,7 @@ class StageModule(L.LightningModule):
             )
         groups = self.trainer.datamodule.group_names
         if self.mitigation.name == "group_replay" and groups and self.group_weights is None:
-            self.group_weights = torch.full((len(groups),), 1.0 / len(groups), dtype=torch.float64)
+            self.group_weights = torch.full((len(groups),), 1.0 / len(groups))  # float32: every device has it
         if "anchor" in needs and self.anchor is None:  # a resumed stage keeps its stage-start anchor
             self.anchor = mitigations.snapshot(self.trainable())
         if "teacher" in needs and self.teacher is None:
@@ -307,7 +307,8 @@ class StageModule(L.LightningModule):
             state["mitigation_total"],
             state["final_loss"],
         )
-        self.anchor, self.teacher, self.group_weights = state["anchor"], state["teacher"], state["group_weights"]
+        self.anchor, self.teacher = state["anchor"], state["teacher"]
+        self.group_weights = state.get("group_weights")  # absent from checkpoints written before group_replay
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         kind, keys, *rest = state["rng"]["numpy"]
@@ -365,10 +366,13 @@ class StageModule(L.LightningModule):
             return loss_of(logits, batch)
         sums, counts = example_losses(logits, batch)
         groups, weights = batch["group"], self.group_weights.to(sums.device)
-        means, present = mitigations.group_mean_losses((sums / counts).detach().double(), groups, len(weights))
+        totals, sizes = mitigations.group_loss_sums((sums / counts).detach(), groups, len(weights))
+        # data-parallel ranks step the same weights on the whole global batch's group losses
+        totals, sizes = (self.trainer.strategy.reduce(x, reduce_op="sum") for x in (totals, sizes))
+        means, present = totals / sizes.clamp(min=1), sizes > 0
         self.group_weights = mitigations.group_dro_step(weights, means, present, self.mitigation.strength)
-        self.log("train/dro_max_weight", self.group_weights.max().float())
-        return (mitigations.example_weights(groups, self.group_weights).to(sums.dtype) * sums).sum() / counts.sum()
+        self.log("train/dro_max_weight", self.group_weights.max())
+        return (mitigations.example_weights(groups, self.group_weights) * sums).sum() / counts.sum()
 
     def sam_step(self, batch, loss: torch.Tensor) -> None:
         """SAM: gradient at the current point, step of radius rho uphill, gradient there, step back, update."""
@@ -640,7 +644,8 @@ class StageDataModule(L.LightningDataModule):
         self.eval_samples: list[dict] = []
         self.eval_letters: torch.Tensor | None = None
         self.batch_tokens = 0  # real tokens of the training batch on its way to the device
-        # group_replay: the group kind to label each replayed task's examples with, and the groups found
+        # group_replay: the group kind to label each replayed task's examples with (None: the task has none, its
+        # examples stay ungrouped, weight 1), and the groups found
         self.group_by: dict[str, str] = {}
         self.group_names: list[str] = []
 
@@ -712,8 +717,8 @@ class StageDataModule(L.LightningDataModule):
         self.letters = letter_token_ids(self.tokenizer, max(len(e.choices) for _, e in drawn))
         self.samples = [{"index": i, **self.encode_answer(e)} for i, (_, e) in enumerate(drawn)]
         if self.group_by:  # every group of the replayed tasks' training data, drawn this time or not
-            labels = [(t, e.groups.get(self.group_by[t], "")) if t in self.group_by else None for t, e in drawn]
-            pool = [(t, e.groups.get(kind, "")) for t, kind in self.group_by.items() for e in self.data[t].train]
+            labels = [(t, e.groups.get(self.group_by[t], "")) if self.group_by.get(t) else None for t, e in drawn]
+            pool = [(t, e.groups.get(k, "")) for t, k in self.group_by.items() if k for e in self.data[t].train]
             self.group_names = [f"{t}/{g}" for t, g in sorted(set(pool))]
             index = {name: i for i, name in enumerate(self.group_names)}
             for sample, label in zip(self.samples, labels):

@@ -194,7 +194,7 @@ def test_safety_projection_keeps_the_later_update_inside_the_safety_subspace(lor
     record = chain(lora_config, "projected", MitigationSpec("safety_projection", 1.0), steps=100, lr=5e-3)
     done = record["stages"][1]["mitigation"]
     assert sorted(done["projected"]) == sorted(done["similarity"]) and all(s < 1 for s in done["similarity"].values())
-    assert done["wall_s"] < 5
+    assert done["wall_s"] < 60  # seconds, not a stage's minutes (the projection trains nothing)
     run = Path(lora_config.out) / "projected"
     first, second = (load_file(run / f"stage{k}" / "adapter_model.safetensors") for k in (1, 2))
     for name in done["projected"]:  # B of stage 2 lies in the span of the stage-1 update (B = 0 before it)
@@ -205,12 +205,29 @@ def test_safety_projection_keeps_the_later_update_inside_the_safety_subspace(lor
     assert bbq_forgetting(record) < bbq_forgetting(plain)
 
 
+def off_subspace_share(run: Path) -> float:
+    """How much of stage 2's update lies outside the span of stage 1's (the safety stage's), summed over layers."""
+    from safetensors.torch import load_file
+
+    from chainforget import mitigations
+
+    first, second = (load_file(run / f"stage{k}" / "adapter_model.safetensors") for k in (1, 2))
+    outside = total = 0.0
+    for name in {key.rsplit(".lora_", 1)[0] for key in first}:
+        a1, b1, a2, b2 = (s[f"{name}.lora_{x}.weight"].double() for s in (first, second) for x in "AB")
+        update = b2 @ a2 - b1 @ a1
+        outside += float((mitigations.off_subspace(update, mitigations.update_basis(b1 @ a1)) ** 2).sum())
+        total += float((update**2).sum())
+    return outside / total
+
+
 def test_a_strong_safety_anchor_holds_the_update_to_the_safety_directions(lora_config):
     free = chain(lora_config, "free", MitigationSpec("safety_anchor", 0.0))
     held = chain(lora_config, "held", MitigationSpec("safety_anchor", 1e4))
     assert free["stages"][1]["mitigation"]["mean_penalty"] == 0.0
     assert held["stages"][1]["mitigation"]["mean_penalty"] > 0.0
-    assert held["stages"][1]["train"]["weight_drift"] < free["stages"][1]["train"]["weight_drift"]
+    out = Path(lora_config.out)
+    assert off_subspace_share(out / "held") < 0.5 * off_subspace_share(out / "free")
 
 
 @pytest.mark.parametrize(
@@ -219,6 +236,7 @@ def test_a_strong_safety_anchor_holds_the_update_to_the_safety_directions(lora_c
         (dict(model="full", mitigation=("safety_anchor", 1.0)), "needs model.finetune: lora, not full"),
         (dict(order=["csqa", "csqa"], mitigation=("safety_anchor", 1.0)), "order ['csqa', 'csqa'] trains none"),
         (dict(order=["csqa", "bbq", "csqa"], mitigation=("safety_projection", 0.5)), "at stage 2; put it first"),
+        (dict(order=["csqa", "bbq"], mitigation=("safety_anchor", 1.0)), "trains it last; add a stage after it"),
     ],
 )
 def test_safety_direction_mitigations_refuse_chains_without_a_direction(lora_config, changes, message):
@@ -256,6 +274,8 @@ def test_group_replay_at_eta_zero_is_replay_stage_and_otherwise_weighs_groups(sm
     assert uniform["stages"][2]["mitigation"]["group_weights"] == {"bbq/Age": 0.5, "bbq/Religion": 0.5}
 
 
-def test_group_replay_refuses_a_group_kind_a_replayed_task_lacks(smoke_config):
+def test_group_replay_refuses_a_group_kind_a_replayed_task_lacks_and_replays_without_groups(smoke_config):
     with pytest.raises(ConfigError, match=re.escape("mitigation.group_kind: 'topic' is not a group kind of bbq")):
         replace(smoke_config, mitigation=MitigationSpec("group_replay", 1.0, group_kind="topic"))
+    with pytest.raises(ConfigError, match=re.escape("replays (csqa) have no groups; use replay_stage")):
+        replace(smoke_config, order=["csqa", "bbq"], mitigation=MitigationSpec("group_replay", 1.0))

@@ -177,12 +177,10 @@ def test_safety_anchor_penalty_by_hand_gradient_and_zero_inside_the_subspace():
     )
 
 
-def test_group_mean_losses_by_hand():
+def test_group_loss_sums_by_hand():
     losses = torch.tensor([1.0, 3.0, 5.0, 7.0], dtype=torch.float64)
-    groups = torch.tensor([0, 0, -1, 2])
-    means, present = mitigations.group_mean_losses(losses, groups, 3)
-    assert means.tolist() == [2.0, 0.0, 7.0]
-    assert present.tolist() == [True, False, True]
+    sums, sizes = mitigations.group_loss_sums(losses, torch.tensor([0, 0, -1, 2]), 3)
+    assert sums.tolist() == [4.0, 0.0, 7.0] and sizes.tolist() == [2.0, 0.0, 1.0]
 
 
 def test_group_dro_moves_weight_toward_the_group_whose_loss_rises():
@@ -205,7 +203,11 @@ def test_group_dro_moves_weight_toward_the_group_whose_loss_rises():
     assert torch.allclose(absent, weights)  # groups the batch lacks take no step
 
 
-def test_example_weights_are_one_under_uniform_group_weights():
-    groups = torch.tensor([-1, 0, 1, 1])
-    assert mitigations.example_weights(groups, torch.full((2,), 0.5)).tolist() == [1.0, 1.0, 1.0, 1.0]
-    assert mitigations.example_weights(groups, torch.tensor([0.25, 0.75])).tolist() == [1.0, 0.5, 1.5, 1.5]
+def test_example_weights_share_the_replayed_examples_count_by_group_weight():
+    groups = torch.tensor([-1, 0, 1, 1, 2])
+    assert torch.allclose(mitigations.example_weights(groups, torch.full((3,), 1 / 3)), torch.ones(5))
+    weights = mitigations.example_weights(groups, torch.tensor([0.5, 0.2, 0.3]))
+    # four replayed examples share a total weight of 4 in proportion 0.5 : 0.2 : 0.2 : 0.3 (sum 1.2)
+    assert torch.allclose(weights, torch.tensor([1.0, 4 * 0.5 / 1.2, 4 * 0.2 / 1.2, 4 * 0.2 / 1.2, 4 * 0.3 / 1.2]))
+    assert float(weights[1:].sum()) == pytest.approx(4.0)
+    assert mitigations.example_weights(torch.tensor([-1, -1]), torch.tensor([0.5, 0.5])).tolist() == [1.0, 1.0]

@@ -125,3 +125,21 @@ def test_a_bf16_mixed_chain_with_frozen_weights_in_bf16_still_measures_hessians_
     record = run(config, "bf16")
     assert all(stage["curvature"]["top_eigenvalue"] > 0 for stage in record["stages"])
     assert record["stages"][1]["mitigation"]["mean_penalty"] > 0
+
+
+def test_example_losses_add_up_to_the_batch_loss_for_letter_and_text_answers():
+    from lightning_modules.stage import example_losses, loss_of
+
+    generator = torch.Generator().manual_seed(0)
+    letters = {"answer": torch.tensor([3, 1, 4])}
+    logits = torch.randn(3, 7, generator=generator)
+    sums, counts = example_losses(logits, letters)
+    assert counts.tolist() == [1.0, 1.0, 1.0]
+    assert torch.allclose(sums, torch.nn.functional.cross_entropy(logits, letters["answer"], reduction="none"))
+    text = {"targets": torch.tensor([[-100, 2, 5], [1, 1, 6], [-100, -100, 0]])}  # 2, 3 and 1 answer tokens
+    logits = torch.randn(3, 3, 7, generator=generator)
+    sums, counts = example_losses(logits, text)
+    assert counts.tolist() == [2.0, 3.0, 1.0]
+    row = torch.nn.functional.cross_entropy(logits[1], text["targets"][1], reduction="sum")
+    assert torch.allclose(sums[1], row)
+    assert torch.allclose(sums.sum() / counts.sum(), loss_of(logits, text))  # uniform weights: the usual loss

@@ -493,9 +493,9 @@ def check_answer_and_mitigation(answer: str, mitigation: MitigationSpec, answer_
 
 def check_safety_direction(config: ChainConfig) -> None:
     """A mitigation that keeps to the safety direction reads the update of the chain's safety stage
-    (``plan.safety_stage``) layer by layer as a LoRA update ``B @ A``: it needs LoRA and a stage that trains a safety
-    task; the projection also needs that stage first where a stage follows it (only an update from the base
-    model's ``B = 0`` stays a rank-r adapter once projected)."""
+    (``plan.safety_stage``) layer by layer as a LoRA update ``B @ A`` and acts in the stages after it: it needs LoRA,
+    a stage that trains a safety task and one after it; the projection also needs that stage first (only an update
+    from the base model's ``B = 0`` stays a rank-r adapter once projected)."""
     from chainforget.plan import safety_stage
 
     mitigation = config.mitigation
@@ -512,24 +512,39 @@ def check_safety_direction(config: ChainConfig) -> None:
             f"mitigation.name: {mitigation.name} keeps to the update of the stage that trains a safety task, and "
             f"order {config.order} trains none"
         )
-    if mitigation.rule.kind == "projection" and 1 < stage < len(config.order):
+    if stage == len(config.order):
+        raise ConfigError(
+            f"mitigation.name: {mitigation.name} acts in the stages after the one that trains a safety task, and "
+            f"order {config.order} trains it last; add a stage after it"
+        )
+    if mitigation.rule.kind == "projection" and stage > 1:
         raise ConfigError(
             f"mitigation.name: {mitigation.name} projects onto the update of the chain's first stage, and order "
-            f"{config.order} first trains a safety task at stage {stage}; put it first or end the chain with it"
+            f"{config.order} first trains a safety task at stage {stage}; put it first"
         )
 
 
 def check_group_kind(config: ChainConfig) -> None:
-    """group_replay's ``group_kind``, where given, must be one every replayed task (all but the last's) has."""
+    """group_replay weighs the replayed examples by group: at least one replayed task must have groups (one without
+    stays ungrouped, weight 1), and a ``group_kind`` given must be one of each grouped replayed task's kinds."""
     from chainforget import tasks
+    from chainforget.plan import earlier_tasks
 
-    kind = config.mitigation.group_kind
-    if "group_kind" not in config.mitigation.rule.knobs or kind is None:
+    mitigation = config.mitigation
+    if not mitigation.rule.weighs_replay:
         return
-    for name in dict.fromkeys(task for entry in config.order[:-1] for task in parse_stage(entry)):
-        if kind not in tasks.get(name).group_kinds:
-            kinds = ", ".join(tasks.get(name).group_kinds) or "none"
-            raise ConfigError(f"mitigation.group_kind: {kind!r} is not a group kind of {name} (it has: {kinds})")
+    replayed = {name: tasks.get(name).group_kinds for name in earlier_tasks(config.order, len(config.order) + 1)}
+    if not any(replayed.values()):
+        raise ConfigError(
+            f"mitigation.name: {mitigation.name} weighs replayed examples by group, and the tasks order "
+            f"{config.order} replays ({', '.join(replayed) or 'none'}) have no groups; use replay_stage"
+        )
+    kind = mitigation.group_kind
+    for name, kinds in replayed.items():
+        if kind is not None and kinds and kind not in kinds:
+            raise ConfigError(
+                f"mitigation.group_kind: {kind!r} is not a group kind of {name} (it has: {', '.join(kinds)})"
+            )
 
 
 def check_strings(tree: dict, prefix: str = "") -> None:

@@ -167,7 +167,7 @@ def update_basis(update: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
     value is above ``rtol`` times the largest (a LoRA update ``scale * B @ A`` has at most ``rank``)."""
     u, sigma, _ = torch.linalg.svd(update.double(), full_matrices=False)
     keep = sigma > rtol * sigma[0] if sigma.numel() and sigma[0] > 0 else torch.zeros_like(sigma, dtype=torch.bool)
-    return u[:, keep].to(update.dtype)
+    return u[:, keep].to(torch.promote_types(update.dtype, torch.float32))  # orthonormal enough even under bf16
 
 
 def off_subspace(update: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -208,15 +208,15 @@ def project_update(
     similarity. tau = -1 (or 0) projects no layer; tau = 1 every layer not already inside the subspace. Safe LoRA
     uses ``V V^T / ||V||_F`` for ``C``, a cheaper stand-in for the exact projection, which no rank-r adapter could
     hold here."""
-    basis = layer.basis.to(b)
-    update = layer.scale * (b @ a - safety_b @ safety_a)
+    basis, b64 = layer.basis.to(device=b.device, dtype=torch.float64), b.double()
+    update = layer.scale * (b64 @ a.double() - safety_b.double() @ safety_a.double())
     norm = torch.linalg.matrix_norm(update)
     if norm == 0:
         return None, 1.0
     similarity = float(torch.linalg.matrix_norm(basis @ (basis.T @ update)) / norm)
     if similarity >= tau:
         return None, similarity
-    return basis @ (basis.T @ b), similarity
+    return (basis @ (basis.T @ b64)).to(b.dtype), similarity
 
 
 def safety_layers(
@@ -247,13 +247,12 @@ def project_layers(
     return {"projected": projected, "similarity": similarity}
 
 
-def group_mean_losses(losses: torch.Tensor, groups: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss of each of ``count`` groups over the examples labelled with it (``groups``; -1: no group), and
-    which groups the batch has."""
+def group_loss_sums(losses: torch.Tensor, groups: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and number of examples of each of ``count`` groups (``groups``; -1: no group): what data-parallel
+    ranks add up before the mean loss of each group is taken."""
     labelled = groups >= 0
     sums = losses.new_zeros(count).index_add_(0, groups[labelled], losses[labelled])
-    sizes = torch.bincount(groups[labelled], minlength=count).to(losses.dtype)
-    return sums / sizes.clamp(min=1), sizes > 0
+    return sums, torch.bincount(groups[labelled], minlength=count).to(losses.dtype)
 
 
 @torch.no_grad()
@@ -268,10 +267,14 @@ def group_dro_step(
 
 
 def example_weights(groups: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Each example's loss weight: ``G q_g`` for a replayed example of group g (G groups), 1 for the rest (-1): so the
-    uniform ``q = 1/G`` weighs every example 1, today's replay, and replay's total share stays about r."""
-    scaled = len(weights) * weights[groups.clamp(min=0)]
-    return torch.where(groups >= 0, scaled, torch.ones_like(scaled))
+    """Each example's loss weight: 1 for an example without a group (-1); the replayed examples of the batch share
+    their number between them in proportion to their groups' weights, ``w_i = n q_(g_i) / sum_j q_(g_j)`` over its n
+    replayed examples. Replay's total weight stays n (its share r), the batch's replayed loss is ``q``-weighted as
+    group DRO's ``sum_g q_g l_g``, and a uniform ``q`` weighs every example 1, today's replay."""
+    replayed = groups >= 0
+    chosen = weights[groups.clamp(min=0)] * replayed
+    scaled = chosen * (replayed.sum() / chosen.sum().clamp(min=torch.finfo(chosen.dtype).tiny))
+    return torch.where(replayed, scaled, torch.ones_like(scaled))
 
 
 REPLAY = "replay ratio r"

