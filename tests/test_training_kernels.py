@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
+import torch
 
 from chainforget import evaluation
 from chainforget.config import CurvatureSpec, ModelSpec
