@@ -2,8 +2,9 @@
 (W&B's ``sweeps`` package; the YAMLs live in the repository's ``sweeps/`` folder), and Optuna studies.
 
 ``optuna_study`` runs one chain per trial in this process against any Optuna RDB storage (SQLite by default,
-PostgreSQL for many workers on many machines), with heartbeats so a killed worker's trial is retried, the
-per-stage objective reported for pruning, and grid points never run twice across workers.
+PostgreSQL for many workers on many machines) or Optuna's journal file (many workers on a shared filesystem, no
+database server), with heartbeats so a killed worker's trial is retried, the per-stage objective reported for
+pruning, and grid points never run twice across workers.
 
 ``wandb_local`` is for clusters with no W&B server: it asks W&B's sweep engine (``sweeps.next_run``) for the
 next parameters, builds the command exactly as ``wandb agent`` does (``create_sweep_command`` and
@@ -22,9 +23,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -511,8 +514,23 @@ def build(cls, settings: dict, given: dict, where: str):
         raise ConfigError(f"{where}: {exc}") from None
 
 
+JOURNAL = "journal:///"  # journal:///PATH: Optuna's journal file (relative PATH; journal:////PATH is absolute)
+
+# A heartbeat for storages without one of their own (Optuna's journal file): each running trial's worker writes
+# the time into this user attribute every ``interval`` seconds.
+BEAT = "heartbeat_at"
+
+
 def check_storage(url: str) -> None:
-    """An RDB URL whose database SQLAlchemy knows (nothing is connected to or created yet)."""
+    """An RDB URL whose database SQLAlchemy knows, or a journal file in a folder that exists (nothing is connected to
+    or created yet)."""
+    if url.startswith(JOURNAL):
+        folder = Path(url.removeprefix(JOURNAL)).parent
+        if not url.removeprefix(JOURNAL) or not folder.is_dir():
+            raise ConfigError(
+                f"--storage {url}: no folder {folder} for the journal file; create it or correct the path"
+            )
+        return
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -522,7 +540,7 @@ def check_storage(url: str) -> None:
     except (ArgumentError, NoSuchModuleError) as exc:
         raise ConfigError(
             f"--storage {url}: not allowed ({exc}); use an RDB URL such as sqlite:///runs/optuna/NAME.db "
-            "or postgresql://USER@HOST/DB"
+            "or postgresql://USER@HOST/DB, or a journal file journal:///runs/optuna/NAME.log"
         ) from None
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise ConfigError(f"--storage {url}: an in-memory database ends with this worker; use sqlite:///FILE")
@@ -538,6 +556,15 @@ def make_storage(url: str, heartbeat: dict | None = None, attempts: int = 3):
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
     beat = {"interval": 10, "grace_period": 30, "max_retry": 2, **(heartbeat or {})}
+    if url.startswith(JOURNAL):  # no heartbeat of its own: optuna_study beats (JournalBeat)
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+        path = url.removeprefix(JOURNAL)
+        try:  # the open-file lock works on network filesystems (NFS, Lustre) where symlinks may not be atomic
+            return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+        except OSError as exc:
+            raise ConfigError(f"--storage {url}: cannot open the journal file ({exc.strerror or exc})") from None
     for attempt in range(attempts):
         try:
             return RDBStorage(
@@ -558,6 +585,52 @@ def make_storage(url: str, heartbeat: dict | None = None, attempts: int = 3):
             raise ConfigError(
                 f"--storage {url}: cannot open the study storage ({type(exc).__name__}: {exc})".split("\n")[0]
             ) from None
+
+
+class JournalBeat:
+    """Heartbeats for a storage without its own (a journal file): while a trial runs, a thread stamps it with the
+    time every ``interval`` seconds; ``retry_stale`` fails a running trial whose stamp (or, before the first one, its
+    start) is more than ``grace_period`` seconds old and hands it to Optuna's ``RetryFailedTrialCallback``, as Optuna
+    does for an RDB storage's heartbeats (at most ``max_retry`` retries). Workers' clocks must agree to within the
+    grace period (they do under NTP)."""
+
+    def __init__(self, study, heartbeat: dict | None):
+        self.study = study
+        self.beat = {"interval": 10, "grace_period": 30, "max_retry": 2, **(heartbeat or {})}
+
+    def retry_stale(self) -> None:
+        import optuna
+        from optuna.storages import RetryFailedTrialCallback
+
+        now = time.time()
+        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            # a retried trial carries its predecessor's last stamp: its own start is the fresher
+            stamp = max(trial.user_attrs.get(BEAT, 0.0), trial.datetime_start.timestamp())
+            if now - stamp <= self.beat["grace_period"]:
+                continue
+            try:
+                self.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            except (RuntimeError, ValueError):  # another worker failed it first: it retries it
+                continue
+            RetryFailedTrialCallback(max_retry=self.beat["max_retry"])(self.study, trial)  # Optuna's own retry
+
+    @contextmanager
+    def beating(self, trial):
+        stop = threading.Event()
+
+        def beat() -> None:
+            while True:
+                trial.set_user_attr(BEAT, time.time())
+                if stop.wait(self.beat["interval"]):
+                    return
+
+        thread = threading.Thread(target=beat, name=f"heartbeat of trial {trial.number}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
 
 def duplicate_of(trial) -> int | None:
@@ -621,6 +694,7 @@ def optuna_study(
         )
         study.set_metric_names(list(spec["objectives"]))  # what optuna-dashboard and trials_dataframe() show
     base = study_arguments(spec, configs) + ([f"--out={out}"] if out else [])
+    journal = JournalBeat(study, spec.get("heartbeat")) if storage_url.startswith(JOURNAL) else None
 
     def objective(trial):
         params = {}
@@ -652,11 +726,12 @@ def optuna_study(
                 raise ChainStopped(f"pruned after stage {stage}")
 
         try:
-            record = run_chain(
-                config,
-                on_stage=report,
-                wandb_config={"optuna": {"study": name, "trial": trial.number, "params": params}},
-            )
+            with journal.beating(trial) if journal else nullcontext():
+                record = run_chain(
+                    config,
+                    on_stage=report,
+                    wandb_config={"optuna": {"study": name, "trial": trial.number, "params": params}},
+                )
         except ChainStopped as stop:
             raise optuna.TrialPruned(str(stop)) from None
         summary = summary_metrics(record)
@@ -668,7 +743,11 @@ def optuna_study(
         return values if multi else values[0]
 
     total = grid_size(spec) if grid else n_trials or spec.get("n_trials")
-    study.optimize(objective, n_trials=n_trials or spec.get("n_trials"), catch=(), callbacks=[progress(name, total)])
+    callbacks = [progress(name, total)]
+    if journal is not None:  # before the first trial and after every one, as Optuna checks an RDB's heartbeats
+        journal.retry_stale()
+        callbacks.append(lambda study, trial: journal.retry_stale())
+    study.optimize(objective, n_trials=n_trials or spec.get("n_trials"), catch=(), callbacks=callbacks)
     return study
 
 

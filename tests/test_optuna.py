@@ -295,6 +295,71 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_until_the_stu
     assert complete == choices  # the study completed: every grid point ran, the killed one again
 
 
+def journal_study(url: str, name: str):
+    from lightning_modules.search import make_storage
+
+    return optuna.load_study(study_name=name, storage=make_storage(url))
+
+
+def test_two_workers_share_one_journal_file_and_run_every_grid_point_once(tmp_path):
+    """A study across machines with no database server: Optuna's journal file on a shared filesystem."""
+    choices = [1e-3, 2e-3, 3e-3, 4e-3]
+    path = study_file(
+        tmp_path,
+        study_name="journal-grid",
+        params={"train.lr": {"type": "categorical", "choices": choices}},
+        sampler={"name": "grid"},
+    )
+    url = f"journal:///{tmp_path / 'journal-grid.log'}"
+    command = [sys.executable, "-m", "chainforget.cli", "sweep", "optuna", str(path), "--storage", url]
+    env = dict(os.environ, CHAINFORGET_THREADS="1")
+    workers = [subprocess.Popen([*command, "--out", str(tmp_path / "runs")], env=env, cwd=ROOT) for _ in range(2)]
+    assert [worker.wait(timeout=600) for worker in workers] == [0, 0]
+    study = journal_study(url, "journal-grid")
+    complete = [t.params["train.lr"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(complete) == choices  # every grid point exactly once
+    assert all("duplicate_of" in t.user_attrs for t in study.trials if t.state == optuna.trial.TrialState.PRUNED)
+    assert all("heartbeat_at" in t.user_attrs for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+
+
+def test_a_killed_workers_trial_in_a_journal_file_is_failed_by_its_stale_heartbeat_and_retried(tmp_path):
+    choices = [1e-3, 2e-3]
+    path = study_file(
+        tmp_path,
+        study_name="journal-killed",
+        params={"train.lr": {"type": "categorical", "choices": choices}},
+        sampler={"name": "grid"},
+        heartbeat={"interval": 1, "grace_period": 3, "max_retry": 2},
+    )
+    url = f"journal:///{tmp_path / 'killed.log'}"
+    worker = ["sweep", "optuna", str(path), "--storage", url, "--out", str(tmp_path / "runs")]
+    env = dict(os.environ, CHAINFORGET_THREADS="1", PYTHONPATH=str(ROOT))
+    killed = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "faults.py"), "train_step", "2", *worker], env=env, cwd=ROOT
+    )
+    assert killed.returncode == -9
+    (stuck,) = journal_study(url, "journal-killed").trials
+    assert stuck.state == optuna.trial.TrialState.RUNNING  # a journal has no heartbeat of its own
+    time.sleep(4)  # past the grace period: the trial's last stamp is stale
+    survivor = subprocess.run([sys.executable, "-m", "chainforget.cli", *worker], env=env, cwd=ROOT)
+    assert survivor.returncode == 0
+    trials = journal_study(url, "journal-killed").trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert retries[0].params == trials[0].params
+    complete = sorted(t.params["train.lr"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert complete == choices
+
+
+def test_a_journal_file_in_a_folder_that_does_not_exist_is_refused(tmp_path, capsys):
+    path = study_file(tmp_path, params={"seed": {"type": "categorical", "choices": [0]}}, sampler={"name": "grid"})
+    code = main(["sweep", "optuna", str(path), "--storage", f"journal:///{tmp_path / 'no' / 's.log'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "for the journal file; create it or correct the path" in err[0]
+    assert not (tmp_path / "no").exists()
+
+
 def test_a_worker_that_loses_the_race_to_create_a_sqlite_study_retries(tmp_path, monkeypatch):
     from optuna import storages
     from sqlalchemy.exc import OperationalError

@@ -191,7 +191,11 @@ def sweep(argv: list[str]) -> int:
     )
     study = engines.add_parser("optuna", help="run or join an Optuna study (start several workers to share it)")
     study.add_argument("file", type=Path)
-    study.add_argument("--storage", default=None, help="Optuna RDB URL (default: sqlite:///<out>/optuna/<study>.db)")
+    study.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna RDB URL or journal:///FILE (default: sqlite:///<out>/optuna/<study>.db)",
+    )
     study.add_argument(
         "--n-trials", type=positive, default=None, help="trials for this worker (grid studies stop by themselves)"
     )
