@@ -633,6 +633,13 @@ class JournalBeat:
             thread.join()
 
 
+def first_attempt(trial) -> int:
+    """The number of the trial this one retries (Optuna's ``failed_trial``; itself where it retries none): a retry
+    runs in the first attempt's run directory, so its chain resumes from that attempt's stage checkpoint."""
+    (frozen,) = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
+    return frozen.system_attrs.get("failed_trial", trial.number)
+
+
 def duplicate_of(trial) -> int | None:
     """The grid point ``trial`` drew that another worker already ran or is running (the lower trial number
     keeps it), else ``None``. Optuna's grid sampler can hand the same point to two workers."""
@@ -710,7 +717,9 @@ def optuna_study(
             trial.set_user_attr("duplicate_of", original)
             raise optuna.TrialPruned(f"grid point already taken by trial {original}")
         config = parse_chain([*base, *(as_override(k, v) for k, v in params.items())], "chainforget sweep optuna")
-        config = replace(config, run_name=f"{name}-trial{trial.number}", wandb=replace(config.wandb, group=name))
+        config = replace(
+            config, run_name=f"{name}-trial{first_attempt(trial)}", wandb=replace(config.wandb, group=name)
+        )
 
         stages = len(plan_chain(config))
 

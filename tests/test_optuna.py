@@ -275,17 +275,30 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_until_the_stu
     )
     storage = f"sqlite:///{tmp_path / 'killed.db'}"
     worker = ["sweep", "optuna", str(path), "--storage", storage, "--out", str(tmp_path / "runs")]
+    every_step = tmp_path / "checkpoint_every_step.yaml"  # a checkpoint before the kill at step 2
+    every_step.write_text("trainer: {checkpoint_every: 1}\n")
     env = dict(os.environ, CHAINFORGET_THREADS="1", PYTHONPATH=str(ROOT))
     # the first worker dies with SIGKILL in its first trial's second training step
     killed = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "faults.py"), "train_step", "2", *worker], env=env, cwd=ROOT
+        [sys.executable, str(ROOT / "tests" / "faults.py"), "train_step", "2", *worker, "--config", str(every_step)],
+        env=env,
+        cwd=ROOT,
     )
     assert killed.returncode == -9
     (stuck,) = optuna.load_study(study_name="killed", storage=storage).trials
     assert stuck.state == optuna.trial.TrialState.RUNNING  # nobody told the storage
     time.sleep(4)  # past the grace period: its heartbeat is stale
-    survivor = subprocess.run([sys.executable, "-m", "chainforget.cli", *worker], env=env, cwd=ROOT)
-    assert survivor.returncode == 0
+    survivor = subprocess.run(
+        [sys.executable, "-m", "chainforget.cli", *worker, "--config", str(every_step)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert survivor.returncode == 0, survivor.stderr[-2000:]
+    # the retry ran in the first attempt's run directory and resumed its stage from the checkpoint left there
+    assert "stage 1 resumes from its checkpoint" in survivor.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["killed-trial0", "killed-trial2"]
     trials = optuna.load_study(study_name="killed", storage=storage).trials
     assert trials[0].state == optuna.trial.TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
@@ -385,3 +398,33 @@ def test_a_worker_that_loses_the_race_to_create_a_sqlite_study_retries(tmp_path,
     monkeypatch.setattr(storages, "RDBStorage", unreadable)
     with pytest.raises(ConfigError, match="cannot open the study storage .*unable to open database file"):
         search.make_storage(url)
+
+
+def test_the_slurm_array_payload_runs_one_trial_per_task_of_a_study_on_a_journal_file(tmp_path):
+    """sweeps/slurm/optuna_worker.sbatch run as SLURM runs it (no scheduler here): bash with the array's
+    environment, each task one worker with one trial; the tasks together complete the grid, each point once."""
+    choices = [1e-3, 2e-3]
+    path = study_file(
+        tmp_path,
+        study_name="array",
+        params={"train.lr": {"type": "categorical", "choices": choices}},
+        sampler={"name": "grid"},
+    )
+    url = f"journal:///{tmp_path / 'array.log'}"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env |= {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "STUDY": str(path), "STORAGE": url}
+    env |= {"OUT": str(tmp_path / "runs"), "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_CPUS_PER_TASK": "1"}
+    env |= {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_RESTART_COUNT": "0"}
+    script = ROOT / "sweeps" / "slurm" / "optuna_worker.sbatch"
+    tasks = [
+        subprocess.run(
+            ["bash", str(script)], env=env | {"SLURM_ARRAY_TASK_ID": str(task)}, cwd=tmp_path, capture_output=True
+        )
+        for task in range(3)  # one task more than the grid: it finds the grid done and exits cleanly
+    ]
+    assert [t.returncode for t in tasks] == [0, 0, 0], tasks[0].stderr[-2000:]
+    assert b"array task 0 of job 4242 (restart 0) joins" in tasks[0].stderr
+    study = journal_study(url, "array")
+    complete = [t.params["train.lr"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(complete) == choices
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["array-trial0", "array-trial1"]
