@@ -481,6 +481,7 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
         mitigation=plan.mitigation,
         attention=config.train.attention,
         compile=config.train.compile,
+        gradient_checkpointing=config.train.gradient_checkpointing,
     )
     module.fisher, module.safety = fisher, chain.safety_layers
     batches = config.train.steps * config.trainer.accumulate_grad_batches

@@ -144,3 +144,31 @@ def test_example_losses_add_up_to_the_batch_loss_for_letter_and_text_answers():
     row = torch.nn.functional.cross_entropy(logits[1], text["targets"][1], reduction="sum")
     assert torch.allclose(sums[1], row)
     assert torch.allclose(sums.sum() / counts.sum(), loss_of(logits, text))  # uniform weights: the usual loss
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_is_off_again_for_evaluation():
+    from test_curvature import tiny_batch
+
+    from lightning_modules.stage import answer_loss, checkpointed_blocks
+
+    model = load_model(ModelSpec(name="tiny", finetune="lora"), seed=0)
+    model.train()
+    batch = tiny_batch()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():  # LoRA's B starts at 0: move it so every adapter has a gradient through the blocks
+        for p in parameters:
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    plain = torch.autograd.grad(answer_loss(model, batch), parameters)
+    with checkpointed_blocks(model):
+        assert model.is_activation_checkpointing
+        checkpointed = torch.autograd.grad(answer_loss(model, batch), parameters)
+    assert not model.is_activation_checkpointing
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(plain, checkpointed))
+    assert any(float(g.abs().sum()) > 0 for g in checkpointed)
+
+
+def test_a_chain_trains_with_gradient_checkpointing_to_the_same_numbers(smoke_config):
+    plain = run(smoke_config, "plain")
+    checkpointed = run(smoke_config, "checkpointed", gradient_checkpointing=True)
+    assert checkpointed["stages"][1]["train"]["final_loss"] == pytest.approx(plain["stages"][1]["train"]["final_loss"])
+    assert [r["acc"] for r in checkpointed["eval"]] == pytest.approx([r["acc"] for r in plain["eval"]])

@@ -151,6 +151,9 @@ class TrainSpec:
             backward is slow; the model's own on GPUs) or a transformers ``attn_implementation``.
         compile: train through ``torch.compile``d decoder blocks (faster after a one-off compile; numerics
             change slightly, so it is part of the stage's cache key).
+        gradient_checkpointing: keep only each decoder block's input in the forward pass and recompute the rest
+            in the backward (transformers' activation checkpointing, non-reentrant): activation memory of one
+            block instead of all, for about a third more compute; the same gradients.
         answer: what the loss trains: ``letter`` (cross-entropy of the answer letter after the lettered prompt,
             what ``eval.mode: letter`` reads) or ``text`` (mean cross-entropy of the correct option's text tokens
             after ``<question>\nAnswer:``, the continuation ``eval.mode: text``/``text_norm`` score). Small
@@ -166,6 +169,7 @@ class TrainSpec:
     bucket: bool = True
     attention: str = "auto"
     compile: bool = False
+    gradient_checkpointing: bool = False
     answer: Literal["letter", "text"] = "letter"
 
     def __post_init__(self) -> None:
