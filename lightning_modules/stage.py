@@ -546,7 +546,6 @@ def stage_curvature(network, batches: list[dict], spec: CurvatureSpec, precision
     network.train(was_training)
     return {
         "top_eigenvalue": result.top_eigenvalue,
-        "dominant_eigenvalue": result.dominant_eigenvalue,
         "method": curvature.METHOD,
         "trace": result.trace,
         "iterations": result.iterations,

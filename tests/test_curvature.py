@@ -24,17 +24,18 @@ def test_top_eigenvalue_of_a_known_quadratic_within_one_percent():
     result = curvature.measure(loss, [x], max_iter=200, tol=1e-6, seed=3)
     assert result.converged
     assert result.top_eigenvalue == pytest.approx(5.0, rel=0.01)
-    assert result.dominant_eigenvalue == result.top_eigenvalue
 
 
-def test_the_top_eigenvalue_is_the_largest_even_where_a_negative_one_is_larger_in_size():
-    loss, x = quadratic([-5.0, 2.0, 1.0, 0.5, -0.1])  # a saddle, as LoRA's bilinear B A makes at a minimum
-    result = curvature.measure(loss, [x], max_iter=300, tol=1e-8, seed=3)
-    assert result.converged
-    assert result.dominant_eigenvalue == pytest.approx(-5.0, rel=1e-3)
-    assert result.top_eigenvalue == pytest.approx(2.0, rel=1e-3)
+def test_the_top_eigenvalue_is_the_largest_beside_a_larger_negative_one_and_a_bulk_near_zero():
+    """The case that defeats power iteration at a LoRA stage's end: a negative eigenvalue of the largest magnitude,
+    and the top one just above a bulk of near-zero ones (a shift by the negative one leaves them a ratio of 1.2)."""
+    bulk = torch.linspace(-0.01, 0.01, 300).tolist()
+    loss, x = quadratic([-5.0, 1.0, *bulk])
+    result = curvature.measure(loss, [x], max_iter=60, tol=1e-6, seed=3)
+    assert result.converged and result.iterations <= 80
+    assert result.top_eigenvalue == pytest.approx(1.0, rel=1e-3)
     loss, x = quadratic([-5.0, -2.0, -1.0])  # every eigenvalue negative: the largest is the one nearest zero
-    assert curvature.measure(loss, [x], max_iter=300, tol=1e-8).top_eigenvalue == pytest.approx(-1.0, rel=1e-3)
+    assert curvature.measure(loss, [x], max_iter=60, tol=1e-8).top_eigenvalue == pytest.approx(-1.0, rel=1e-3)
 
 
 def test_hutchinson_trace_is_exact_for_a_diagonal_hessian():
@@ -61,7 +62,7 @@ def test_power_iteration_on_a_tiny_llama_converges_and_is_reproducible():
     parameters = [p for p in model.parameters() if p.requires_grad]
     first = curvature.measure(lambda: answer_loss(model, batch), parameters, max_iter=100, tol=1e-3, seed=7)
     again = curvature.measure(lambda: answer_loss(model, batch), parameters, max_iter=100, tol=1e-3, seed=7)
-    assert first.converged and first.iterations < 100
+    assert first.converged and first.iterations <= 100
     assert first.top_eigenvalue == again.top_eigenvalue
     assert first.top_eigenvalue != 0.0
     assert first.num_parameters == sum(p.numel() for p in parameters)

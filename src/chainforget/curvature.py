@@ -1,5 +1,5 @@
-"""Curvature of the training loss: Hessian-vector products, power iteration for the top (largest) eigenvalue,
-the sharpness of a minimum, and Hutchinson's trace estimate.
+"""Curvature of the training loss: Hessian-vector products, Lanczos for the top (largest) eigenvalue, the
+sharpness of a minimum, and Hutchinson's trace estimate.
 
 The gradient graph is built once (``create_graph=True``); every Hessian-vector product is one more
 backward pass through it. Framework-free: give it a loss closure and the parameters.
@@ -7,9 +7,11 @@ backward pass through it. Framework-free: give it a loss closure and the paramet
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -20,12 +22,12 @@ class Curvature:
     converged: bool
     trace: float | None
     num_parameters: int
-    dominant_eigenvalue: float  # of largest magnitude: the top one unless a negative one is larger in size
 
 
-# What ``top_eigenvalue`` measures (records and cached measurements name it): the largest eigenvalue. Before
-# 2026-12-01 it was the eigenvalue of largest magnitude, which LoRA's bilinear B A makes negative at some minima.
-METHOD = "largest-algebraic"
+# How ``top_eigenvalue`` is measured (records and cached measurements name it): the largest eigenvalue by Lanczos.
+# Before 2026-12-02 it was power iteration, which finds the eigenvalue of largest magnitude: a negative one for some
+# LoRA stages.
+METHOD = "lanczos-largest"
 
 
 class HessianOperator:
@@ -49,49 +51,46 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def top_eigenvalue(
     hvp: HessianOperator, *, max_iter: int = 30, tol: float = 1e-3, seed: int = 0
-) -> tuple[float, float, int, bool]:
-    """The largest eigenvalue: ``(largest, of largest magnitude, iterations, converged)``.
-
-    Power iteration finds the eigenvalue of largest magnitude, ``d``. Where it is negative (LoRA's bilinear
-    ``B A`` gives the loss directions of negative curvature, which can outweigh the positive ones at a minimum),
-    power iteration on ``H - d I``, whose eigenvalues ``l - d`` are all >= 0, finds ``l_max - d``. Each run stops
-    when the Rayleigh quotient changes by less than ``tol`` relative to its size; ``max_iter`` is per run.
-    """
-    dominant, iterations, converged = power_iteration(hvp, max_iter=max_iter, tol=tol, seed=seed)
-    if dominant >= 0:
-        return dominant, dominant, iterations, converged
-    shifted = lambda vector: [hv - dominant * v for hv, v in zip(hvp(vector), vector)]  # noqa: E731
-    gap, more, settled = power_iteration(shifted, max_iter=max_iter, tol=tol, seed=seed, like=hvp.parameters)
-    return gap + dominant, dominant, iterations + more, converged and settled
-
-
-def power_iteration(
-    operator: Callable[[list[torch.Tensor]], list[torch.Tensor]],
-    *,
-    max_iter: int,
-    tol: float,
-    seed: int,
-    like: list[torch.Tensor] | None = None,
 ) -> tuple[float, int, bool]:
-    """``(eigenvalue of largest magnitude, iterations, converged)`` of a symmetric ``operator`` on vectors shaped like
-    ``like`` (default: a ``HessianOperator``'s parameters)."""
-    generator = torch.Generator().manual_seed(seed)
-    shapes = like if like is not None else operator.parameters
-    vector = [torch.randn(p.shape, generator=generator).to(p) for p in shapes]
-    norm = _dot(vector, vector) ** 0.5
-    vector = [v / norm for v in vector]
-    eigenvalue = 0.0
-    for iteration in range(1, max_iter + 1):
-        product = operator(vector)
-        estimate = _dot(vector, product)
-        norm = _dot(product, product) ** 0.5
-        if norm == 0.0:
-            return 0.0, iteration, True
-        vector = [p / norm for p in product]
-        if iteration > 1 and abs(estimate - eigenvalue) <= tol * max(abs(estimate), 1e-12):
-            return estimate, iteration, True
-        eigenvalue = estimate
-    return eigenvalue, max_iter, False
+    """The largest eigenvalue by Lanczos (scipy's ``eigsh``, ``which="LA"``): ``(eigenvalue, Hessian-vector
+    products, converged)``, with about ``max_iter`` products (a Krylov space of up to 20 vectors, restarted).
+
+    Not power iteration: that finds the eigenvalue of largest magnitude, which LoRA's bilinear ``B A`` can make a
+    negative one at the end of a stage, and shifting by it leaves the top eigenvalue beside a bulk of near-zero ones
+    that power iteration cannot tell apart in a few dozen products; Lanczos can.
+    """
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+    shapes = [p.shape for p in hvp.parameters]
+    sizes = [p.numel() for p in hvp.parameters]
+    products = 0
+
+    def matvec(flat: np.ndarray) -> np.ndarray:
+        nonlocal products
+        products += 1
+        pieces = torch.from_numpy(np.ascontiguousarray(flat).ravel()).split(sizes)
+        vectors = [v.view(shape).to(p) for v, shape, p in zip(pieces, shapes, hvp.parameters)]
+        return torch.cat([hv.double().flatten().cpu() for hv in hvp(vectors)]).numpy()
+
+    n = sum(sizes)
+    operator = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    start = np.random.default_rng(seed).standard_normal(n)
+    ncv = min(n, 20)
+    try:
+        (value,) = eigsh(
+            operator,
+            k=1,
+            which="LA",
+            v0=start,
+            ncv=ncv,
+            tol=tol,
+            maxiter=max(1, -(-max_iter // ncv)),
+            return_eigenvectors=False,
+        )
+        return float(value), products, True
+    except ArpackNoConvergence as unfinished:
+        values = unfinished.eigenvalues
+        return (float(values.max()) if len(values) else math.nan), products, False
 
 
 def hutchinson_trace(hvp: HessianOperator, *, samples: int, seed: int = 0) -> float:
@@ -115,6 +114,6 @@ def measure(
 ) -> Curvature:
     """Top eigenvalue (and optionally the trace) of the Hessian of ``loss_fn()`` w.r.t. ``parameters``."""
     hvp = HessianOperator(loss_fn, parameters)
-    eigenvalue, dominant, iterations, converged = top_eigenvalue(hvp, max_iter=max_iter, tol=tol, seed=seed)
+    eigenvalue, iterations, converged = top_eigenvalue(hvp, max_iter=max_iter, tol=tol, seed=seed)
     trace = hutchinson_trace(hvp, samples=trace_samples, seed=seed) if trace_samples > 0 else None
-    return Curvature(eigenvalue, iterations, converged, trace, sum(p.numel() for p in parameters), dominant)
+    return Curvature(eigenvalue, iterations, converged, trace, sum(p.numel() for p in parameters))
