@@ -240,14 +240,17 @@ def test_a_strong_safety_anchor_holds_the_update_to_the_safety_directions(lora_c
     ],
 )
 def test_safety_direction_mitigations_refuse_chains_without_a_direction(lora_config, changes, message):
+    from chainforget.plan import plan_chain
+
     model = replace(lora_config.model, finetune=changes.get("model", "lora"))
+    config = replace(
+        lora_config,
+        model=model,
+        order=changes.get("order", lora_config.order),
+        mitigation=MitigationSpec(*changes["mitigation"]),
+    )
     with pytest.raises(ConfigError, match=re.escape(message)):
-        replace(
-            lora_config,
-            model=model,
-            order=changes.get("order", lora_config.order),
-            mitigation=MitigationSpec(*changes["mitigation"]),
-        )
+        plan_chain(config)  # the stage plan, which preflight draws up before anything loads
 
 
 def test_safety_direction_mitigations_act_only_after_the_safety_stage():
@@ -275,7 +278,9 @@ def test_group_replay_at_eta_zero_is_replay_stage_and_otherwise_weighs_groups(sm
 
 
 def test_group_replay_refuses_a_group_kind_a_replayed_task_lacks_and_replays_without_groups(smoke_config):
+    from chainforget.plan import plan_chain
+
     with pytest.raises(ConfigError, match=re.escape("mitigation.group_kind: 'topic' is not a group kind of bbq")):
-        replace(smoke_config, mitigation=MitigationSpec("group_replay", 1.0, group_kind="topic"))
+        plan_chain(replace(smoke_config, mitigation=MitigationSpec("group_replay", 1.0, group_kind="topic")))
     with pytest.raises(ConfigError, match=re.escape("replays (csqa) have no groups; use replay_stage")):
-        replace(smoke_config, order=["csqa", "bbq"], mitigation=MitigationSpec("group_replay", 1.0))
+        plan_chain(replace(smoke_config, order=["csqa", "bbq"], mitigation=MitigationSpec("group_replay", 1.0)))

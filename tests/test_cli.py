@@ -31,7 +31,7 @@ def from_repo_root(monkeypatch):
         ),
         (
             ["chain", "--config", SMOKE, "--mitigation.name=l2sp", "--mitigation.strength=-1"],
-            "mitigation.strength: -1.0 is not allowed",
+            "mitigation.strength: penalty weight -1.0 is not allowed for l2sp; use 0 <= lambda",
         ),
         (
             ["chain", "--config", SMOKE, "--mitigation.name=replay_stage", "--mitigation.strength=1.5"],

@@ -472,8 +472,6 @@ class ChainConfig:
                 f"has {stages} stage(s), so it would never act; add a stage or drop the mitigation"
             )
         check_answer_and_mitigation(self.train.answer, mitigation, "train.answer", "mitigation.name")
-        check_safety_direction(self)
-        check_group_kind(self)
         for probe in self.eval.probes:
             if probe not in self.tasks:
                 raise ConfigError(f"eval.probes: {probe!r} is not under tasks")
@@ -493,62 +491,6 @@ def check_answer_and_mitigation(answer: str, mitigation: MitigationSpec, answer_
             f"{mitigation_key}: {mitigation.name} distils the answer letters' distribution, which "
             f"{answer_key}: text does not train; use {answer_key}: letter or another mitigation"
         )
-
-
-def check_safety_direction(config: ChainConfig) -> None:
-    """A mitigation that keeps to the safety direction reads the update of the chain's safety stage
-    (``plan.safety_stage``) layer by layer as a LoRA update ``B @ A`` and acts in the stages after it: it needs LoRA,
-    a stage that trains a safety task and one after it; the projection also needs that stage first (only an update
-    from the base model's ``B = 0`` stays a rank-r adapter once projected)."""
-    from chainforget.plan import safety_stage
-
-    mitigation = config.mitigation
-    if "safety" not in mitigation.rule.needs:
-        return
-    if config.model.finetune != "lora":
-        raise ConfigError(
-            f"mitigation.name: {mitigation.name} works on each adapted layer's low-rank update and needs "
-            f"model.finetune: lora, not {config.model.finetune}"
-        )
-    stage = safety_stage(config.order)
-    if stage is None:
-        raise ConfigError(
-            f"mitigation.name: {mitigation.name} keeps to the update of the stage that trains a safety task, and "
-            f"order {config.order} trains none"
-        )
-    if stage == len(config.order):
-        raise ConfigError(
-            f"mitigation.name: {mitigation.name} acts in the stages after the one that trains a safety task, and "
-            f"order {config.order} trains it last; add a stage after it"
-        )
-    if mitigation.rule.kind == "projection" and stage > 1:
-        raise ConfigError(
-            f"mitigation.name: {mitigation.name} projects onto the update of the chain's first stage, and order "
-            f"{config.order} first trains a safety task at stage {stage}; put it first"
-        )
-
-
-def check_group_kind(config: ChainConfig) -> None:
-    """group_replay weighs the replayed examples by group: at least one replayed task must have groups (one without
-    stays ungrouped, weight 1), and a ``group_kind`` given must be one of each grouped replayed task's kinds."""
-    from chainforget import tasks
-    from chainforget.plan import earlier_tasks
-
-    mitigation = config.mitigation
-    if not mitigation.rule.weighs_replay:
-        return
-    replayed = {name: tasks.get(name).group_kinds for name in earlier_tasks(config.order, len(config.order) + 1)}
-    if not any(replayed.values()):
-        raise ConfigError(
-            f"mitigation.name: {mitigation.name} weighs replayed examples by group, and the tasks order "
-            f"{config.order} replays ({', '.join(replayed) or 'none'}) have no groups; use replay_stage"
-        )
-    kind = mitigation.group_kind
-    for name, kinds in replayed.items():
-        if kind is not None and kinds and kind not in kinds:
-            raise ConfigError(
-                f"mitigation.group_kind: {kind!r} is not a group kind of {name} (it has: {', '.join(kinds)})"
-            )
 
 
 def check_strings(tree: dict, prefix: str = "") -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from chainforget import tasks
 from chainforget.config import ChainConfig, CurvatureSpec, MitigationSpec, parse_stage
+from chainforget.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,67 @@ def earlier_tasks(order: list[str], stage: int) -> list[str]:
 
 
 def plan_chain(config: ChainConfig) -> list[StagePlan]:
+    """The chain's stages, once the mitigation has what it needs from them (``check_safety_direction``,
+    ``check_group_kind``): a bad chain stops here, before anything loads."""
+    check_safety_direction(config)
+    check_group_kind(config)
     return plan_stages(config.order, config.mitigation, config.curvature, config.seed)
+
+
+def check_safety_direction(config: ChainConfig) -> None:
+    """A mitigation that keeps to the safety direction reads the update of the chain's safety stage
+    (``safety_stage``) layer by layer as a LoRA update ``B @ A`` and acts in the stages after it: it needs LoRA,
+    a stage that trains a safety task and one after it; the projection also needs that stage first (only an update
+    from the base model's ``B = 0`` stays a rank-r adapter once projected)."""
+    mitigation = config.mitigation
+    if "safety" not in mitigation.rule.needs:
+        return
+    if config.model.finetune != "lora":
+        raise ConfigError(
+            f"mitigation.name: {mitigation.name} works on each adapted layer's low-rank update and needs "
+            f"model.finetune: lora, not {config.model.finetune}"
+        )
+    stage = safety_stage(config.order)
+    if stage is None:
+        raise ConfigError(
+            f"mitigation.name: {mitigation.name} keeps to the update of the stage that trains a safety task, and "
+            f"order {config.order} trains none"
+        )
+    if stage == len(config.order):
+        raise ConfigError(
+            f"mitigation.name: {mitigation.name} acts in the stages after the one that trains a safety task, and "
+            f"order {config.order} trains it last; add a stage after it"
+        )
+    if mitigation.rule.kind == "projection" and stage > 1:
+        raise ConfigError(
+            f"mitigation.name: {mitigation.name} projects onto the update of the chain's first stage, and order "
+            f"{config.order} first trains a safety task at stage {stage}; put it first"
+        )
+
+
+def check_group_kind(config: ChainConfig) -> None:
+    """group_replay weighs the replayed examples by group: at least one replayed task must have groups (one without
+    stays ungrouped, weight 1), and a ``group_kind`` given must be one of each grouped replayed task's kinds."""
+    mitigation = config.mitigation
+    if not mitigation.rule.weighs_replay:
+        return
+    replayed = {name: tasks.get(name).group_kinds for name in earlier_tasks(config.order, len(config.order) + 1)}
+    if not any(replayed.values()):
+        raise ConfigError(
+            f"mitigation.name: {mitigation.name} weighs replayed examples by group, and the tasks order "
+            f"{config.order} replays ({', '.join(replayed) or 'none'}) have no groups; use replay_stage"
+        )
+    kind = mitigation.group_kind
+    for name, kinds in replayed.items():
+        if kind is not None and kinds and kind not in kinds:
+            raise ConfigError(
+                f"mitigation.group_kind: {kind!r} is not a group kind of {name} (it has: {', '.join(kinds)})"
+            )
 
 
 def safety_stage(order: list[str]) -> int | None:
     """The first stage whose (largest-weight) task is a safety task: the update the safety-direction mitigations
     keep to."""
-    from chainforget import tasks
-
     for index, entry in enumerate(order, start=1):
         weights = parse_stage(entry)
         if any(tasks.get(name).role == "safety" for name, w in weights.items() if w == max(weights.values())):
