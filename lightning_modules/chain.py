@@ -33,6 +33,7 @@ from chainforget import allocator, curvature, evaluation, metrics, mitigations, 
 from chainforget.config import ChainConfig
 from chainforget.errors import ConfigError
 from chainforget.models import (
+    check_quantization,
     frozen_in_fp32,
     load_model,
     load_tokenizer,
@@ -166,6 +167,7 @@ def preflight(config: ChainConfig) -> tuple[ChainConfig, list[StagePlan]]:
         if folder and Path(folder).exists() and not Path(folder).is_dir():
             raise ConfigError(f"{key}: {folder!r} is a file; use a folder (it is created where missing)")
     refuse_a_different_run(Path(config.out) / config.run_name, config)
+    check_quantization(config.model)
     check_trainer_options(trainer_options(config))
     tracking.check_settings(config)
     return config, plan_chain(config)

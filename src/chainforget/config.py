@@ -85,6 +85,9 @@ class ModelSpec:
         lora: adapter shape when ``finetune: lora``.
         revision: hub revision, for hub ids only.
         trust_remote_code: allow code shipped with a hub model to run.
+        quantization: ``none``, or ``nf4``: the frozen base weights held in 4-bit NormalFloat with double
+            quantization and bf16 compute (bitsandbytes), LoRA adapters trained on top: QLoRA (Dettmers et al.
+            2023), a 7B model's base in about 4 GB. Needs ``finetune: lora``, a CUDA GPU and bitsandbytes.
     """
 
     name: str = "smollm2-135m-instruct"
@@ -92,6 +95,14 @@ class ModelSpec:
     lora: LoraSpec = field(default_factory=LoraSpec)
     revision: str | None = None
     trust_remote_code: bool = False
+    quantization: Literal["none", "nf4"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.quantization != "none" and self.finetune != "lora":
+            raise ConfigError(
+                f"model.quantization: {self.quantization} keeps the base weights frozen in 4 bits and needs "
+                f"model.finetune: lora, not {self.finetune}"
+            )
 
 
 @dataclass

@@ -94,13 +94,63 @@ def load_model(spec: ModelSpec, seed: int = 0):
         model = LlamaForCausalLM(config)
     else:
         path = resolve_path(spec)
+        check_quantization(spec)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=torch.float32
+                path,
+                revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code,
+                dtype=torch.float32,
+                **quantized_loading(spec),
             )
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.name {spec.name!r}: could not load a causal LM ({exc})".split("\n")[0]) from exc
+        if spec.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            # norms and the LM head in fp32, inputs that need gradients for checkpointed blocks, as QLoRA trains
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return wrap(model, spec)
+
+
+def check_quantization(spec: ModelSpec) -> None:
+    """What a quantised base needs, checked before anything loads: a CUDA GPU and the bitsandbytes package."""
+    if spec.quantization == "none":
+        return
+    import importlib.util
+
+    missing = [
+        need
+        for need, present in (
+            ("a CUDA GPU", torch.cuda.is_available()),
+            ("the bitsandbytes package (pip install bitsandbytes)", importlib.util.find_spec("bitsandbytes")),
+        )
+        if not present
+    ]
+    if missing:
+        raise ConfigError(
+            f"model.quantization: {spec.quantization} (QLoRA) needs {' and '.join(missing)}, which this machine "
+            "lacks; use quantization: none here"
+        )
+
+
+def quantized_loading(spec: ModelSpec) -> dict:
+    """``from_pretrained`` arguments that load the base in 4-bit NF4 (double-quantised, bf16 compute) on this
+    process's GPU; none without quantization."""
+    if spec.quantization == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {
+        "quantization_config": config,
+        "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))},
+    }  # this rank's GPU
 
 
 def wrap(model, spec: ModelSpec):
@@ -274,7 +324,10 @@ def frozen_linears(model) -> list[torch.nn.Linear]:
     return [
         module
         for module in model.modules()
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding
+        if isinstance(module, torch.nn.Linear)
+        and not module.weight.requires_grad
+        and module.weight is not embedding
+        and module.weight.dtype.is_floating_point  # not a 4-bit base (its packed weights are bytes)
     ]
 
 
