@@ -254,8 +254,9 @@ def run_chain(
             hold_run_dir(run_dir, config.run_name, held)
             refuse_a_different_run(run_dir, config)  # another process may have written it while this one loaded
         atomic_write_text(run_dir / RUN_CONFIG, json.dumps(config.to_dict(), indent=1))
-        cache = StageCache.at(config.cache_dir, read=config.cache)
         tracker = tracking.start_run(config, run_dir, wandb_config)
+        remote = tracking.ArtifactCache(tracker) if config.cache == "wandb" else None
+        cache = StageCache.at(config.cache_dir, read=config.cache is not False, remote=remote)
         chain = ChainRun(config, plans, data, tokenizer, model, cache, run_dir, tracker, progress)
         try:
             record, frame = run_stages(chain, on_stage)

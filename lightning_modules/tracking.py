@@ -53,9 +53,54 @@ def start_run(config: ChainConfig, run_dir: Path, extra_config: dict | None = No
     return run
 
 
+class ArtifactCache:
+    """The stage cache's remote copy in W&B: every entry (a stage's weights and summary, an evaluation's
+    predictions, a measurement) an artifact of type ``chainforget-cache`` named ``cf-<content key>``, logged by the
+    chain's run as it is stored locally, and fetched by name when the local cache lacks it. W&B checks its own
+    digests on download and the stage cache then checks the entry's manifest. An offline run logs the artifacts
+    (``wandb sync`` uploads them) but cannot fetch any: W&B has no artifacts without its server, so an offline chain
+    reads the local cache only (said once on stderr)."""
+
+    TYPE = "chainforget-cache"
+
+    def __init__(self, run):
+        self.run = run
+        self.offline = run.settings.mode == "offline"
+        self.said = False
+
+    def store(self, key: str, entry: Path) -> None:
+        import wandb
+
+        artifact = wandb.Artifact(f"cf-{key}", type=self.TYPE, metadata={"key": key})
+        artifact.add_dir(str(entry), policy="immutable")  # an entry never changes once published: no staging copy
+        try:
+            self.run.log_artifact(artifact)
+        except (wandb.errors.Error, OSError, ValueError) as exc:  # the local entry stands; only sharing failed
+            print(f"chainforget: cache: wandb could not log {key} ({exc})".splitlines()[0], file=sys.stderr)
+
+    def fetch(self, key: str, folder: Path) -> bool:
+        import wandb
+
+        if self.offline:
+            if not self.said:
+                print("chainforget: cache: wandb in an offline run reads the local cache only", file=sys.stderr)
+                self.said = True
+            return False
+        try:
+            self.run.use_artifact(f"cf-{key}:latest", type=self.TYPE).download(root=str(folder))
+        except (wandb.errors.Error, OSError, ValueError):  # not there (the usual miss) or unreachable: compute it
+            return False
+        return True
+
+
 def check_settings(config: ChainConfig) -> None:
     """The ``wandb`` block's names checked by W&B's own settings (project characters and length, tag length) before
-    anything is written; W&B itself would refuse them only when the run starts."""
+    anything is written; W&B itself would refuse them only when the run starts. ``cache: wandb`` needs a run."""
+    if config.cache == "wandb" and wandb_mode(config.wandb.mode) == "disabled":
+        raise ConfigError(
+            "cache: wandb keeps the stage cache as artifacts of the chain's W&B run, and W&B is disabled "
+            "(wandb.mode or WANDB_MODE); use cache: true, or wandb.mode: online or offline"
+        )
     spec = config.wandb
     given = {"project": spec.project, "entity": spec.entity, "group": spec.group, "tags": spec.tags or None}
     if not any(given.values()):

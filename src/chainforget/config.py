@@ -435,7 +435,8 @@ class ChainConfig:
         cache_dir: stage cache root (may be shared by processes and machines); ``null`` uses the user cache
             directory.
         cache: reuse cached stages and evaluations; ``false`` (``--no-cache``) recomputes them and refreshes
-            the cache.
+            the cache; ``wandb`` also keeps every entry as a W&B artifact named by its content key and fetches
+            one the local cache lacks (a stage cache shared through W&B instead of a filesystem).
     """
 
     run_name: str | None = None
@@ -452,7 +453,7 @@ class ChainConfig:
     seed: int = ranged(0, 0, SEED_LIMIT)
     out: str = "runs"
     cache_dir: str | None = None
-    cache: bool = True
+    cache: bool | Literal["wandb"] = True
 
     def __post_init__(self) -> None:
         check_ranges(self, "")

@@ -319,16 +319,19 @@ class StageCache:
         "measurement.json",
     )
 
-    def __init__(self, root: Path, read: bool = True):
+    def __init__(self, root: Path, read: bool = True, remote=None):
         self.root = Path(root)
         self.read = read
+        # a remote copy (``lightning_modules.tracking.ArtifactCache``): ``store(key, entry)`` after each put,
+        # ``fetch(key, folder) -> bool`` for an entry the local cache lacks
+        self.remote = remote
 
     @classmethod
-    def at(cls, cache_dir: str | None, read: bool = True) -> StageCache:
+    def at(cls, cache_dir: str | None, read: bool = True, remote=None) -> StageCache:
         """The cache in ``cache_dir``, or the user cache directory's ``stages/`` when it is ``None``."""
         from chainforget.tasks.downloads import cache_root
 
-        return cls(Path(cache_dir) if cache_dir else cache_root() / "stages", read=read)
+        return cls(Path(cache_dir) if cache_dir else cache_root() / "stages", read=read, remote=remote)
 
     def get_stage(self, key: str) -> tuple[Path, dict] | None:
         """A finished stage: its weights file and its training summary, or ``None``."""
@@ -379,19 +382,48 @@ class StageCache:
 
     def get(self, key: str) -> Path | None:
         entry = self.root / key
-        manifest = entry / "manifest.json"
-        if not self.read or not manifest.exists():
+        if not self.read:
             return None
-        try:
-            expected = json.loads(manifest.read_text())
-            intact = all(file_sha256(entry / name) == digest for name, digest in expected.items())
-        except (OSError, ValueError):
-            intact = False
-        if not intact:
+        if not (entry / "manifest.json").exists() and not self.fetched(key):
+            return None
+        if not self.intact(entry):
             warnings.warn(f"stage cache entry {entry} is damaged; discarding it and recomputing", stacklevel=2)
             shutil.rmtree(entry, ignore_errors=True)
             return None
         return entry
+
+    @staticmethod
+    def intact(entry: Path) -> bool:
+        """Every file the entry's manifest lists has the checksum it lists."""
+        try:
+            expected = json.loads((entry / "manifest.json").read_text())
+            return all(file_sha256(entry / name) == digest for name, digest in expected.items())
+        except (OSError, ValueError):
+            return False
+
+    def fetched(self, key: str) -> bool:
+        """Whether the remote copy had the entry: downloaded beside the cache, checked against its own manifest,
+        then published as a local entry (a damaged download is discarded, and the entry recomputed)."""
+        if self.remote is None:
+            return False
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}.remote."))
+        except OSError:
+            return False
+        try:
+            if not self.remote.fetch(key, tmp):
+                return False
+            if not self.intact(tmp):
+                warnings.warn(f"stage cache entry {key} from the remote cache fails its checksums; recomputing it")
+                return False
+            try:
+                os.replace(tmp, self.root / key)
+            except OSError:  # another process published the same entry meanwhile: theirs stays
+                pass
+            return (self.root / key / "manifest.json").exists()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def put(self, key: str, write: Callable[[Path], None]) -> Path:
         """Call ``write(tmp_dir)`` to fill a new entry, then publish it atomically."""
@@ -415,6 +447,8 @@ class StageCache:
                     os.replace(tmp, entry)
                 except OSError:  # a concurrent writer renamed its copy into place between the check and here
                     shutil.rmtree(tmp, ignore_errors=True)
+            if self.remote is not None:
+                self.remote.store(key, entry)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise WriteError(
