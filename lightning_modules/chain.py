@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import WandbLogger
 
 from chainforget import allocator, curvature, evaluation, metrics, mitigations, tasks
-from chainforget.config import ChainConfig
+from chainforget.config import ChainConfig, MitigationSpec
 from chainforget.errors import ConfigError
 from chainforget.models import (
     check_quantization,
@@ -275,7 +275,7 @@ def run_stages(chain: ChainRun, on_stage: Callable[[int, dict], None] | None) ->
     """Evaluate the base model, then train (or take from the cache) and evaluate every stage."""
     config, data = chain.config, chain.data
     kinds = {name: task.group_kinds for name, task in data.items()}
-    key = content_key("base", asdict(config.model), config.seed)
+    key = content_key("base", keyed(config.model), config.seed)
     predictions = [evaluate(chain, 0, key)]
     tracking.log_stage(chain.tracker, predictions[-1], data)
     stages = []
@@ -322,11 +322,11 @@ def train_or_reuse(chain: ChainRun, plan: StagePlan, previous_key: str) -> tuple
         TRAINING_NUMERICS,
         previous_key,
         plan.entry,
-        asdict(config.train),
+        keyed(config.train),
         {name: chain.data[name].fingerprint for name in plan.mixture},
         plan.seed,
         config.trainer.precision,
-        asdict(mitigation) if mitigation else None,
+        keyed(mitigation) if mitigation else None,
         asdict(config.curvature) if plan.curvature else None,
         *([config.trainer.numerics()] if config.trainer.numerics() else []),
     )
@@ -363,6 +363,24 @@ def measured_curvature(chain: ChainRun, plan: StagePlan, stage_key: str) -> dict
     loader = iter(datamodule.loader())
     batches = [next(loader) for _ in range(spec.batches)]
     return chain.cache.put_measurement(key, stage_curvature(chain.model, batches, spec, config.trainer.precision))
+
+
+# Settings added after stages were first cached, left out of the cache keys while they are at their defaults (or, for
+# a mitigation, where it does not read them), so that entries cached before they existed stay valid; gradient
+# checkpointing never, since it recomputes the same activations and so never changes a gradient.
+ADDED_LATER = {"quantization": "none", "replay_share": 0.05, "group_kind": None}
+NEVER_KEYED = ("gradient_checkpointing",)
+
+
+def keyed(spec) -> dict:
+    """A settings block as a cache key part: ``asdict`` less ``NEVER_KEYED`` and the ``ADDED_LATER`` settings at
+    their defaults (a mitigation's: where it does not read them)."""
+    reads = spec.rule.knobs if isinstance(spec, MitigationSpec) else ()
+    return {
+        key: value
+        for key, value in asdict(spec).items()
+        if key not in NEVER_KEYED and not (key in ADDED_LATER and key not in reads and value == ADDED_LATER[key])
+    }
 
 
 # How a stage computes, where it changed results at the rounding level (a cached stage of other numerics is not the

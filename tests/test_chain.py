@@ -333,3 +333,20 @@ def test_a_different_config_never_overwrites_a_run_and_the_same_one_resumes_it(s
     capsys.readouterr()
     assert main([*args, "--mitigation.replay_share=0.1"]) == 2
     assert "(mitigation.replay_share: 'unset' -> 0.1)" in capsys.readouterr().err
+
+
+def test_settings_added_later_leave_cache_keys_alone_at_their_defaults():
+    """Stages cached before a setting existed stay valid: the key part of a block drops the later settings at their
+    defaults (a mitigation's where it does not read them) and gradient checkpointing, which changes no gradient."""
+    from dataclasses import asdict
+
+    from chainforget.config import MitigationSpec, ModelSpec, TrainSpec
+    from lightning_modules.chain import keyed
+
+    assert keyed(TrainSpec(gradient_checkpointing=True)) == keyed(TrainSpec())
+    assert "gradient_checkpointing" not in keyed(TrainSpec()) and "lr" in keyed(TrainSpec())
+    assert keyed(ModelSpec()) == {k: v for k, v in asdict(ModelSpec()).items() if k != "quantization"}
+    assert keyed(ModelSpec(quantization="nf4"))["quantization"] == "nf4"
+    l2sp = keyed(MitigationSpec("l2sp", 1.0, replay_share=0.05))
+    assert "replay_share" not in l2sp and "group_kind" not in l2sp and l2sp["temperature"] == 2.0
+    assert keyed(MitigationSpec("group_replay", 0.3))["replay_share"] == 0.05  # read by group_replay
