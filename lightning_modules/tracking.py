@@ -7,6 +7,7 @@ import functools
 import os
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def start_run(config: ChainConfig, run_dir: Path, extra_config: dict | None = No
         id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     )
     atomic_write_text(id_file, run_id)
-    run = wandb.init(
+    settings = dict(
         id=None if in_sweep else run_id,
         resume="allow",
         project=None if in_sweep else config.wandb.project or os.environ.get("WANDB_PROJECT") or "chainforget",
@@ -48,6 +49,16 @@ def start_run(config: ChainConfig, run_dir: Path, extra_config: dict | None = No
         mode=mode,
         settings=wandb.Settings(silent=True, console="off"),
     )
+    for wait in (5, 10, 15, 30, None):
+        try:
+            run = wandb.init(**settings)
+            break
+        except Exception as exc:  # W&B's own error types vary by version; only this one message is retried
+            # a killed process's W&B service holds its run id for a while after it: a retried trial resuming the
+            # run (an Optuna retry, a requeued job) waits for it to let go
+            if wait is None or "is in use" not in str(exc):
+                raise
+            time.sleep(wait)
     run.define_metric("stage")
     run.define_metric("eval/*", step_metric="stage")
     return run

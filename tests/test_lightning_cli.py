@@ -340,5 +340,7 @@ def test_fit_and_chain_share_one_set_of_stage_defaults():
             if name in defaults:
                 assert parameter.default == defaults[name], f"{cls.__name__}.{name}"
                 shared += 1
-    assert shared == 10  # lr, warmup_ratio, weight_decay, attention, compile; batch_size, steps, max_seq_len, bucket,
-    # answer
+    assert (
+        shared == 11
+    )  # lr, warmup_ratio, weight_decay, attention, compile, gradient_checkpointing; batch_size, steps,
+    # max_seq_len, bucket, answer
