@@ -590,20 +590,21 @@ def make_storage(url: str, heartbeat: dict | None = None, attempts: int = 3):
 class JournalBeat:
     """Heartbeats for a storage without its own (a journal file): while a trial runs, a thread stamps it with the
     time every ``interval`` seconds; ``retry_stale`` fails a running trial whose stamp (or, before the first one, its
-    start) is more than ``grace_period`` seconds old and hands it to Optuna's ``RetryFailedTrialCallback``, as Optuna
-    does for an RDB storage's heartbeats (at most ``max_retry`` retries). Workers' clocks must agree to within the
-    grace period (they do under NTP)."""
+    start) is more than ``grace_period`` seconds old and hands it to Optuna's ``RetryHeartbeatStaleTrialCallback``,
+    as Optuna does for an RDB storage's heartbeats (at most ``max_retry`` retries; grace 120 s unless the study
+    says). Workers' clocks must agree to within the grace period (they do under NTP)."""
 
     def __init__(self, study, heartbeat: dict | None):
         self.study = study
-        self.beat = {"interval": 10, "grace_period": 30, "max_retry": 2, **(heartbeat or {})}
+        # a longer default grace than an RDB's: a shared filesystem can stall a stamp for a while
+        self.beat = {"interval": 10, "grace_period": 120, "max_retry": 2, **(heartbeat or {})}
 
     def retry_stale(self) -> None:
         import optuna
-        from optuna.storages import RetryFailedTrialCallback
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         now = time.time()
-        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        for trial in self.study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
             # a retried trial carries its predecessor's last stamp: its own start is the fresher
             stamp = max(trial.user_attrs.get(BEAT, 0.0), trial.datetime_start.timestamp())
             if now - stamp <= self.beat["grace_period"]:
@@ -612,7 +613,7 @@ class JournalBeat:
                 self.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             except (RuntimeError, ValueError):  # another worker failed it first: it retries it
                 continue
-            RetryFailedTrialCallback(max_retry=self.beat["max_retry"])(self.study, trial)  # Optuna's own retry
+            RetryHeartbeatStaleTrialCallback(max_retry=self.beat["max_retry"])(self.study, trial)  # Optuna's retry
 
     @contextmanager
     def beating(self, trial):
@@ -620,7 +621,10 @@ class JournalBeat:
 
         def beat() -> None:
             while True:
-                trial.set_user_attr(BEAT, time.time())
+                try:
+                    trial.set_user_attr(BEAT, time.time())
+                except Exception as exc:  # a stalled shared filesystem: try again next interval, never stop beating
+                    print(f"chainforget: heartbeat of trial {trial.number} not written ({exc})", file=sys.stderr)
                 if stop.wait(self.beat["interval"]):
                     return
 
@@ -752,11 +756,21 @@ def optuna_study(
         return values if multi else values[0]
 
     total = grid_size(spec) if grid else n_trials or spec.get("n_trials")
-    callbacks = [progress(name, total)]
+    budget, ran = n_trials or spec.get("n_trials"), 0
+
+    def count(study, trial) -> None:
+        # a grid point another worker took first does not use up this worker's trials (a job array of one trial
+        # per job would otherwise end a job without running anything)
+        nonlocal ran
+        ran += "duplicate_of" not in trial.user_attrs
+        if budget is not None and ran >= budget:
+            study.stop()
+
+    callbacks = [progress(name, total), count]
     if journal is not None:  # before the first trial and after every one, as Optuna checks an RDB's heartbeats
         journal.retry_stale()
         callbacks.append(lambda study, trial: journal.retry_stale())
-    study.optimize(objective, n_trials=n_trials or spec.get("n_trials"), catch=(), callbacks=callbacks)
+    study.optimize(objective, catch=(), callbacks=callbacks)
     return study
 
 

@@ -76,15 +76,17 @@ class ArtifactCache:
 
     def __init__(self, run):
         self.run = run
-        self.offline = run.settings.mode == "offline"
+        self.offline = run.offline
         self.said = False
 
     def store(self, key: str, entry: Path) -> None:
         import wandb
 
-        artifact = wandb.Artifact(f"cf-{key}", type=self.TYPE, metadata={"key": key})
-        artifact.add_dir(str(entry), policy="immutable")  # an entry never changes once published: no staging copy
         try:
+            artifact = wandb.Artifact(f"cf-{key}", type=self.TYPE, metadata={"key": key})
+            # online the files upload from the entry itself (it never changes once published); offline W&B keeps a
+            # copy, since `wandb sync` may run after the entry is gone
+            artifact.add_dir(str(entry), policy="mutable" if self.offline else "immutable")
             self.run.log_artifact(artifact)
         except (wandb.errors.Error, OSError, ValueError) as exc:  # the local entry stands; only sharing failed
             print(f"chainforget: cache: wandb could not log {key} ({exc})".splitlines()[0], file=sys.stderr)

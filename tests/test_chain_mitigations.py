@@ -100,7 +100,7 @@ def test_curvature_of_a_cached_stage_measured_in_a_fresh_process_equals_the_firs
     spec = CurvatureSpec(enabled=True, batches=1, max_iter=30, tol=1e-3, stages=[1])
     first = chain(smoke_config, "curv", steps=6, curvature=spec)
     measured = first["stages"][0]["curvature"]
-    assert measured["method"] == "lanczos-largest" and measured["converged"]
+    assert measured["method"] == "largest-lobpcg" and measured["converged"]
     cache = Path(smoke_config.cache_dir)
     for entry in cache.iterdir():
         if (entry / "measurement.json").exists():

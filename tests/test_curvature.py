@@ -32,10 +32,20 @@ def test_the_top_eigenvalue_is_the_largest_beside_a_larger_negative_one_and_a_bu
     bulk = torch.linspace(-0.01, 0.01, 300).tolist()
     loss, x = quadratic([-5.0, 1.0, *bulk])
     result = curvature.measure(loss, [x], max_iter=60, tol=1e-6, seed=3)
-    assert result.converged and result.iterations <= 80
+    assert result.converged and result.iterations <= 62
     assert result.top_eigenvalue == pytest.approx(1.0, rel=1e-3)
+    # a crowded top end that 5 iterations cannot settle: the best estimate so far, not NaN
+    loss, x = quadratic((torch.linspace(0, 1, 400) ** 3).tolist())
+    rough = curvature.measure(loss, [x], max_iter=5, tol=1e-9, seed=3)
+    assert not rough.converged and 0.5 < rough.top_eigenvalue <= 1.0 + 1e-9
     loss, x = quadratic([-5.0, -2.0, -1.0])  # every eigenvalue negative: the largest is the one nearest zero
     assert curvature.measure(loss, [x], max_iter=60, tol=1e-8).top_eigenvalue == pytest.approx(-1.0, rel=1e-3)
+
+
+def test_a_hessian_that_is_zero_has_top_eigenvalue_zero():
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    result = curvature.measure(lambda: (0.0 * x * x).sum(), [x], max_iter=10)
+    assert (result.top_eigenvalue, result.converged) == (0.0, True)
 
 
 def test_hutchinson_trace_is_exact_for_a_diagonal_hessian():

@@ -2,6 +2,7 @@
 curvature and the next stage see the model as loaded, and compiling changes the numbers only within rounding."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -169,6 +170,9 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_is_off_again_for_ev
 
 def test_a_chain_trains_with_gradient_checkpointing_to_the_same_numbers(smoke_config):
     plain = run(smoke_config, "plain")
-    checkpointed = run(smoke_config, "checkpointed", gradient_checkpointing=True)
+    # its own stage cache: gradient checkpointing is not part of the key, so the plain run's stages would be reused
+    fresh = replace(smoke_config, cache_dir=str(Path(smoke_config.cache_dir).with_name("checkpointed-stages")))
+    checkpointed = run(fresh, "checkpointed", gradient_checkpointing=True)
+    assert not any(stage["cache_hit"] for stage in checkpointed["stages"])
     assert checkpointed["stages"][1]["train"]["final_loss"] == pytest.approx(plain["stages"][1]["train"]["final_loss"])
     assert [r["acc"] for r in checkpointed["eval"]] == pytest.approx([r["acc"] for r in plain["eval"]])

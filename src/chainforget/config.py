@@ -294,8 +294,8 @@ class CurvatureSpec:
     Args:
         enabled: compute it (a few extra forward/backward passes per stage).
         batches: training batches whose mean loss defines the Hessian.
-        max_iter: power-iteration cap.
-        tol: stop when the eigenvalue changes by less than ``tol`` (relative).
+        max_iter: LOBPCG iterations at most (one Hessian-vector product each).
+        tol: stop when the residual norm ``||H v - lambda v||`` is at most ``tol`` (``converged`` in the record).
         trace_samples: Hutchinson samples for the trace (0 skips it).
         seed: seeds the start vector and the Hutchinson probes.
         stages: the stages (1-based) to measure; ``null``: every stage.
