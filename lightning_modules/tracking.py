@@ -7,7 +7,6 @@ import functools
 import os
 import shutil
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -49,16 +48,20 @@ def start_run(config: ChainConfig, run_dir: Path, extra_config: dict | None = No
         mode=mode,
         settings=wandb.Settings(silent=True, console="off"),
     )
-    for wait in (5, 10, 15, 30, None):
-        try:
-            run = wandb.init(**settings)
-            break
-        except Exception as exc:  # W&B's own error types vary by version; only this one message is retried
-            # a killed process's W&B service holds its run id for a while after it: a retried trial resuming the
-            # run (an Optuna retry, a requeued job) waits for it to let go
-            if wait is None or "is in use" not in str(exc):
-                raise
-            time.sleep(wait)
+    try:
+        run = wandb.init(**settings)
+    except Exception as exc:  # W&B's own error types vary by version; only this one message is handled
+        # a killed process's W&B service can hold its run id long after it (a retried trial or a requeued job that
+        # resumes the run would wait on it): the chain continues as a new W&B run, its run directory unchanged
+        if in_sweep or "is in use" not in str(exc):
+            raise
+        settings["id"] = uuid.uuid4().hex[:12]
+        atomic_write_text(id_file, settings["id"])
+        print(
+            f"chainforget: W&B run {run_id} is held by another process; logging to run {settings['id']}",
+            file=sys.stderr,
+        )
+        run = wandb.init(**settings)
     run.define_metric("stage")
     run.define_metric("eval/*", step_metric="stage")
     return run

@@ -95,6 +95,7 @@ def test_hparams_yaml_and_load_from_checkpoint_work_with_lightnings_own_readers(
     assert hparams["lr"] == 0.002 and hparams["optimizer"] is None
     lora = {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     model = {"name": "tiny", "finetune": "full", "lora": lora, "revision": None, "trust_remote_code": False}
+    model["quantization"] = "none"
     assert hparams["model"] == model
     stored = read_checkpoint(checkpoint)
     assert stored["hyper_parameters"] == hparams
