@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import lightning as L
@@ -368,7 +368,7 @@ def measured_curvature(chain: ChainRun, plan: StagePlan, stage_key: str) -> dict
 # Settings added after stages were first cached, left out of the cache keys while they are at their defaults (or, for
 # a mitigation, where it does not read them), so that entries cached before they existed stay valid; gradient
 # checkpointing never, since it recomputes the same activations and so never changes a gradient.
-ADDED_LATER = {"quantization": "none", "replay_share": 0.05, "group_kind": None}
+ADDED_LATER = ("quantization", "replay_share", "group_kind")
 NEVER_KEYED = ("gradient_checkpointing",)
 
 
@@ -376,10 +376,11 @@ def keyed(spec) -> dict:
     """A settings block as a cache key part: ``asdict`` less ``NEVER_KEYED`` and the ``ADDED_LATER`` settings at
     their defaults (a mitigation's: where it does not read them)."""
     reads = spec.rule.knobs if isinstance(spec, MitigationSpec) else ()
+    defaults = {f.name: f.default for f in fields(spec)}
     return {
         key: value
         for key, value in asdict(spec).items()
-        if key not in NEVER_KEYED and not (key in ADDED_LATER and key not in reads and value == ADDED_LATER[key])
+        if key not in NEVER_KEYED and not (key in ADDED_LATER and key not in reads and value == defaults[key])
     }
 
 
