@@ -264,7 +264,8 @@ def test_two_workers_share_one_postgresql_grid_and_run_every_point_once(tmp_path
     assert all("duplicate_of" in t.user_attrs for t in skipped)
 
 
-def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_until_the_study_completes(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])  # an RDB's heartbeats are Optuna's, a journal's our own
+def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_until_the_study_completes(tmp_path, kind):
     choices = [1e-3, 2e-3]
     path = study_file(
         tmp_path,
@@ -273,7 +274,7 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_until_the_stu
         sampler={"name": "grid"},
         heartbeat={"interval": 1, "grace_period": 3, "max_retry": 2},
     )
-    storage = f"sqlite:///{tmp_path / 'killed.db'}"
+    storage = f"sqlite:///{tmp_path / 'killed.db'}" if kind == "sqlite" else f"journal:///{tmp_path / 'killed.log'}"
     worker = ["sweep", "optuna", str(path), "--storage", storage, "--out", str(tmp_path / "runs")]
     every_step = tmp_path / "checkpoint_every_step.yaml"  # a checkpoint before the kill at step 2
     every_step.write_text("trainer: {checkpoint_every: 1}\n")
@@ -285,7 +286,7 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_until_the_stu
         cwd=ROOT,
     )
     assert killed.returncode == -9
-    (stuck,) = optuna.load_study(study_name="killed", storage=storage).trials
+    (stuck,) = stored_study(storage, "killed").trials
     assert stuck.state == optuna.trial.TrialState.RUNNING  # nobody told the storage
     time.sleep(4)  # past the grace period: its heartbeat is stale
     survivor = subprocess.run(
@@ -299,7 +300,7 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_until_the_stu
     # the retry ran in the first attempt's run directory and resumed its stage from the checkpoint left there
     assert "stage 1 resumes from its checkpoint" in survivor.stderr
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["killed-trial0", "killed-trial2"]
-    trials = optuna.load_study(study_name="killed", storage=storage).trials
+    trials = stored_study(storage, "killed").trials
     assert trials[0].state == optuna.trial.TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
@@ -308,7 +309,8 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_until_the_stu
     assert complete == choices  # the study completed: every grid point ran, the killed one again
 
 
-def journal_study(url: str, name: str):
+def stored_study(url: str, name: str):
+    """A study read back through the storage the workers used (an RDB URL or a journal file)."""
     from lightning_modules.search import make_storage
 
     return optuna.load_study(study_name=name, storage=make_storage(url))
@@ -328,41 +330,11 @@ def test_two_workers_share_one_journal_file_and_run_every_grid_point_once(tmp_pa
     env = dict(os.environ, CHAINFORGET_THREADS="1")
     workers = [subprocess.Popen([*command, "--out", str(tmp_path / "runs")], env=env, cwd=ROOT) for _ in range(2)]
     assert [worker.wait(timeout=600) for worker in workers] == [0, 0]
-    study = journal_study(url, "journal-grid")
+    study = stored_study(url, "journal-grid")
     complete = [t.params["train.lr"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(complete) == choices  # every grid point exactly once
     assert all("duplicate_of" in t.user_attrs for t in study.trials if t.state == optuna.trial.TrialState.PRUNED)
     assert all("heartbeat_at" in t.user_attrs for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
-
-
-def test_a_killed_workers_trial_in_a_journal_file_is_failed_by_its_stale_heartbeat_and_retried(tmp_path):
-    choices = [1e-3, 2e-3]
-    path = study_file(
-        tmp_path,
-        study_name="journal-killed",
-        params={"train.lr": {"type": "categorical", "choices": choices}},
-        sampler={"name": "grid"},
-        heartbeat={"interval": 1, "grace_period": 3, "max_retry": 2},
-    )
-    url = f"journal:///{tmp_path / 'killed.log'}"
-    worker = ["sweep", "optuna", str(path), "--storage", url, "--out", str(tmp_path / "runs")]
-    env = dict(os.environ, CHAINFORGET_THREADS="1", PYTHONPATH=str(ROOT))
-    killed = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "faults.py"), "train_step", "2", *worker], env=env, cwd=ROOT
-    )
-    assert killed.returncode == -9
-    (stuck,) = journal_study(url, "journal-killed").trials
-    assert stuck.state == optuna.trial.TrialState.RUNNING  # a journal has no heartbeat of its own
-    time.sleep(4)  # past the grace period: the trial's last stamp is stale
-    survivor = subprocess.run([sys.executable, "-m", "chainforget.cli", *worker], env=env, cwd=ROOT)
-    assert survivor.returncode == 0
-    trials = journal_study(url, "journal-killed").trials
-    assert trials[0].state == optuna.trial.TrialState.FAIL
-    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
-    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
-    assert retries[0].params == trials[0].params
-    complete = sorted(t.params["train.lr"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
-    assert complete == choices
 
 
 def test_a_journal_file_in_a_folder_that_does_not_exist_is_refused(tmp_path, capsys):
@@ -424,7 +396,7 @@ def test_the_slurm_array_payload_runs_one_trial_per_task_of_a_study_on_a_journal
     ]
     assert [t.returncode for t in tasks] == [0, 0, 0], tasks[0].stderr[-2000:]
     assert b"array task 0 of job 4242 (restart 0) joins" in tasks[0].stderr
-    study = journal_study(url, "array")
+    study = stored_study(url, "array")
     complete = [t.params["train.lr"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(complete) == choices
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["array-trial0", "array-trial1"]
