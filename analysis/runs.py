@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from chainforget.config import complete_config
 from chainforget.errors import DataError
 from chainforget.records import EXAMPLE_FORGETTING, NON_RESULT_KEYS, flat_config, load_record, read_record
 
@@ -85,7 +86,8 @@ def inactive_keys(record: dict) -> tuple[str, ...]:
 def result_config(record: dict, leave_out: tuple[str, ...] = ()) -> dict:
     """The settings that determine the run's results: its config flattened to dotted keys (lists as tuples)
     without ``seed``, ``NON_RESULT_KEYS``, the ``inactive_keys`` and the keys (or prefixes) in ``leave_out``."""
-    return flat_config(record["config"], ("seed", *NON_RESULT_KEYS, *inactive_keys(record), *leave_out))
+    config = complete_config(record["config"])  # a run written before a setting existed ran with its default
+    return flat_config(config, ("seed", *NON_RESULT_KEYS, *inactive_keys(record), *leave_out))
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:

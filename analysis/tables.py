@@ -166,10 +166,14 @@ def pooled_intervals(summary: pd.DataFrame, flips: pd.DataFrame, resamples: int 
     out["interval"] = np.where(out["seeds"] > 1, "t over seeds", "paired bootstrap")
     if flips.empty:
         return out
-    counts = flips.assign(
-        forgotten_n=(flips["forgotten"] * flips["n"] / PP).round(),
-        learned_n=(flips["learned"] * flips["n"] / PP).round(),
-    ).set_index(["condition", "task", "seed", "group_kind", "group"])[["n", "forgotten_n", "learned_n"]]
+    counts = (
+        flips.assign(
+            forgotten_n=(flips["forgotten"] * flips["n"] / PP).round(),
+            learned_n=(flips["learned"] * flips["n"] / PP).round(),
+        )
+        .set_index(["condition", "task", "seed", "group_kind", "group"])[["n", "forgotten_n", "learned_n"]]
+        .sort_index()
+    )
     for i, row in out.iterrows():
         key = (row["condition"], row["task"])
         try:

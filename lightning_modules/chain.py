@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import WandbLogger
 
 from chainforget import allocator, curvature, evaluation, metrics, mitigations, tasks
-from chainforget.config import ChainConfig, MitigationSpec
+from chainforget.config import ChainConfig, MitigationSpec, complete_config
 from chainforget.errors import ConfigError
 from chainforget.models import (
     check_quantization,
@@ -104,17 +104,12 @@ def refuse_a_different_run(run_dir: Path, config: ChainConfig) -> None:
         return
     try:
         content = json.loads(written.read_text(encoding="utf-8"))
-        earlier = flat_config(content["config"] if written.name == "run.json" else content)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # a setting added since the run was written counts as the same at its default
+        earlier = flat_config(complete_config(content["config"] if written.name == "run.json" else content))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{written}: unreadable ({exc}); move the run directory away to start over") from None
     now = flat_config(config.to_dict())
-    # a setting added since the run was written counts as the same where it is at its default
-    changed = [
-        key
-        for key in dict.fromkeys([*earlier, *now])
-        if earlier.get(key, "unset") != now.get(key, "unset")
-        and not (key not in earlier and now[key] == setting_default(config, key))
-    ]
+    changed = [key for key in dict.fromkeys([*earlier, *now]) if earlier.get(key, "unset") != now.get(key, "unset")]
     if changed:
         shown = ", ".join(f"{key}: {earlier.get(key, 'unset')!r} -> {now.get(key, 'unset')!r}" for key in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
@@ -122,20 +117,6 @@ def refuse_a_different_run(run_dir: Path, config: ChainConfig) -> None:
             f"run_name {config.run_name!r}: {run_dir} holds a run with a different config ({shown}{more}); the same "
             "config resumes it; pass --run_name=NEW or another --out to keep both, or move that directory away"
         )
-
-
-def setting_default(config: ChainConfig, key: str):
-    """The default of the setting at dotted ``key`` (``mitigation.replay_share``), flattened as ``flat_config``
-    writes it; a sentinel no value equals where the key names no field with a default."""
-    *blocks, name = key.split(".")
-    node = config
-    for block in blocks:
-        node = getattr(node, block, None)
-    try:
-        default = getattr(type(node)(), name)
-    except (TypeError, AttributeError, ConfigError):  # not a settings block (e.g. a task's spec under ``tasks``)
-        return object()
-    return tuple(default) if isinstance(default, list) else default
 
 
 def hold_run_dir(run_dir: Path, name: str, held: ExitStack) -> None:

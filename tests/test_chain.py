@@ -332,7 +332,7 @@ def test_a_different_config_never_overwrites_a_run_and_the_same_one_resumes_it(s
     (run_dir / "config.json").write_text(json.dumps(written))
     capsys.readouterr()
     assert main([*args, "--mitigation.replay_share=0.1"]) == 2
-    assert "(mitigation.replay_share: 'unset' -> 0.1)" in capsys.readouterr().err
+    assert "(mitigation.replay_share: 0.05 -> 0.1)" in capsys.readouterr().err  # it ran with the default
 
 
 def test_settings_added_later_leave_cache_keys_alone_at_their_defaults():

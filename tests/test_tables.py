@@ -214,13 +214,31 @@ def test_condition_labels_show_only_keys_that_vary_and_can_act():
         record(["bbq", "csqa"], 2, mitigation={**sam, "strength": 0.1}, tasks=tasks, train={"lr": 0.1}),
     ]
     assert list(condition_labels(runs).values()) == [
-        "bbq → csqa (mitigation.name=none, train.lr=unset)",  # no mitigation: its strength cannot act
-        "bbq → csqa (mitigation.name=sam, mitigation.strength=0.05, train.lr=unset)",  # stages: [1] wherever it acts
-        "csqa → bbq (mitigation.name=none, train.lr=unset)",  # the config lacks train (an older record, say)
-        "bbq → csqa (mitigation.name=sam, mitigation.strength=0.1, train.lr=0.1)",
+        "bbq → csqa (train.lr=0.0002, mitigation.name=none)",  # no mitigation: its strength cannot act
+        "bbq → csqa (train.lr=0.0002, mitigation.name=sam, mitigation.strength=0.05)",  # stages: [1] where it acts
+        "csqa → bbq (train.lr=0.0002, mitigation.name=none)",  # a config without train ran with its defaults
+        "bbq → csqa (train.lr=0.1, mitigation.name=sam, mitigation.strength=0.1)",
     ]
     assert list(condition_labels(runs[:2], leave_out=("mitigation",)).values()) == ["bbq → csqa", "bbq → csqa"]
     assert list(condition_labels(runs[:2], leave_out=("order", "mitigation")).values()) == ["", ""]
+
+
+def test_a_record_written_before_a_setting_existed_shares_the_condition_of_one_at_its_default():
+    """A run recorded before ``model.quantization`` existed ran unquantised, like a later run at the default
+    ``none``; a run that sets it is another condition, and an unknown key only some records have still shows."""
+    runs = [
+        record(["bbq", "csqa"], 0, model={"name": "smollm2-135m-instruct"}),
+        record(["bbq", "csqa"], 1, model={"name": "smollm2-135m-instruct", "quantization": "none"}),
+        record(["bbq", "csqa"], 2, model={"name": "smollm2-135m-instruct", "quantization": "nf4"}),
+    ]
+    assert list(condition_labels(runs).values()) == [
+        "bbq → csqa (model.quantization=none)",
+        "bbq → csqa (model.quantization=none)",
+        "bbq → csqa (model.quantization=nf4)",
+    ]
+    runs[0]["config"]["model"]["retired_setting"] = 1  # a key this version no longer has
+    shown = "bbq → csqa (model.quantization=none, model.retired_setting=unset)"
+    assert condition_labels(runs)[runs[1]["run_name"]] == shown
 
 
 def test_condition_labels_leave_out_the_tasks_of_another_pair():

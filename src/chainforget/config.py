@@ -9,7 +9,7 @@ import operator
 import re
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -490,6 +490,29 @@ class ChainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def complete_config(config: dict, kind=None) -> dict:
+    """``config`` (a chain config as a run directory or record holds it) with every setting it lacks at today's
+    default: what a run written before that setting existed ran with, since a setting is only ever added with a
+    default that keeps the old behaviour. Blocks and tasks it has are completed in turn; keys in the order
+    ``to_dict`` writes them, then any this version does not know."""
+    kind = kind or ChainConfig
+    hints, completed = type_hints(kind), {}
+    for spec in fields(kind):
+        hint, value = hints[spec.name], config.get(spec.name)
+        if spec.name not in config:
+            if spec.default is MISSING and spec.default_factory is MISSING:
+                continue
+            default = spec.default_factory() if spec.default is MISSING else spec.default
+            value = asdict(default) if is_dataclass(default) else default
+        elif is_dataclass(hint) and isinstance(value, dict):
+            value = complete_config(value, hint)
+        elif typing.get_origin(hint) is dict and is_dataclass(typing.get_args(hint)[1]) and isinstance(value, dict):
+            task = typing.get_args(hint)[1]  # tasks.<name>: a TaskSpec each
+            value = {name: complete_config(v, task) if isinstance(v, dict) else v for name, v in value.items()}
+        completed[spec.name] = value
+    return completed | {key: value for key, value in config.items() if key not in completed}
 
 
 NAME_BYTES = 255  # the longest file or folder name Linux, macOS and Windows filesystems hold

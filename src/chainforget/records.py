@@ -39,6 +39,7 @@ NON_RESULT_KEYS = (
     "wandb",
     "trainer.log_every_n_steps",
     "trainer.checkpoint_every",
+    "train.gradient_checkpointing",  # recomputes activations instead of keeping them: the same gradients
 )
 
 
