@@ -28,6 +28,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from chainforget import allocator, curvature, evaluation, metrics, mitigations, tasks
 from chainforget.config import ChainConfig, MitigationSpec, complete_config
@@ -123,7 +124,7 @@ def hold_run_dir(run_dir: Path, name: str, held: ExitStack) -> None:
     """Lock ``run_dir`` for this process until ``held`` closes (or the process dies): two independent processes on
     one run would interleave their logs and write two W&B runs with one id, so the second is refused. The ranks
     above 0 of one data-parallel run (Lightning's launcher sets ``LOCAL_RANK``/``NODE_RANK``) share rank 0's."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+    if not writes_the_run():
         return
     descriptor = os.open(run_dir, os.O_RDONLY)
     held.callback(os.close, descriptor)  # closing it releases the lock
@@ -138,6 +139,16 @@ def hold_run_dir(run_dir: Path, name: str, held: ExitStack) -> None:
         pass
 
 
+def writes_the_run() -> bool:
+    """Whether this process writes the run (its directory, record, stage cache entries, W&B run): the only process,
+    or rank 0 of a data-parallel chain. Every rank runs the whole chain (srun and torchrun start them so, and
+    Lightning's own launcher starts the others at the first fit by running the same command again): the ranks
+    above 0 repeat its evaluations, so that all reach each fit together, and write nothing. Before the first fit
+    only the environment tells them apart (``rank_zero_only.rank``: RANK, LOCAL_RANK or SLURM_PROCID; NODE_RANK
+    for Lightning's launcher on several nodes)."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
 def preflight(config: ChainConfig) -> tuple[ChainConfig, list[StagePlan]]:
     """What a chain checks before it reads data or loads a model: its run name, that its run directory holds no
     different run, Lightning's trainer options, its stage plan. A user's error raises ChainforgetError; nothing is
@@ -149,18 +160,25 @@ def preflight(config: ChainConfig) -> tuple[ChainConfig, list[StagePlan]]:
             raise ConfigError(f"{key}: {folder!r} is a file; use a folder (it is created where missing)")
     refuse_a_different_run(Path(config.out) / config.run_name, config)
     check_quantization(config.model)
-    check_trainer_options(trainer_options(config))
+    processes = check_trainer_options(trainer_options(config))
+    if config.train.batch_size % processes:
+        raise ConfigError(
+            f"train.batch_size: {config.train.batch_size} is the global batch and does not split over the "
+            f"{processes} data-parallel processes of trainer.devices x trainer.num_nodes; use a multiple of {processes}"
+        )
     tracking.check_settings(config)
     return config, plan_chain(config)
 
 
-def check_trainer_options(options: dict) -> None:
+def check_trainer_options(options: dict) -> int:
     """Lightning's own checks of ``lightning.Trainer`` arguments (accelerator, precision, strategy, devices, profiler
     names), run on a throwaway Trainer before anything loads or is written; its refusal becomes one line. A Trainer
-    built from the user's options alone raises TypeError for a form it cannot take (a device list on the CPU)."""
+    built from the user's options alone raises TypeError for a form it cannot take (a device list on the CPU).
+    Returns how many processes a fit runs (its ``world_size``)."""
     try:
         with quiet_libraries():  # Lightning's hardware notes about a Trainer that never runs
-            L.Trainer(**options, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+            trainer = L.Trainer(**options, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        return trainer.world_size
     except (ValueError, TypeError, MisconfigurationException) as exc:
         raise ConfigError(f"trainer: {str(exc).strip().splitlines()[0]}") from None
 
@@ -195,6 +213,7 @@ class ChainRun:
     run_dir: Path
     tracker: object | None
     progress: bool
+    writes: bool  # False on the ranks above 0 of a data-parallel chain (``writes_the_run``)
     # the safety direction, once the safety stage has run (mitigations that keep to it): each adapted layer's
     # subspace and the trainable weights that stage ended with
     safety_layers: dict[str, mitigations.SafetyLayer] | None = None
@@ -234,11 +253,13 @@ def run_chain(
         if not resuming:
             hold_run_dir(run_dir, config.run_name, held)
             refuse_a_different_run(run_dir, config)  # another process may have written it while this one loaded
-        atomic_write_text(run_dir / RUN_CONFIG, json.dumps(config.to_dict(), indent=1))
-        tracker = tracking.start_run(config, run_dir, wandb_config)
-        remote = tracking.ArtifactCache(tracker) if config.cache == "wandb" else None
-        cache = StageCache.at(config.cache_dir, read=config.cache is not False, remote=remote)
-        chain = ChainRun(config, plans, data, tokenizer, model, cache, run_dir, tracker, progress)
+        writes = writes_the_run()
+        if writes:
+            atomic_write_text(run_dir / RUN_CONFIG, json.dumps(config.to_dict(), indent=1))
+        tracker = tracking.start_run(config, run_dir, wandb_config) if writes else None
+        remote = tracking.ArtifactCache(tracker) if config.cache == "wandb" and writes else None
+        cache = StageCache.at(config.cache_dir, read=config.cache is not False, remote=remote, write=writes)
+        chain = ChainRun(config, plans, data, tokenizer, model, cache, run_dir, tracker, progress, writes)
         try:
             record, frame = run_stages(chain, on_stage)
         except ChainStopped as stop:
@@ -247,8 +268,9 @@ def run_chain(
         except BaseException:
             tracking.stop_run(tracker, None)
             raise
-        write_record(run_dir, record, frame)
-        tracking.finish_run(tracker, record, run_dir)
+        if writes:
+            write_record(run_dir, record, frame)
+            tracking.finish_run(tracker, record, run_dir)
         return record
 
 
@@ -322,10 +344,12 @@ def train_or_reuse(chain: ChainRun, plan: StagePlan, previous_key: str) -> tuple
         outcome = train_stage(chain, plan, fisher, checkpoints)
         model.to(eval_device(config))  # Lightning hands the module back on the CPU
         chain.cache.put_stage(key, lambda path: save_trainable(model, path), outcome)
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the cache entry supersedes them
+        if chain.writes:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the cache entry supersedes them
     if plan.curvature:
         outcome = outcome | {"curvature": measured_curvature(chain, plan, key)}
-    save_pretrained(model, chain.tokenizer, chain.run_dir / f"stage{plan.index}")
+    if chain.writes:
+        save_pretrained(model, chain.tokenizer, chain.run_dir / f"stage{plan.index}")
     facts = {"index": plan.index, "name": plan.entry, "tasks": plan.mixture, "trains": list(plan.trains)}
     stage = facts | {"replays": list(plan.replays), **outcome, "cache_hit": cached is not None, "cache_key": key}
     return stage, key

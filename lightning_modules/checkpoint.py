@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.loggers import CSVLogger
 from safetensors import safe_open
@@ -119,6 +120,7 @@ class StageCSVLogger(CSVLogger):
         self.resumed_at = resumed_at
 
     @property
+    @rank_zero_experiment  # as CSVLogger's own: the ranks above 0 of a data-parallel stage get a no-op writer
     def experiment(self):
         if self._experiment is None and self.resumed_at is not None:
             path = Path(self.log_dir) / "metrics.csv"

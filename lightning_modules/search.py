@@ -656,6 +656,19 @@ def duplicate_of(trial) -> int | None:
     return None
 
 
+def refuse_data_parallel(config, path: Path) -> None:
+    """A worker runs its chains in its own process, so the extra processes of a data-parallel chain (Lightning's
+    launcher runs the command again for each) would be workers of their own, each taking a trial."""
+    devices, nodes = config.trainer.devices, config.trainer.num_nodes
+    count = len(devices) if isinstance(devices, list) else devices
+    if nodes > 1 or (isinstance(count, int) and count > 1):
+        raise ConfigError(
+            f"{path}: trainer.devices={devices}, trainer.num_nodes={nodes}: an Optuna worker runs one process per "
+            "chain; run one worker per device (sweeps/slurm/optuna_worker.sbatch), or data-parallel chains from a W&B "
+            "agent"
+        )
+
+
 def optuna_study(
     path: Path,
     *,
@@ -678,6 +691,8 @@ def optuna_study(
     if storage:
         check_storage(storage)
     spec = load_study_spec(path, configs)  # everything a user can get wrong is refused before anything is created
+    base = study_arguments(spec, configs) + ([f"--out={out}"] if out else [])
+    refuse_data_parallel(parse_chain(base, "chainforget sweep optuna"), path)
     name = spec["study_name"]
     grid = (spec.get("sampler") or {}).get("name") == "grid"
     if not grid and not (n_trials or spec.get("n_trials")):
@@ -704,7 +719,6 @@ def optuna_study(
             pruner=pruner,
         )
         study.set_metric_names(list(spec["objectives"]))  # what optuna-dashboard and trials_dataframe() show
-    base = study_arguments(spec, configs) + ([f"--out={out}"] if out else [])
     journal = JournalBeat(study, spec.get("heartbeat")) if storage_url.startswith(JOURNAL) else None
 
     def objective(trial):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch.core.saving import load_hparams_from_yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 from transformers import get_linear_schedule_with_warmup
 
 from chainforget import curvature, mitigations
@@ -76,7 +76,13 @@ def answer_logits(network, batch) -> torch.Tensor:
 
 
 def loss_of(logits: torch.Tensor, batch) -> torch.Tensor:
-    """Cross-entropy of the answer letter, or the mean over the batch's answer-text tokens (``-100`` elsewhere)."""
+    """Cross-entropy of the answer letter, or the mean over the batch's answer-text tokens (``-100`` elsewhere);
+    a data-parallel process's share of a batch divides its sum by ``loss_tokens`` (``StageDataModule``)."""
+    if "loss_tokens" in batch:
+        flat = F.cross_entropy(
+            logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100, reduction="sum"
+        )
+        return flat / batch["loss_tokens"]
     if "targets" in batch:
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100)
     return F.cross_entropy(logits.float(), batch["answer"])
@@ -279,6 +285,9 @@ class StageModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self._training_kernels.close()  # evaluation and the next stage get the model's own kernels back
+        if self.trainer.world_size > 1 and self.final_loss is not None:  # the global batch's, not this share's
+            loss = torch.as_tensor(self.final_loss, dtype=torch.float32, device=self.device)
+            self.final_loss = self.trainer.strategy.reduce(loss, reduce_op="mean")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the trainable weights, plus what a resumed stage needs to continue bit for bit."""
@@ -378,7 +387,8 @@ class StageModule(L.LightningModule):
         means, present = totals / sizes.clamp(min=1), sizes > 0
         self.group_weights = mitigations.group_dro_step(weights, means, present, self.mitigation.strength)
         self.log("train/dro_max_weight", self.group_weights.max())
-        return (mitigations.example_weights(groups, self.group_weights) * sums).sum() / counts.sum()
+        weighted = (mitigations.example_weights(groups, self.group_weights) * sums).sum()
+        return weighted / batch.get("loss_tokens", counts.sum())
 
     def sam_step(self, batch, loss: torch.Tensor) -> None:
         """SAM: gradient at the current point, step of radius rho uphill, gradient there, step back, update."""
@@ -616,7 +626,9 @@ class StageDataModule(L.LightningDataModule):
         tasks: task specs by registry name.
         mixture: a task name or a mixture of tasks with weights, such as ``bbq:0.95+csqa:0.05``.
         model: the model whose tokenizer encodes the prompts.
-        batch_size: examples per batch (training and evaluation).
+        batch_size: examples per batch (training and evaluation). Under data parallelism this is the global
+            batch: each of ``N`` processes trains ``batch_size / N`` of every batch (its rows ``rank::N``), so a
+            stage draws the same examples and takes the same steps on any number of processes.
         steps: optimizer steps the stage will take (under ``chainforget fit``: ``trainer.max_steps``).
         max_seq_len: prompts keep their last ``max_seq_len`` tokens.
         seed: drives splits, caps and the draw order.
@@ -665,6 +677,9 @@ class StageDataModule(L.LightningDataModule):
         self.eval_samples: list[dict] = []
         self.eval_letters: torch.Tensor | None = None
         self.batch_tokens = 0  # real tokens of the training batch on its way to the device
+        # under data parallelism, per sample: its global batch's real tokens, and for text answers that batch's
+        # answer tokens over the process count
+        self.global_batch: dict[int, dict] = {}
         # group_replay: the group kind to label each replayed task's examples with (None: the task has none, its
         # examples stay ungrouped, weight 1), and the groups found
         self.group_by: dict[str, str] = {}
@@ -781,11 +796,31 @@ class StageDataModule(L.LightningDataModule):
             warnings.filterwarnings(
                 "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
             )
-        return self.loader(self.position)
+        world = self.trainer.world_size if self.trainer else 1
+        if self.batch_size % world:
+            raise ConfigError(
+                f"batch_size: {self.batch_size} is the global batch and does not split over {world} data-parallel "
+                f"processes; use a multiple of {world}"
+            )
+        batches = self.batches()
+        if world > 1:
+            self.global_batch = {i: self.global_counts([self.samples[j] for j in b], world) for b in batches for i in b}
+        return self.loader(self.position, batches)
 
-    def loader(self, start: int = 0) -> DataLoader:
-        """The stage's batches from batch ``start`` on (the length stays that of the whole stage)."""
-        return DataLoader(self.samples, batch_sampler=BatchesFrom(self.batches(), start), collate_fn=self.collate)
+    def global_counts(self, batch: list[dict], world: int) -> dict:
+        """What each process needs to know of its whole global batch: the real tokens (the stage counts them all),
+        and for text answers the answer tokens over the process count: DDP averages the processes' gradients, so
+        each divides its summed answer-token loss by that, and the average is the global batch's mean."""
+        counts = {"tokens": sum(len(sample["ids"]) for sample in batch)}
+        if self.answer == "text":
+            counts["loss_tokens"] = sum(sample["answer_length"] for sample in batch) / world
+        return counts
+
+    def loader(self, start: int = 0, batches: list[list[int]] | None = None) -> DataLoader:
+        """The stage's batches from batch ``start`` on (the length stays that of the whole stage). Lightning gives
+        the batch sampler a distributed sampler under data parallelism, which tells it this process's share."""
+        sampler = BatchesFrom(SequentialSampler(self.samples), batches or self.batches(), start)
+        return DataLoader(self.samples, batch_sampler=sampler, collate_fn=self.collate)
 
     def eval_loader(self) -> DataLoader | list:
         """Batches of the eval split (none for a module without eval tasks, so Lightning skips the loop)."""
@@ -806,7 +841,8 @@ class StageDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer.training:  # counted on the host, before the batch reaches the device (no wait on a GPU)
-            self.batch_tokens = int(batch["attention_mask"].sum())
+            whole = self.global_batch.get(int(batch["index"][0]))  # a data-parallel process's share: all of it
+            self.batch_tokens = whole["tokens"] if whole else int(batch["attention_mask"].sum())
         return batch
 
     def state_dict(self) -> dict:
@@ -835,6 +871,8 @@ class StageDataModule(L.LightningDataModule):
             batch["targets"] = answer_targets(batch["input_ids"], [s["answer_length"] for s in samples])
         else:
             batch["answer"] = torch.tensor([s["answer"] for s in samples], dtype=torch.long)
+        if "loss_tokens" in self.global_batch.get(samples[0]["index"], {}):
+            batch["loss_tokens"] = torch.tensor(self.global_batch[samples[0]["index"]]["loss_tokens"])
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         if self.group_names:
             batch["group"] = torch.tensor([s["group"] for s in samples], dtype=torch.long)
@@ -867,18 +905,24 @@ def answer_targets(input_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return input_ids[:, -width:].masked_fill(~keep, -100)
 
 
-class BatchesFrom:
+class BatchesFrom(BatchSampler):
     """A batch sampler over fixed batches that starts at ``start``; its length counts them all, so a resumed
-    fit's restored progress and the batches it sees line up."""
+    fit's restored progress and the batches it sees line up. Lightning re-creates it with a ``DistributedSampler``
+    in place of ``sampler`` under data parallelism (``Trainer(use_distributed_sampler=True)``, the default); it
+    then yields this process's rows of every batch (``rank::num_replicas``) and reads nothing else of it."""
 
-    def __init__(self, batches: list[list[int]], start: int = 0):
-        self.batches, self.start = batches, start
+    def __init__(self, sampler, batches: list[list[int]], start: int = 0):  # BatchSampler's init checks nothing we use
+        self.sampler, self.batches, self.start = sampler, batches, start
+        self.batch_size, self.drop_last = len(batches[0]) if batches else 1, False
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self):
-        return iter(self.batches[self.start :])
+        rank, world = 0, 1
+        if isinstance(self.sampler, DistributedSampler):
+            rank, world = self.sampler.rank, self.sampler.num_replicas
+        return (batch[rank::world] for batch in self.batches[self.start :])
 
 
 def draw_mixture(pools: dict[str, list], weights: dict[str, float], total: int, seed: int) -> list[tuple[str, object]]:

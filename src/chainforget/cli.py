@@ -71,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
 def chain(argv: list[str]) -> int:
     _single_thread_if_asked()
     from analysis.tables import summary_text
-    from lightning_modules.chain import run_chain
+    from lightning_modules.chain import run_chain, writes_the_run
 
     config = check_chain(argv)
     record = run_chain(config)
-    print(summary_text([record]))
-    print(f"run written to {Path(config.out) / record['run_name']}")
+    if writes_the_run():  # not the ranks above 0 of a data-parallel chain, which wrote nothing
+        print(summary_text([record]))
+        print(f"run written to {Path(config.out) / record['run_name']}")
     return 0
 
 

@@ -320,19 +320,20 @@ class StageCache:
         "measurement.json",
     )
 
-    def __init__(self, root: Path, read: bool = True, remote=None):
+    def __init__(self, root: Path, read: bool = True, remote=None, write: bool = True):
         self.root = Path(root)
         self.read = read
+        self.write = write  # False: puts store nothing (the ranks above 0 of a data-parallel chain)
         # a remote copy (``lightning_modules.tracking.ArtifactCache``): ``store(key, entry)`` after each put,
         # ``fetch(key, folder) -> bool`` for an entry the local cache lacks
         self.remote = remote
 
     @classmethod
-    def at(cls, cache_dir: str | None, read: bool = True, remote=None) -> StageCache:
+    def at(cls, cache_dir: str | None, read: bool = True, remote=None, write: bool = True) -> StageCache:
         """The cache in ``cache_dir``, or the user cache directory's ``stages/`` when it is ``None``."""
         from chainforget.tasks.downloads import cache_root
 
-        return cls(Path(cache_dir) if cache_dir else cache_root() / "stages", read=read, remote=remote)
+        return cls(Path(cache_dir) if cache_dir else cache_root() / "stages", read=read, remote=remote, write=write)
 
     def get_stage(self, key: str) -> tuple[Path, dict] | None:
         """A finished stage: its weights file and its training summary, or ``None``."""
@@ -344,7 +345,8 @@ class StageCache:
             save_weights(entry / self.WEIGHTS)
             (entry / self.SUMMARY).write_text(json.dumps(summary))
 
-        self.put(key, write)
+        if self.write:
+            self.put(key, write)
 
     def get_predictions(self, key: str) -> pd.DataFrame | None:
         entry = self.get(key)
@@ -352,6 +354,8 @@ class StageCache:
 
     def put_predictions(self, key: str, frame: pd.DataFrame) -> pd.DataFrame:
         """Store an evaluation's predictions; returns them as read back, as a later cache hit will see them."""
+        if not self.write:
+            return frame
         entry = self.put(key, lambda entry: frame.to_parquet(entry / self.PREDICTIONS, index=False))
         return pd.read_parquet(entry / self.PREDICTIONS)
 
@@ -361,6 +365,8 @@ class StageCache:
 
     def put_measurement(self, key: str, measurement: dict) -> dict:
         """Store a measurement of a stage (its curvature); returns it as read back."""
+        if not self.write:
+            return measurement
         entry = self.put(key, lambda entry: (entry / self.MEASUREMENT).write_text(json.dumps(measurement)))
         return json.loads((entry / self.MEASUREMENT).read_text())
 
