@@ -45,18 +45,27 @@ def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
     effects the plain chains could detect (``power``)."""
     plain = [r for r in records if len(r["config"]["order"]) == 2 and mitigation(r) == "none"]
     two_stage = [r for r in records if len(r["config"]["order"]) == 2 and mitigation(r) in ("none", "sam")]
-    _, correlation = curvature_forgetting(plain)
-    points = curvature_forgetting(two_stage)[0].merge(run_keys(two_stage), on="run_name")
+    points = curvature_forgetting(two_stage)[0].drop(columns="converged").merge(run_keys(two_stage), on="run_name")
     return {
         "order_asymmetry": order_asymmetry(plain),
         "group_forgetting": group_forgetting_over_seeds(plain),
         "biased_forgetting": biased_forgetting_over_seeds(plain),
         "curvature_points": points,
-        "curvature_correlation": pd.DataFrame([correlation]),
+        "curvature_correlation": curvature_correlations(plain),
         "sam_vs_plain": sam_vs_plain(points),
         "replay": replay_recovery([r for r in records if mitigation(r) == "replay_stage"]),
         "power": power_table(plain),
     }
+
+
+def curvature_correlations(records: list[dict]) -> pd.DataFrame:
+    """Spearman's correlation of curvature and forgetting for each task trained first, and over all of them when
+    there are several (tasks forget on different scales, so the pooled one also mixes tasks)."""
+    first = sorted({record["config"]["order"][0] for record in records})
+    rows = [{"task": t} | curvature_forgetting([r for r in records if r["config"]["order"][0] == t])[1] for t in first]
+    if len(first) > 1:
+        rows.append({"task": "all"} | curvature_forgetting(records)[1])
+    return pd.DataFrame(rows)
 
 
 def run_keys(records: list[dict]) -> pd.DataFrame:

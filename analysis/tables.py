@@ -397,7 +397,8 @@ def replay_recovery(records: list[dict]) -> pd.DataFrame:
 
 def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """Top Hessian eigenvalue at the end of stage 1 vs the forgetting of that stage's task in stage 2, one row
-    per two-stage run, and their Spearman correlation with a bootstrap 95% interval over runs."""
+    per two-stage run, and their Spearman correlation with a bootstrap 95% interval over runs (and how many of the
+    estimates had not converged when the measurement stopped: ``not_converged``)."""
     import warnings
 
     from scipy import stats
@@ -419,11 +420,13 @@ def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int =
                     "top_eigenvalue": stage["curvature"]["top_eigenvalue"],
                     "F": forgotten[0],
                     "mitigation": record["mitigation"]["name"],
+                    "converged": stage["curvature"].get("converged"),
                 }
             )
     frame = pd.DataFrame(rows)
+    unconverged = int(frame["converged"].eq(False).sum()) if len(frame) else 0  # None: the record does not say
     if len(frame) < 3:
-        return frame, {"spearman": None, "lo": None, "hi": None, "n": len(frame)}
+        return frame, {"spearman": None, "lo": None, "hi": None, "n": len(frame), "not_converged": unconverged}
     rho = float(stats.spearmanr(frame["top_eigenvalue"], frame["F"]).statistic)
     with warnings.catch_warnings():  # a resample whose eigenvalues or F are all equal has no rank correlation (NaN)
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
@@ -442,4 +445,4 @@ def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int =
         draws = result.bootstrap_distribution[~np.isnan(result.bootstrap_distribution)]
         lo, hi = np.percentile(draws, [2.5, 97.5]) if draws.size else (None, None)
     lo, hi = (None, None) if lo is None else (float(lo), float(hi))
-    return frame, {"spearman": rho, "lo": lo, "hi": hi, "n": len(frame)}
+    return frame, {"spearman": rho, "lo": lo, "hi": hi, "n": len(frame), "not_converged": unconverged}
