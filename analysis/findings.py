@@ -22,7 +22,7 @@ import pandas as pd
 
 from analysis.plots import learning_curves_figure, learning_figure, save
 from analysis.report import write_report
-from analysis.runs import condition_labels, forgetting_frame, load_records
+from analysis.runs import condition_labels, example_forgetting_frame, forgetting_frame, load_records
 from analysis.tables import (
     DIFFERENCE_RANGE,
     SPREAD_RANGE,
@@ -30,6 +30,7 @@ from analysis.tables import (
     learning_table,
     mean_interval,
     order_asymmetry,
+    pooled_intervals,
     power_table,
     replay_recovery,
     seed_summary,
@@ -84,13 +85,14 @@ def group_forgetting_over_seeds(records: list[dict]) -> pd.DataFrame:
     """Per group of every forgotten task: F_g averaged over seeds (interval over seeds), and in how many seeds
     the paired-bootstrap interval of ``BF_g = F_g - F`` excludes 0 (the group forgot more or less than the task
     as a whole, beyond what the interval allows)."""
-    return group_table(forgetting_frame(records))
+    return group_table(forgetting_frame(records), example_forgetting_frame(records))
 
 
-def group_table(frame: pd.DataFrame) -> pd.DataFrame:
+def group_table(frame: pd.DataFrame, flips: pd.DataFrame) -> pd.DataFrame:
     groups = frame[frame["group_kind"] != "all"].copy()
     groups["beyond"] = (groups["BF_lo"] > 0) | (groups["BF_hi"] < 0)  # BF_g = F_g - F, one paired bootstrap
-    summary = seed_summary(groups)
+    # intervals pooled over seeds and examples wherever the records have per-example forgetting
+    summary = pooled_intervals(seed_summary(groups), flips)
     keys = ["condition", "task", "group_kind", "group"]
     counts = groups.groupby(keys)[["beyond", "small"]].agg({"beyond": "sum", "small": "any"})
     return summary.merge(counts.reset_index().rename(columns={"beyond": "seeds_beyond_interval"}), on=keys)

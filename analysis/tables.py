@@ -160,8 +160,9 @@ def seed_summary(forgetting: pd.DataFrame) -> pd.DataFrame:
 
 def pooled_intervals(summary: pd.DataFrame, flips: pd.DataFrame, resamples: int = 2000) -> pd.DataFrame:
     """``summary`` (``seed_summary``) with F and BF intervals from the cluster bootstrap over seeds and examples
-    (``analysis.intervals``) wherever every seed of the row has per-example forgetting (``example_forgetting_frame``;
-    records written before it was measured keep their intervals), and an ``interval`` column saying which."""
+    (``analysis.intervals``) wherever every seed of the row (every seed whose eval split has its group) has
+    per-example forgetting (``example_forgetting_frame``; records written before it was measured keep their
+    intervals), and an ``interval`` column saying which."""
     out = summary.copy()
     out["interval"] = np.where(out["seeds"] > 1, "t over seeds", "paired bootstrap")
     if flips.empty:
@@ -175,12 +176,13 @@ def pooled_intervals(summary: pd.DataFrame, flips: pd.DataFrame, resamples: int 
         .sort_index()
     )
     for i, row in out.iterrows():
-        key = (row["condition"], row["task"])
+        key, group_key = (row["condition"], row["task"]), (row["group_kind"], row["group"])
         try:
             part = counts.loc[key]
         except KeyError:
             continue
-        seeds = sorted(part.index.get_level_values("seed").unique())
+        # the seeds whose eval split has the group (the split depends on the seed, so a rare group may be missing)
+        seeds = [s for s in sorted(part.index.get_level_values("seed").unique()) if (s, *group_key) in part.index]
         try:
             group = np.array([part.loc[(s, row["group_kind"], row["group"])].to_numpy() for s in seeds])
             whole = np.array([part.loc[(s, "all", "all")].to_numpy() for s in seeds])

@@ -71,3 +71,12 @@ def test_pooled_intervals_replace_the_t_interval_where_every_seed_has_its_flips(
     assert pd.isna(pooled.loc["all", "BF_lo"]) and pooled.loc["x", "BF_lo"] < 0 < pooled.loc["x", "BF_hi"]
     untouched = pooled_intervals(summary, flips[flips["seed"] == 0])  # seed 1 has no flips: t-interval kept
     assert (untouched["interval"] == "t over seeds").all() and untouched["F_lo"].equals(summary["F_lo"])
+    # a third seed whose eval split lacks group x: the task's row pools three seeds, the group's its own two
+    third = pd.DataFrame(rows(2, 40.0)[:1])
+    flips3 = pd.concat([flips, third], ignore_index=True)
+    forgetting3 = pd.concat([forgetting, third.assign(F=30.0, BF=0.0, run_name="r2")], ignore_index=True)
+    summary3 = seed_summary(forgetting3).set_index("group")
+    assert summary3.loc["all", "seeds"] == 3 and summary3.loc["x", "seeds"] == 2
+    pooled3 = pooled_intervals(summary3.reset_index(), flips3).set_index("group")
+    assert (pooled3["interval"] == "cluster bootstrap").all()
+    assert pooled3.loc["x", "F_lo"] >= 0 and pooled3.loc["x", "F_hi"] <= 100  # not the t-interval's -100..+100
