@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from analysis.plots import learning_curves_figure, learning_figure, save
 from analysis.report import write_report
@@ -34,6 +35,7 @@ from analysis.tables import (
     power_table,
     replay_recovery,
     seed_summary,
+    t_test_p,
 )
 
 
@@ -126,7 +128,9 @@ def biased_forgetting_over_seeds(records: list[dict]) -> pd.DataFrame:
         row |= {"spread": spread, "spread_lo": spread_lo, "spread_hi": spread_hi}
         row["worst_groups"] = ";".join(sorted(part["worst_group"].dropna().unique()))
         row |= {"group_runs_tested": tested, "group_runs_beyond_interval": beyond}
-        out.append(row | {"share_beyond": beyond / tested if tested else None})
+        # if every group forgot alike, each interval would exclude 0 with chance 5 %: more than that is the finding
+        p_value = float(stats.binomtest(beyond, tested, 0.05, alternative="greater").pvalue) if tested else None
+        out.append(row | {"share_beyond": beyond / tested if tested else None, "p_binomial": p_value})
     return pd.DataFrame(out)
 
 
@@ -146,6 +150,7 @@ def sam_vs_plain(points: pd.DataFrame) -> pd.DataFrame:
             mean, lo, hi = mean_interval(diff, bounds=DIFFERENCE_RANGE if column == "F" else None)
             means = {f"{column}_plain": plain.loc[seeds, column].mean(), f"{column}_sam": sam.loc[seeds, column].mean()}
             row |= means | {f"{column}_diff": mean, f"{column}_diff_lo": lo, f"{column}_diff_hi": hi}
+            row[f"{column}_p"] = t_test_p(diff)
         rows.append(row)
     return pd.DataFrame(rows)
 

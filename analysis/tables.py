@@ -124,6 +124,14 @@ def summary_text(records: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def t_test_p(differences) -> float | None:
+    """Two-sided p of a one-sample t-test that paired differences have mean 0 (``None`` below two pairs)."""
+    from scipy import stats
+
+    values = np.asarray([v for v in differences if v is not None and not pd.isna(v)], dtype=float)
+    return float(stats.ttest_1samp(values, 0.0).pvalue) if values.size > 1 else None
+
+
 def mean_interval(
     values, level: float = 0.95, bounds: tuple[float, float] | None = None
 ) -> tuple[float, float | None, float | None]:
@@ -370,7 +378,8 @@ def power_table(records: list[dict], target: float = 5.0, cap: int = 100) -> pd.
 def replay_recovery(records: list[dict]) -> pd.DataFrame:
     """Replay-stage runs by condition (without the ratio) and ratio r: how much of the first task's lost accuracy
     the replay stage won back (``recovered = (Acc3 - Acc2) / (Acc1 - Acc2)``) and how the last task's accuracy moved
-    (pp), over seeds."""
+    (pp), over seeds; and, where the condition has the r = 0 control (the third stage without replay: training
+    longer), the recovery beyond it, paired by seed, with a paired t-test's p."""
     replayed = [record for record in records if record["mitigation"]["name"] == "replay_stage"]
     settings = condition_labels(replayed, leave_out=("mitigation.strength",))
     rows = []
@@ -387,13 +396,22 @@ def replay_recovery(records: list[dict]) -> pd.DataFrame:
         rows.append(run | {"capability_change_pp": acc[(after, last)] - acc[(before, last)]})
     if not rows:
         return pd.DataFrame()
-    summary = []
-    for (condition, ratio), part in pd.DataFrame(rows).groupby(["condition", "ratio"], sort=True):
+    runs, summary = pd.DataFrame(rows), []
+    control = runs[runs["ratio"] == 0].set_index(["condition", "seed"])["safety_recovered_pp"]
+    for (condition, ratio), part in runs.groupby(["condition", "ratio"], sort=True):
         recovered, lo, hi = mean_interval(part["safety_recovered_pp"], bounds=FORGETTING_RANGE)
         kept, kept_lo, kept_hi = mean_interval(part["capability_change_pp"], bounds=FORGETTING_RANGE)
         row = {"condition": condition, "ratio": ratio, "seeds": len(part), "safety_lost_pp": part["safety_lost"].mean()}
         row |= {"safety_recovered_pp": recovered, "recovered_lo": lo, "recovered_hi": hi}
-        summary.append(row | {"capability_change_pp": kept, "capability_lo": kept_lo, "capability_hi": kept_hi})
+        row |= {"capability_change_pp": kept, "capability_lo": kept_lo, "capability_hi": kept_hi}
+        paired = [
+            r - control[(condition, seed)]
+            for seed, r in zip(part["seed"], part["safety_recovered_pp"])
+            if (condition, seed) in control.index
+        ]
+        beyond, beyond_lo, beyond_hi = mean_interval(paired, bounds=DIFFERENCE_RANGE) if ratio else (None,) * 3
+        row |= {"beyond_control_pp": beyond, "beyond_control_lo": beyond_lo, "beyond_control_hi": beyond_hi}
+        summary.append(row | {"control_seeds": len(paired), "p_vs_control": t_test_p(paired) if ratio else None})
     return pd.DataFrame(summary)
 
 
@@ -428,8 +446,16 @@ def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int =
     frame = pd.DataFrame(rows)
     unconverged = int(frame["converged"].eq(False).sum()) if len(frame) else 0  # None: the record does not say
     if len(frame) < 3:
-        return frame, {"spearman": None, "lo": None, "hi": None, "n": len(frame), "not_converged": unconverged}
-    rho = float(stats.spearmanr(frame["top_eigenvalue"], frame["F"]).statistic)
+        return frame, {
+            "spearman": None,
+            "lo": None,
+            "hi": None,
+            "p": None,
+            "n": len(frame),
+            "not_converged": unconverged,
+        }
+    tested = stats.spearmanr(frame["top_eigenvalue"], frame["F"])
+    rho, p_value = float(tested.statistic), float(tested.pvalue)
     with warnings.catch_warnings():  # a resample whose eigenvalues or F are all equal has no rank correlation (NaN)
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
@@ -447,4 +473,4 @@ def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int =
         draws = result.bootstrap_distribution[~np.isnan(result.bootstrap_distribution)]
         lo, hi = np.percentile(draws, [2.5, 97.5]) if draws.size else (None, None)
     lo, hi = (None, None) if lo is None else (float(lo), float(hi))
-    return frame, {"spearman": rho, "lo": lo, "hi": hi, "n": len(frame), "not_converged": unconverged}
+    return frame, {"spearman": rho, "lo": lo, "hi": hi, "p": p_value, "n": len(frame), "not_converged": unconverged}

@@ -2,6 +2,7 @@
 
 import math
 
+import pandas as pd
 import pytest
 
 from analysis.runs import condition_labels, example_forgetting_frame, forgetting_frame, runs_frame
@@ -142,6 +143,23 @@ def test_replay_recovery_by_ratio():
     assert table.loc[0.05, "safety_recovered_pp"] == pytest.approx(10.0)
     assert table.loc[0.05, "capability_change_pp"] == pytest.approx(-2.0)
     assert table.loc[0.0, "safety_recovered_pp"] == pytest.approx(0.0)
+    assert table.loc[0.05, "beyond_control_pp"] == pytest.approx(10.0) and pd.isna(table.loc[0.0, "beyond_control_pp"])
+
+
+def test_replay_beyond_the_train_longer_control_is_paired_by_seed():
+    """Seed 0 recovers 10 pp with replay and 0 without, seed 1 16 and 4, seed 2 (no control) 30: the differences 10
+    and 12 give 11 pp, p of t = 11 / (sqrt(2) / sqrt(2)) = 11 on 1 df."""
+    runs = []
+    for seed, (with_replay, without) in enumerate([(0.5, 0.4), (0.56, 0.44), (0.7, None)]):
+        for ratio, last in ((0.05, with_replay), (0.0, without)):
+            if last is not None:
+                acc = {(1, "bbq"): 0.6, (2, "bbq"): 0.4, (3, "bbq"): last, (2, "csqa"): 0.3, (3, "csqa"): 0.3}
+                runs.append(
+                    record(["bbq", "csqa"], seed, acc=acc, mitigation={"name": "replay_stage", "strength": ratio})
+                )
+    row = replay_recovery(runs).set_index("ratio").loc[0.05]
+    assert row["seeds"] == 3 and row["control_seeds"] == 2 and row["beyond_control_pp"] == pytest.approx(11.0)
+    assert row["p_vs_control"] == pytest.approx(1 - 2 * math.atan(11) / math.pi)
 
 
 def test_curvature_forgetting_spearman_by_hand():
