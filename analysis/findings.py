@@ -21,11 +21,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.plots import learning_curves_figure, learning_figure, save
+from analysis.plots import learning_curves_figure, learning_figure, mitigation_figure, save
 from analysis.report import write_report
 from analysis.runs import condition_labels, example_forgetting_frame, forgetting_frame, load_records
 from analysis.tables import (
     DIFFERENCE_RANGE,
+    FORGETTING_RANGE,
+    SHARE_RANGE,
     SPREAD_RANGE,
     curvature_forgetting,
     learning_table,
@@ -37,6 +39,7 @@ from analysis.tables import (
     seed_summary,
     t_test_p,
 )
+from chainforget.metrics import PP
 
 
 def mitigation(record: dict) -> str:
@@ -58,6 +61,7 @@ def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
         "sam_vs_plain": sam_vs_plain(points),
         "replay": replay_recovery([r for r in records if mitigation(r) == "replay_stage"]),
         "power": power_table(plain),
+        "mitigations": mitigation_comparison(records),
     }
 
 
@@ -69,6 +73,63 @@ def curvature_correlations(records: list[dict]) -> pd.DataFrame:
     if len(first) > 1:
         rows.append({"task": "all"} | curvature_forgetting(records)[1])
     return pd.DataFrame(rows)
+
+
+# how a run of a mitigation is judged: what it did to the safety task trained first, and what it cost the last task
+MEASURE_RANGES = {"F": FORGETTING_RANGE, "forgotten": SHARE_RANGE, "forgotten_adj": FORGETTING_RANGE}
+
+
+def run_measures(record: dict) -> dict[str, float]:
+    """One two-stage run: F of the first task, its biased forgetting ``BF (<group kind>)`` (worst group), the share
+    of its examples forgotten (``forgotten``, chance-adjusted ``forgotten_adj``) and the last task's accuracy (pp)."""
+    first, last = record["config"]["order"][0], record["config"]["order"][-1]
+    metrics, stages = record["metrics"], len(record["config"]["order"])
+    whole = [r for r in metrics["forgetting"] if r["task"] == first and r["group_kind"] == "all"]
+    measures = {"F": whole[0]["F"]} if whole else {}
+    measures |= {f"BF ({r['group_kind']})": r["BF"] for r in metrics["biased_forgetting"] if r["task"] == first}
+    for row in metrics.get("example_forgetting", []):
+        if row["task"] == first and row["group_kind"] == "all":
+            measures |= {"forgotten": row["forgotten"], "forgotten_adj": row["forgotten_adj"]}
+    accuracy = [r["acc"] for r in record["eval"] if (r["stage"], r["task"], r["group_kind"]) == (stages, last, "all")]
+    return measures | ({f"{last} accuracy": PP * accuracy[0]} if accuracy else {})
+
+
+def mitigation_comparison(records: list[dict], references: tuple[str, ...] = ("none", "replay_mix")) -> pd.DataFrame:
+    """Every two-stage condition run with mitigations in its second stage: per mitigation (with its strength) and
+    measure (``run_measures``), the mean over seeds with its 95% t-interval, and the difference from each reference
+    mitigation (plain chains, plain replay at its share), paired by seed, with its interval and a paired t-test's
+    p. Only conditions with a reference and another mitigation appear."""
+    runs = [r for r in records if len(r["stages"]) == 2 and mitigation(r) != "sam"]  # SAM acts in stage 1
+    conditions = condition_labels(runs, leave_out=("mitigation",))
+    rows = []
+    for record in runs:
+        spec = record["config"]["mitigation"]
+        name = spec["name"] if spec["name"] == "none" else f"{spec['name']} {spec['strength']:g}"
+        base = {"condition": conditions[record["run_name"]], "mitigation": name, "kind": spec["name"]}
+        for measure, value in run_measures(record).items():
+            rows.append(base | {"seed": record["config"]["seed"], "measure": measure, "value": value})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    out = []
+    for condition, part in frame.groupby("condition", sort=True):
+        kinds = set(part["kind"])
+        if not (kinds & set(references)) or len(kinds) < 2:
+            continue
+        for (name, measure), cell in part.groupby(["mitigation", "measure"], sort=True):
+            bounds = MEASURE_RANGES.get(measure, DIFFERENCE_RANGE if measure.startswith("BF") else (0.0, 100.0))
+            mean, lo, hi = mean_interval(cell["value"], bounds=bounds)
+            row = {"condition": condition, "mitigation": name, "measure": measure, "seeds": len(cell)}
+            row |= {"mean": mean, "lo": lo, "hi": hi}
+            mine = cell.set_index("seed")["value"]
+            for reference in references:
+                theirs = part[(part["kind"] == reference) & (part["measure"] == measure)].set_index("seed")["value"]
+                paired = [mine[s] - theirs[s] for s in mine.index if s in theirs.index]
+                diff = mean_interval(paired, bounds=DIFFERENCE_RANGE) if paired and name != reference else (None,) * 3
+                row |= dict(zip([f"vs_{reference}", f"vs_{reference}_lo", f"vs_{reference}_hi"], diff))
+                row[f"p_vs_{reference}"] = t_test_p(paired) if name != reference else None
+            out.append(row)
+    return pd.DataFrame(out)
 
 
 def run_keys(records: list[dict]) -> pd.DataFrame:
@@ -171,7 +232,11 @@ def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
     tables = findings_tables(records)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
+        if table.empty:  # a study not run (yet): no file rather than one without columns
+            continue
         table.to_csv(out / "tables" / f"{name}.csv", index=False)
+    for index, condition in enumerate(sorted(set(tables["mitigations"].get("condition", [])))):
+        save(mitigation_figure(tables["mitigations"], condition), out / "tables" / f"mitigations_{index + 1}.png")
     for folder, plain in (("report", True), ("report-mitigations", False)):  # findings 1-3; then SAM and replay
         if any((mitigation(record) == "none") == plain for record in records):  # a study may not have run yet
             write_report(out / "runs", out / folder, keep=lambda record, p=plain: (mitigation(record) == "none") == p)

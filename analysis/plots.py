@@ -422,6 +422,35 @@ def replay_figure(recovery: pd.DataFrame):
     return fig
 
 
+def mitigation_figure(table: pd.DataFrame, condition: str):
+    """One condition's mitigations (``findings.mitigation_comparison``) side by side, one panel per measure: each
+    mitigation's mean over seeds with its 95% t-interval over seeds, the plain chains' mean dashed."""
+    part = table[table["condition"] == condition]
+    measures = [m for m in ("F", "BF (context)", "BF (target)", "forgotten_adj") if m in set(part["measure"])]
+    measures += sorted(m for m in set(part["measure"]) if m.endswith("accuracy"))
+    names = sorted(set(part["mitigation"]), key=lambda name: (name != "none", name))
+    fig, axes = plt.subplots(1, len(measures), figsize=(3.0 * len(measures) + 1.5, 0.45 * len(names) + 1.8))
+    for ax, measure in zip(np.atleast_1d(axes), measures):
+        cells = part[part["measure"] == measure].set_index("mitigation").reindex(names)
+        y = np.arange(len(names))
+        low = (cells["mean"] - cells["lo"]).fillna(0).clip(lower=0)
+        high = (cells["hi"] - cells["mean"]).fillna(0).clip(lower=0)
+        ax.errorbar(cells["mean"], y, xerr=[low, high], fmt="o", color=sns.color_palette(PALETTE, 1)[0], capsize=3)
+        if "none" in cells.index and not pd.isna(cells.loc["none", "mean"]):
+            ax.axvline(cells.loc["none", "mean"], color="grey", ls="--", lw=0.8)
+        ax.set_yticks(y, names if ax is np.atleast_1d(axes)[0] else [""] * len(names))
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{measure} (pp)", fontsize=9)
+    seeds = int(part["seeds"].max())
+    fig.suptitle(
+        f"{condition}: mitigations in the second stage (mean over up to {seeds} seeds, 95% t-interval over seeds; "
+        "dashed: plain chains)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return fig
+
+
 def curvature_figure(points: pd.DataFrame, correlation: dict):
     """Top Hessian eigenvalue after the first stage vs that task's forgetting, coloured by task (marked by
     mitigation where there are several), with a least-squares fit over all points and its 95% band (drawn within

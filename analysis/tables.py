@@ -125,11 +125,14 @@ def summary_text(records: list[dict]) -> str:
 
 
 def t_test_p(differences) -> float | None:
-    """Two-sided p of a one-sample t-test that paired differences have mean 0 (``None`` below two pairs)."""
+    """Two-sided p of a one-sample t-test that paired differences have mean 0; ``None`` below two pairs or where
+    every pair differs alike (no spread: the test is undefined)."""
     from scipy import stats
 
     values = np.asarray([v for v in differences if v is not None and not pd.isna(v)], dtype=float)
-    return float(stats.ttest_1samp(values, 0.0).pvalue) if values.size > 1 else None
+    if values.size < 2 or np.ptp(values) == 0:
+        return None
+    return float(stats.ttest_1samp(values, 0.0).pvalue)
 
 
 def mean_interval(

@@ -1,6 +1,8 @@
 """The published findings (docs/results) are exactly what their committed run records give, and the finding
 tables compute what they claim on hand-made records."""
 
+import math
+
 import pandas as pd
 import pytest
 from conftest import ROOT
@@ -116,3 +118,66 @@ def test_published_learning_table_equals_the_one_rebuilt_from_the_committed_regi
     published = pd.read_csv(RESULTS / "regime" / "learning.csv")
     round_trip = pd.read_csv(pd.io.common.StringIO(rebuilt.to_csv(index=False)))
     pd.testing.assert_frame_equal(published, round_trip, check_exact=False, rtol=1e-9)
+
+
+def mitigation_record(name: str, strength: float, seed: int, f: float, bf: float, csqa: float) -> dict:
+    return {
+        "run_name": f"{name}-{seed}",
+        "config": {"order": ["bbq", "csqa"], "seed": seed, "mitigation": {"name": name, "strength": strength}},
+        "mitigation": {"name": name, "kind": name, "knobs": ["strength"] if name != "none" else []},
+        "tasks": {"bbq": {"role": "safety"}, "csqa": {"role": "capability"}},
+        "stages": [{"index": 1}, {"index": 2}],
+        "eval": [{"stage": 2, "task": "csqa", "group_kind": "all", "group": "all", "acc": csqa}],
+        "metrics": {
+            "forgetting": [{"task": "bbq", "group_kind": "all", "group": "all", "F": f}],
+            "biased_forgetting": [{"task": "bbq", "group_kind": "context", "BF": bf}],
+            "example_forgetting": [
+                {"task": "bbq", "group_kind": "all", "group": "all", "forgotten": f + 5, "forgotten_adj": f - 5}
+            ],
+        },
+    }
+
+
+def test_mitigations_are_compared_with_plain_chains_and_plain_replay_paired_by_seed():
+    from analysis.findings import mitigation_comparison
+
+    records = [mitigation_record("none", 0.0, s, f, 30.0, 0.5) for s, f in enumerate([40.0, 44.0, 38.0])]
+    records += [mitigation_record("replay_mix", 0.05, s, f, 20.0, 0.5) for s, f in enumerate([30.0, 32.0, 31.0])]
+    # seed 2 has no safety_anchor run: pairs over seeds 0 and 1 only
+    records += [
+        mitigation_record("safety_anchor", 0.01, s, f, bf, 0.45) for s, f, bf in [(0, 20.0, 9.0), (1, 26.0, 11.0)]
+    ]
+    records += [{**mitigation_record("sam", 0.05, 0, 0.0, 0.0, 0.5), "run_name": "sam-0"}]  # acts in stage 1: left out
+    table = mitigation_comparison(records).set_index(["mitigation", "measure"])
+    assert set(table.index.get_level_values("mitigation")) == {"none", "replay_mix 0.05", "safety_anchor 0.01"}
+    anchor = table.loc[("safety_anchor 0.01", "F")]
+    assert anchor["seeds"] == 2 and anchor["mean"] == 23.0
+    assert anchor["vs_none"] == -19.0  # (20 - 40 + 26 - 44) / 2
+    assert anchor["vs_replay_mix"] == -8.0  # (20 - 30 + 26 - 32) / 2
+    # differences -20 and -18: t = -19 / (sqrt(2) / sqrt(2)) on 1 df
+    assert anchor["p_vs_none"] == pytest.approx(1 - 2 * math.atan(19) / math.pi)
+    assert table.loc[("safety_anchor 0.01", "BF (context)"), "vs_none"] == -20.0
+    assert table.loc[("safety_anchor 0.01", "csqa accuracy"), "vs_none"] == pytest.approx(-5.0)
+    assert table.loc[("safety_anchor 0.01", "forgotten_adj"), "mean"] == 18.0
+    assert pd.isna(table.loc[("none", "F"), "vs_none"]) and table.loc[("none", "F"), "vs_replay_mix"] == pytest.approx(
+        (10 + 12 + 7) / 3
+    )
+
+
+def test_the_mitigation_figure_draws_each_measure_with_the_plain_mean_dashed(tmp_path):
+    from analysis.findings import mitigation_comparison
+    from analysis.plots import mitigation_figure, save
+
+    records = [mitigation_record("none", 0.0, s, f, 30.0, 0.5) for s, f in enumerate([40.0, 44.0, 38.0])]
+    records += [mitigation_record("replay_mix", 0.05, s, f, 20.0, 0.5) for s, f in enumerate([30.0, 32.0, 31.0])]
+    fig = mitigation_figure(mitigation_comparison(records), "bbq → csqa")
+    assert [ax.get_xlabel() for ax in fig.axes] == [
+        "F (pp)",
+        "BF (context) (pp)",
+        "forgotten_adj (pp)",
+        "csqa accuracy (pp)",
+    ]
+    assert fig.axes[0].lines[-1].get_xdata()[0] == pytest.approx(122 / 3)  # the plain chains' mean F, dashed
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["none", "replay_mix 0.05"]
+    save(fig, tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 0
