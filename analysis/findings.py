@@ -21,7 +21,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.plots import learning_curves_figure, learning_figure, mitigation_figure, save
+from analysis.plots import (
+    group_forgetting_figure,
+    learning_curves_figure,
+    learning_figure,
+    mitigation_figure,
+    save,
+)
 from analysis.report import write_report
 from analysis.runs import condition_labels, example_forgetting_frame, forgetting_frame, load_records
 from analysis.tables import (
@@ -62,6 +68,7 @@ def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
         "replay": replay_recovery([r for r in records if mitigation(r) == "replay_stage"]),
         "power": power_table(plain),
         "mitigations": mitigation_comparison(records),
+        "learning": learning_table(plain),  # what each stage taught its task (empty before records measured it)
     }
 
 
@@ -235,6 +242,11 @@ def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
         if table.empty:  # a study not run (yet): no file rather than one without columns
             continue
         table.to_csv(out / "tables" / f"{name}.csv", index=False)
+    plain = [record for record in records if mitigation(record) == "none" and len(record["stages"]) == 2]
+    if plain:  # the figure the project README shows: every group large enough to count, in every plain chain
+        frame = forgetting_frame(plain)
+        shown = frame[~frame.groupby(["condition", "task", "group_kind", "group"])["small"].transform("any")]
+        save(group_forgetting_figure(shown, flips=example_forgetting_frame(plain)), out / "group_forgetting.png")
     for index, condition in enumerate(sorted(set(tables["mitigations"].get("condition", [])))):
         save(mitigation_figure(tables["mitigations"], condition), out / "tables" / f"mitigations_{index + 1}.png")
     for folder, plain in (("report", True), ("report-mitigations", False)):  # findings 1-3; then SAM and replay

@@ -75,7 +75,8 @@ def group_forgetting_figure(
         whiskers = "95% t-interval over seeds, clipped to -100..+100 pp (one run: its paired bootstrap)"
         if "cluster bootstrap" in methods:
             whiskers += "; cluster bootstrap where every seed has per-example counts"
-    how = f"bars: mean over seeds; dots: single seeds; whiskers: {whiskers}; dashed: F of all examples; grey: small"
+    how = f"bars: mean over seeds; dots: single seeds; whiskers: {whiskers}; dashed: F of all examples"
+    how += "; grey: fewer eval examples than the minimum in some seed" if summary["small"].any() else ""
     title = wrap(f"Per-group forgetting of the first task after the second stage. {how}", 62 * columns)
     fig.suptitle(title, fontsize=10)  # wrapped to the panels' width, so it is never cut off
     return fig

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch.core.saving import load_hparams_from_yaml
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from transformers import get_linear_schedule_with_warmup
 
 from chainforget import curvature, mitigations
@@ -796,15 +796,16 @@ class StageDataModule(L.LightningDataModule):
             warnings.filterwarnings(
                 "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
             )
-        world = self.trainer.world_size if self.trainer else 1
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if self.batch_size % world:
             raise ConfigError(
                 f"batch_size: {self.batch_size} is the global batch and does not split over {world} data-parallel "
                 f"processes; use a multiple of {world}"
             )
         batches = self.batches()
-        if world > 1:
+        if world > 1:  # this process's rows of every batch, whatever sampler Lightning hands the batch sampler
             self.global_batch = {i: self.global_counts([self.samples[j] for j in b], world) for b in batches for i in b}
+            batches = [batch[rank::world] for batch in batches]
         return self.loader(self.position, batches)
 
     def global_counts(self, batch: list[dict], world: int) -> dict:
@@ -817,8 +818,8 @@ class StageDataModule(L.LightningDataModule):
         return counts
 
     def loader(self, start: int = 0, batches: list[list[int]] | None = None) -> DataLoader:
-        """The stage's batches from batch ``start`` on (the length stays that of the whole stage). Lightning gives
-        the batch sampler a distributed sampler under data parallelism, which tells it this process's share."""
+        """The stage's batches (or ``batches``) from batch ``start`` on (the length stays that of the whole
+        stage)."""
         sampler = BatchesFrom(SequentialSampler(self.samples), batches or self.batches(), start)
         return DataLoader(self.samples, batch_sampler=sampler, collate_fn=self.collate)
 
@@ -907,9 +908,9 @@ def answer_targets(input_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 
 class BatchesFrom(BatchSampler):
     """A batch sampler over fixed batches that starts at ``start``; its length counts them all, so a resumed
-    fit's restored progress and the batches it sees line up. Lightning re-creates it with a ``DistributedSampler``
-    in place of ``sampler`` under data parallelism (``Trainer(use_distributed_sampler=True)``, the default); it
-    then yields this process's rows of every batch (``rank::num_replicas``) and reads nothing else of it."""
+    fit's restored progress and the batches it sees line up. It takes a ``sampler`` only so that Lightning can
+    re-create it with a ``DistributedSampler`` under data parallelism, as it does every batch sampler; it reads
+    nothing of it, since a data-parallel process's batches are already its share (``train_dataloader``)."""
 
     def __init__(self, sampler, batches: list[list[int]], start: int = 0):  # BatchSampler's init checks nothing we use
         self.sampler, self.batches, self.start = sampler, batches, start
@@ -919,10 +920,7 @@ class BatchesFrom(BatchSampler):
         return len(self.batches)
 
     def __iter__(self):
-        rank, world = 0, 1
-        if isinstance(self.sampler, DistributedSampler):
-            rank, world = self.sampler.rank, self.sampler.num_replicas
-        return (batch[rank::world] for batch in self.batches[self.start :])
+        return iter(self.batches[self.start :])
 
 
 def draw_mixture(pools: dict[str, list], weights: dict[str, float], total: int, seed: int) -> list[tuple[str, object]]:
