@@ -123,18 +123,19 @@ def mitigation_comparison(records: list[dict], references: tuple[str, ...] = ("n
         kinds = set(part["kind"])
         if not (kinds & set(references)) or len(kinds) < 2:
             continue
-        for (name, measure), cell in part.groupby(["mitigation", "measure"], sort=True):
+        for (name, kind, measure), cell in part.groupby(["mitigation", "kind", "measure"], sort=True):
             bounds = MEASURE_RANGES.get(measure, DIFFERENCE_RANGE if measure.startswith("BF") else (0.0, 100.0))
             mean, lo, hi = mean_interval(cell["value"], bounds=bounds)
             row = {"condition": condition, "mitigation": name, "measure": measure, "seeds": len(cell)}
             row |= {"mean": mean, "lo": lo, "hi": hi}
             mine = cell.set_index("seed")["value"]
-            for reference in references:
+            # against the references before its own (plain replay against plain chains, not the reverse)
+            for reference in references[: references.index(kind) if kind in references else None]:
                 theirs = part[(part["kind"] == reference) & (part["measure"] == measure)].set_index("seed")["value"]
                 paired = [mine[s] - theirs[s] for s in mine.index if s in theirs.index]
-                diff = mean_interval(paired, bounds=DIFFERENCE_RANGE) if paired and name != reference else (None,) * 3
+                diff = mean_interval(paired, bounds=DIFFERENCE_RANGE) if paired else (None,) * 3
                 row |= dict(zip([f"vs_{reference}", f"vs_{reference}_lo", f"vs_{reference}_hi"], diff))
-                row[f"p_vs_{reference}"] = t_test_p(paired) if name != reference else None
+                row[f"p_vs_{reference}"] = t_test_p(paired)
             out.append(row)
     return pd.DataFrame(out)
 

@@ -175,9 +175,9 @@ def test_mitigations_are_compared_with_plain_chains_and_plain_replay_paired_by_s
     assert table.loc[("safety_anchor 0.01", "BF (context)"), "vs_none"] == -20.0
     assert table.loc[("safety_anchor 0.01", "csqa accuracy"), "vs_none"] == pytest.approx(-5.0)
     assert table.loc[("safety_anchor 0.01", "forgotten_adj"), "mean"] == 18.0
-    assert pd.isna(table.loc[("none", "F"), "vs_none"]) and table.loc[("none", "F"), "vs_replay_mix"] == pytest.approx(
-        (10 + 12 + 7) / 3
-    )
+    assert pd.isna(table.loc[("none", "F"), "vs_none"]) and pd.isna(table.loc[("none", "F"), "vs_replay_mix"])
+    replay = table.loc[("replay_mix 0.05", "F")]  # judged against plain chains only
+    assert replay["vs_none"] == pytest.approx(-(10 + 12 + 7) / 3) and pd.isna(replay["vs_replay_mix"])
 
 
 def test_the_mitigation_figure_draws_each_measure_with_the_plain_mean_dashed(tmp_path):
