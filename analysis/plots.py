@@ -453,23 +453,39 @@ def mitigation_figure(table: pd.DataFrame, condition: str):
 
 
 def curvature_figure(points: pd.DataFrame, correlation: dict):
-    """Top Hessian eigenvalue after the first stage vs that task's forgetting, coloured by task (marked by
-    mitigation where there are several), with a least-squares fit over all points and its 95% band (drawn within
-    the range forgetting can take); the title gives Spearman's rho with its bootstrap interval."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    sns.regplot(data=points, x="top_eigenvalue", y="F", ax=ax, color="0.4", ci=95, scatter=False)
+    """Top Hessian eigenvalue after the first stage vs that task's forgetting. Left, the values (log scale where
+    all eigenvalues are positive), coloured by task, marked by mitigation where there are several, ringed where the
+    estimate had not converged. Right, their ranks over all runs with the least-squares line through them, whose
+    slope is Spearman's rho, the statistic the title gives with its bootstrap interval."""
+    fig, (raw, ranked) = plt.subplots(1, 2, figsize=(11.0, 4.4))
     style = "mitigation" if "mitigation" in points and points["mitigation"].nunique() > 1 else None
-    sns.scatterplot(data=points, x="top_eigenvalue", y="F", hue="task", style=style, palette=PALETTE, ax=ax, s=40)
+    sns.scatterplot(data=points, x="top_eigenvalue", y="F", hue="task", style=style, palette=PALETTE, ax=raw, s=40)
+    if "converged" in points and points["converged"].eq(False).any():
+        loose = points[points["converged"].eq(False)]
+        raw.scatter(loose["top_eigenvalue"], loose["F"], s=150, facecolors="none", edgecolors="black", lw=0.8)
+        raw.scatter([], [], s=150, facecolors="none", edgecolors="black", lw=0.8, label="not converged")
+        raw.legend(fontsize=8)
+    if len(points) and (points["top_eigenvalue"] > 0).all():
+        raw.set_xscale("log")  # eigenvalues span orders of magnitude; ranks do not care
+    raw.set_xlabel("top Hessian eigenvalue at the end of stage 1")
+    raw.set_ylabel("forgetting of the stage-1 task (pp)")
+    x, y = points["top_eigenvalue"].rank(), points["F"].rank()
+    sns.scatterplot(x=x, y=y, hue=points["task"], palette=PALETTE, ax=ranked, s=40, legend=False)
     rho = correlation.get("spearman")
-    interval = f" [{correlation['lo']:.2f}, {correlation['hi']:.2f}]" if correlation.get("lo") is not None else ""
-    ax.set_xlabel("top Hessian eigenvalue at the end of stage 1")
-    ax.set_ylabel("forgetting of the stage-1 task (pp)")
-    bottom, top = ax.get_ylim()  # the fit's band can run past what a forgetting can be on few points
-    ax.set_ylim(max(bottom, -105.0), min(top, 105.0))
+    if rho is not None:
+        slope, intercept = np.polyfit(x, y, 1)
+        ends = np.array([x.min(), x.max()])
+        ranked.plot(ends, intercept + slope * ends, color="0.4", lw=1.5)
+    ranked.set_xlabel("rank of the top eigenvalue")
+    ranked.set_ylabel("rank of the forgetting")
     title = "Curvature vs forgetting"
     if rho is not None:
-        title = f"Sharper minima, more forgetting? Spearman rho = {rho:.2f}{interval}, n = {correlation['n']}"
-    ax.set_title(title, fontsize=10)
+        interval = f" [{correlation['lo']:.2f}, {correlation['hi']:.2f}]" if correlation.get("lo") is not None else ""
+        title = (
+            f"Sharper minima, more forgetting? Spearman rho = {rho:.2f}{interval} (95% bootstrap), n = "
+            f"{correlation['n']} runs: the slope of the line through the ranks (right)"
+        )
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -101,11 +101,17 @@ def test_curvature_scatter_plots_every_run_and_reports_rho():
             "mitigation": ["none", "sam", "none", "none"],
         }
     )
-    ax = plots.curvature_figure(points, {"spearman": 0.8, "lo": 0.2, "hi": 1.0, "n": 4}).axes[0]
+    fig = plots.curvature_figure(points, {"spearman": 0.8, "lo": 0.2, "hi": 1.0, "n": 4})
+    ax, ranked = fig.axes
     (scatter,) = [c for c in ax.collections if type(c).__name__ == "PathCollection"]
     assert sorted(map(tuple, scatter.get_offsets().tolist())) == [(1.0, 5.0), (2.0, 6.0), (3.0, 8.0), (4.0, 7.0)]
     assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"bbq", "toxigen", "sam"}
-    assert "rho = 0.80 [0.20, 1.00]" in ax.get_title() and "(pp)" in ax.get_ylabel()
+    assert "rho = 0.80 [0.20, 1.00]" in fig.texts[0].get_text() and "(pp)" in ax.get_ylabel()
+    assert ax.get_xscale() == "log"
+    # the line through the ranks (1, 1), (2, 2), (3, 4), (4, 3) has slope 0.8: Spearman's rho, as the title says
+    (line,) = ranked.lines
+    (x0, x1), (y0, y1) = line.get_xdata(), line.get_ydata()
+    assert (y1 - y0) / (x1 - x0) == pytest.approx(0.8)
 
 
 def test_pareto_mask_and_front_by_hand():
@@ -213,11 +219,16 @@ def test_asymmetry_draws_each_seed_as_a_dot_and_names_the_setting():
     assert labels == ["bbq / csqa\ntrain.lr=0.001\n(2 seeds)", "bbq / arc\n(1 seed)"]
 
 
-def test_curvature_fit_band_stays_within_the_range_of_forgetting():
-    points = pd.DataFrame({"top_eigenvalue": [33.0, 36.0, 37.0, 47.5], "F": [80.0, 100.0, 87.5, 80.0], "task": "bbq"})
+def test_curvature_figure_rings_the_estimates_that_had_not_converged_and_draws_no_band():
+    points = pd.DataFrame(
+        {"top_eigenvalue": [33.0, 36.0, 37.0, -2.0], "F": [80.0, 100.0, 87.5, 80.0], "task": "bbq"}
+        | {"converged": [True, False, True, None]}
+    )
     ax = plots.curvature_figure(points, {"spearman": -0.1, "lo": -1.0, "hi": 1.0, "n": 4}).axes[0]
-    bottom, top = ax.get_ylim()
-    assert -105.0 <= bottom and top == 105.0  # 4 points: the fit's 95% band alone would reach past +150 pp
+    assert ax.get_xscale() == "linear"  # a negative eigenvalue: no log scale
+    ringed = [c for c in ax.collections if c.get_offsets().tolist() == [[36.0, 100.0]]]
+    assert len(ringed) == 1 and "not converged" in {t.get_text() for t in ax.get_legend().get_texts()}
+    assert not [c for c in ax.collections if type(c).__name__ == "PolyCollection"]  # no least-squares band
 
 
 def test_accuracy_figure_gives_wilson_intervals_only_to_a_condition_with_one_run():
