@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import FuncFormatter
 
 from analysis.tables import pooled_intervals, seed_summary
 
@@ -467,6 +468,8 @@ def curvature_figure(points: pd.DataFrame, correlation: dict):
         raw.legend(fontsize=8)
     if len(points) and (points["top_eigenvalue"] > 0).all():
         raw.set_xscale("log")  # eigenvalues span orders of magnitude; ranks do not care
+        raw.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 10, not 10^1
+        raw.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     raw.set_xlabel("top Hessian eigenvalue at the end of stage 1")
     raw.set_ylabel("forgetting of the stage-1 task (pp)")
     x, y = points["top_eigenvalue"].rank(), points["F"].rank()
