@@ -30,7 +30,7 @@ smoke: setup
 # on a shared disk lets other machines join. Each finished chain prints a progress line with the time left.
 # The letter-answer study of docs/results/ (before the regime search): sweeps/optuna/findings_{order,replay,sam}.yaml.
 FINDINGS_DIR ?= $(HOME)/.cache/chainforget/findings-text
-FINDINGS_STUDIES ?= order_toxigen order_bbq mitigations sam order_gemma replay
+FINDINGS_STUDIES ?= order_toxigen order_bbq mitigations replay sam order_gemma
 findings: setup
 	mkdir -p $(FINDINGS_DIR)
 	for study in $(FINDINGS_STUDIES); do \

@@ -45,6 +45,7 @@ from analysis.tables import (
     seed_summary,
     t_test_p,
 )
+from chainforget.config import MitigationSpec
 from chainforget.metrics import PP
 
 
@@ -101,18 +102,32 @@ def run_measures(record: dict) -> dict[str, float]:
     return measures | ({f"{last} accuracy": PP * accuracy[0]} if accuracy else {})
 
 
-def mitigation_comparison(records: list[dict], references: tuple[str, ...] = ("none", "replay_mix")) -> pd.DataFrame:
-    """Every two-stage condition run with mitigations in its second stage: per mitigation (with its strength) and
-    measure (``run_measures``), the mean over seeds with its 95% t-interval, and the difference from each reference
-    mitigation (plain chains, plain replay at its share), paired by seed, with its interval and a paired t-test's
-    p. Only conditions with a reference and another mitigation appear."""
-    runs = [r for r in records if len(r["stages"]) == 2 and mitigation(r) != "sam"]  # SAM acts in stage 1
+def reference_kind(spec: dict) -> str:
+    """What a run is compared as: ``none`` for plain chains, which includes a replay stage at r = 0 (a third stage
+    without replay: the train-longer control of a mitigation that adds a stage), ``replay`` for plain replay at
+    the default replay share (``replay_mix`` in the last stage, ``replay_stage`` in an added one), else its name."""
+    name, strength = spec["name"], spec.get("strength", 0.0)
+    if name == "none" or (name == "replay_stage" and strength == 0):
+        return "none"
+    if name in ("replay_mix", "replay_stage") and strength == MitigationSpec.replay_share:
+        return "replay"
+    return name
+
+
+def mitigation_comparison(records: list[dict], references: tuple[str, ...] = ("none", "replay")) -> pd.DataFrame:
+    """Every condition run with mitigations after its first stage, apart by chain length (a mitigation that adds a
+    stage is judged against chains of that length): per mitigation (with its strength) and measure
+    (``run_measures``), the mean over seeds with its 95% t-interval, and the difference from each reference
+    (``reference_kind``: plain chains, then plain replay at the same share), paired by seed, with its interval and
+    a paired t-test's p. Only conditions with a reference and another mitigation appear."""
+    runs = [r for r in records if len(r["stages"]) > 1 and mitigation(r) != "sam"]  # SAM acts in stage 1
     conditions = condition_labels(runs, leave_out=("mitigation",))
     rows = []
     for record in runs:
         spec = record["config"]["mitigation"]
         name = spec["name"] if spec["name"] == "none" else f"{spec['name']} {spec['strength']:g}"
-        base = {"condition": conditions[record["run_name"]], "mitigation": name, "kind": spec["name"]}
+        condition = f"{conditions[record['run_name']]}, {len(record['stages'])} stages"
+        base = {"condition": condition, "mitigation": name, "kind": reference_kind(spec)}
         for measure, value in run_measures(record).items():
             rows.append(base | {"seed": record["config"]["seed"], "measure": measure, "value": value})
     frame = pd.DataFrame(rows)

@@ -445,7 +445,7 @@ def mitigation_figure(table: pd.DataFrame, condition: str):
         ax.set_xlabel(f"{measure} (pp)", fontsize=9)
     seeds = int(part["seeds"].max())
     fig.suptitle(
-        f"{condition}: mitigations in the second stage (mean over up to {seeds} seeds, 95% t-interval over seeds; "
+        f"{condition}: mitigations after the first stage (mean over up to {seeds} seeds, 95% t-interval over seeds; "
         "dashed: plain chains)",
         fontsize=9,
     )

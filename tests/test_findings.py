@@ -136,14 +136,14 @@ def test_published_learning_table_equals_the_one_rebuilt_from_the_committed_regi
     pd.testing.assert_frame_equal(published, round_trip, check_exact=False, rtol=1e-9)
 
 
-def mitigation_record(name: str, strength: float, seed: int, f: float, bf: float, csqa: float) -> dict:
+def mitigation_record(name: str, strength: float, seed: int, f: float, bf: float, csqa: float, stages: int = 2):
     return {
-        "run_name": f"{name}-{seed}",
+        "run_name": f"{name}-{strength}-{seed}",
         "config": {"order": ["bbq", "csqa"], "seed": seed, "mitigation": {"name": name, "strength": strength}},
         "mitigation": {"name": name, "kind": name, "knobs": ["strength"] if name != "none" else []},
         "tasks": {"bbq": {"role": "safety"}, "csqa": {"role": "capability"}},
-        "stages": [{"index": 1}, {"index": 2}],
-        "eval": [{"stage": 2, "task": "csqa", "group_kind": "all", "group": "all", "acc": csqa}],
+        "stages": [{"index": k} for k in range(1, stages + 1)],
+        "eval": [{"stage": stages, "task": "csqa", "group_kind": "all", "group": "all", "acc": csqa}],
         "metrics": {
             "forgetting": [{"task": "bbq", "group_kind": "all", "group": "all", "F": f}],
             "biased_forgetting": [{"task": "bbq", "group_kind": "context", "BF": bf}],
@@ -160,24 +160,43 @@ def test_mitigations_are_compared_with_plain_chains_and_plain_replay_paired_by_s
     records = [mitigation_record("none", 0.0, s, f, 30.0, 0.5) for s, f in enumerate([40.0, 44.0, 38.0])]
     records += [mitigation_record("replay_mix", 0.05, s, f, 20.0, 0.5) for s, f in enumerate([30.0, 32.0, 31.0])]
     # seed 2 has no safety_anchor run: pairs over seeds 0 and 1 only
-    records += [
-        mitigation_record("safety_anchor", 0.01, s, f, bf, 0.45) for s, f, bf in [(0, 20.0, 9.0), (1, 26.0, 11.0)]
-    ]
-    records += [{**mitigation_record("sam", 0.05, 0, 0.0, 0.0, 0.5), "run_name": "sam-0"}]  # acts in stage 1: left out
+    anchored = [(0, 20.0, 9.0), (1, 26.0, 11.0)]
+    records += [mitigation_record("safety_anchor", 0.01, s, f, bf, 0.45) for s, f, bf in anchored]
+    records += [mitigation_record("sam", 0.05, 0, 0.0, 0.0, 0.5)]  # acts in stage 1: left out
     table = mitigation_comparison(records).set_index(["mitigation", "measure"])
     assert set(table.index.get_level_values("mitigation")) == {"none", "replay_mix 0.05", "safety_anchor 0.01"}
     anchor = table.loc[("safety_anchor 0.01", "F")]
-    assert anchor["seeds"] == 2 and anchor["mean"] == 23.0
+    assert anchor["condition"] == "bbq → csqa, 2 stages" and anchor["seeds"] == 2 and anchor["mean"] == 23.0
     assert anchor["vs_none"] == -19.0  # (20 - 40 + 26 - 44) / 2
-    assert anchor["vs_replay_mix"] == -8.0  # (20 - 30 + 26 - 32) / 2
+    assert anchor["vs_replay"] == -8.0  # (20 - 30 + 26 - 32) / 2
     # differences -20 and -18: t = -19 / (sqrt(2) / sqrt(2)) on 1 df
     assert anchor["p_vs_none"] == pytest.approx(1 - 2 * math.atan(19) / math.pi)
     assert table.loc[("safety_anchor 0.01", "BF (context)"), "vs_none"] == -20.0
     assert table.loc[("safety_anchor 0.01", "csqa accuracy"), "vs_none"] == pytest.approx(-5.0)
     assert table.loc[("safety_anchor 0.01", "forgotten_adj"), "mean"] == 18.0
-    assert pd.isna(table.loc[("none", "F"), "vs_none"]) and pd.isna(table.loc[("none", "F"), "vs_replay_mix"])
+    assert pd.isna(table.loc[("none", "F"), "vs_none"]) and pd.isna(table.loc[("none", "F"), "vs_replay"])
     replay = table.loc[("replay_mix 0.05", "F")]  # judged against plain chains only
-    assert replay["vs_none"] == pytest.approx(-(10 + 12 + 7) / 3) and pd.isna(replay["vs_replay_mix"])
+    assert replay["vs_none"] == pytest.approx(-(10 + 12 + 7) / 3) and pd.isna(replay["vs_replay"])
+
+
+def test_a_mitigation_that_adds_a_stage_is_judged_against_chains_of_its_length():
+    """group_replay's third stage against a third stage without replay (replay_stage r = 0, the train-longer
+    control) and with uniform replay at the same 5 % share; the two-stage plain chains are another condition."""
+    from analysis.findings import mitigation_comparison
+
+    records = [mitigation_record("none", 0.0, s, 40.0, 30.0, 0.5) for s in (0, 1)]
+    records += [
+        mitigation_record("replay_stage", r, s, f, 9.0, 0.5, stages=3)
+        for r, f in ((0.0, 35.0), (0.05, 12.0), (0.2, 5.0))
+        for s in (0, 1)
+    ]
+    records += [mitigation_record("group_replay", 0.3, s, f, 8.0, 0.5, stages=3) for s, f in ((0, 10.0), (1, 11.0))]
+    table = mitigation_comparison(records).set_index(["condition", "mitigation", "measure"])
+    dro = table.loc[("bbq → csqa, 3 stages", "group_replay 0.3", "F")]
+    assert dro["vs_none"] == -24.5 and dro["vs_replay"] == -1.5  # against r = 0 (35) and r = 0.05 (12)
+    assert pd.isna(table.loc[("bbq → csqa, 3 stages", "replay_stage 0.05", "F"), "vs_replay"])  # it is the reference
+    assert table.loc[("bbq → csqa, 3 stages", "replay_stage 0.2", "F"), "vs_replay"] == -7.0
+    assert ("bbq → csqa, 2 stages", "none", "F") not in table.index  # nothing else in two-stage chains: no comparison
 
 
 def test_the_mitigation_figure_draws_each_measure_with_the_plain_mean_dashed(tmp_path):
@@ -186,7 +205,7 @@ def test_the_mitigation_figure_draws_each_measure_with_the_plain_mean_dashed(tmp
 
     records = [mitigation_record("none", 0.0, s, f, 30.0, 0.5) for s, f in enumerate([40.0, 44.0, 38.0])]
     records += [mitigation_record("replay_mix", 0.05, s, f, 20.0, 0.5) for s, f in enumerate([30.0, 32.0, 31.0])]
-    fig = mitigation_figure(mitigation_comparison(records), "bbq → csqa")
+    fig = mitigation_figure(mitigation_comparison(records), "bbq → csqa, 2 stages")
     assert [ax.get_xlabel() for ax in fig.axes] == [
         "F (pp)",
         "BF (context) (pp)",
