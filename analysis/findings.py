@@ -91,7 +91,7 @@ def run_measures(record: dict) -> dict[str, float]:
     """One two-stage run: F of the first task, its biased forgetting ``BF (<group kind>)`` (worst group), the share
     of its examples forgotten (``forgotten``, chance-adjusted ``forgotten_adj``) and the last task's accuracy (pp)."""
     first, last = record["config"]["order"][0], record["config"]["order"][-1]
-    metrics, stages = record["metrics"], len(record["config"]["order"])
+    metrics, stages = record["metrics"], len(record["stages"])  # a replay stage adds one to the order
     whole = [r for r in metrics["forgetting"] if r["task"] == first and r["group_kind"] == "all"]
     measures = {"F": whole[0]["F"]} if whole else {}
     measures |= {f"BF ({r['group_kind']})": r["BF"] for r in metrics["biased_forgetting"] if r["task"] == first}
@@ -141,7 +141,7 @@ def mitigation_comparison(records: list[dict], references: tuple[str, ...] = ("n
         for (name, kind, measure), cell in part.groupby(["mitigation", "kind", "measure"], sort=True):
             bounds = MEASURE_RANGES.get(measure, DIFFERENCE_RANGE if measure.startswith("BF") else (0.0, 100.0))
             mean, lo, hi = mean_interval(cell["value"], bounds=bounds)
-            row = {"condition": condition, "mitigation": name, "measure": measure, "seeds": len(cell)}
+            row = {"condition": condition, "mitigation": name, "kind": kind, "measure": measure, "seeds": len(cell)}
             row |= {"mean": mean, "lo": lo, "hi": hi}
             mine = cell.set_index("seed")["value"]
             # against the references before its own (plain replay against plain chains, not the reverse)
@@ -250,7 +250,8 @@ def publish_records(records: list[dict], source: Path, out: Path) -> None:
 
 
 def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
-    publish_records(load_records(source), source, out)
+    if Path(source).resolve() != (Path(out) / "runs").resolve():  # else: rebuilt from the published records
+        publish_records(load_records(source), source, out)
     records = load_records(out / "runs")
     tables = findings_tables(records)
     (out / "tables").mkdir(parents=True, exist_ok=True)

@@ -307,16 +307,20 @@ def save(fig, path) -> None:
     plt.close(fig)
 
 
-def forgetting_heatmap(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None = None):
+def forgetting_heatmap(
+    forgetting: pd.DataFrame, kinds: tuple[str, ...] | None = None, flips: pd.DataFrame | None = None
+):
     """Per-group forgetting F_g (pp, mean over seeds) as a group x condition heatmap, each cell annotated with
-    its value and, where seeds or the bootstrap give one, its 95% interval (over seeds: Student-t, clipped to
-    -100..+100 pp); groups below the minimum eval size are left out; ``None`` when no run has groups."""
-    chosen = forgetting["group_kind"].isin(kinds or group_kinds(forgetting)) & ~forgetting["small"].astype(bool)
-    frame = forgetting[chosen].copy()
-    if frame.empty:
+    its value and its 95% interval: the cluster bootstrap over seeds and examples where ``flips``
+    (``example_forgetting_frame``) has the seeds' per-example counts (``tables.pooled_intervals``), else over
+    seeds (Student-t, clipped to -100..+100 pp) or a single run's paired bootstrap; groups below the minimum eval
+    size in some seed are left out; ``None`` when no run has groups."""
+    small = forgetting.groupby(["condition", "task", "group_kind", "group"])["small"].transform("any").astype(bool)
+    chosen = forgetting["group_kind"].isin(kinds or group_kinds(forgetting)) & ~small
+    if not chosen.any():
         return None
+    frame = pooled_intervals(seed_summary(forgetting[chosen]), flips if flips is not None else pd.DataFrame())
     frame["group"] = frame["group_kind"] + ": " + frame["group"].astype(str).map(short)
-    frame = seed_summary(frame)  # the interval is over seeds where there are several
     frame["column"] = frame["condition"].map(lambda label: wrap(label, 26)) + "\n(forgets " + frame["task"] + ")"
     means = frame.pivot_table(index="group", columns="column", values="F", aggfunc="mean")
     low = frame.pivot_table(index="group", columns="column", values="F_lo", aggfunc="mean")
@@ -345,11 +349,12 @@ def forgetting_heatmap(forgetting: pd.DataFrame, kinds: tuple[str, ...] | None =
     ax.tick_params(axis="x", labelrotation=0, labelsize=8)  # the labels are wrapped to fit their column
     ax.set_xlabel("condition")
     ax.set_ylabel("group")
-    ax.set_title(
-        "Per-group forgetting (pp): mean over seeds; in brackets the 95% t-interval over seeds, clipped to "
-        "-100..+100 pp\n(one run: its paired-bootstrap interval)",
-        fontsize=10,
-    )
+    if set(frame["interval"]) == {"cluster bootstrap"}:
+        how = "the 95% cluster bootstrap over seeds and their examples"
+    else:
+        how = "the 95% cluster bootstrap where every seed has per-example counts,\nelse the t-interval over seeds "
+        how += "clipped to -100..+100 pp (one run: its paired bootstrap)"
+    ax.set_title(f"Per-group forgetting (pp): mean over seeds; in brackets {how}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -430,7 +435,8 @@ def mitigation_figure(table: pd.DataFrame, condition: str):
     part = table[table["condition"] == condition]
     measures = [m for m in ("F", "BF (context)", "BF (target)", "forgotten_adj") if m in set(part["measure"])]
     measures += sorted(m for m in set(part["measure"]) if m.endswith("accuracy"))
-    names = sorted(set(part["mitigation"]), key=lambda name: (name != "none", name))
+    kinds = dict(zip(part["mitigation"], part["kind"]))
+    names = sorted(kinds, key=lambda name: (kinds[name] != "none", kinds[name] != "replay", name))
     fig, axes = plt.subplots(1, len(measures), figsize=(3.0 * len(measures) + 1.5, 0.45 * len(names) + 1.8))
     for ax, measure in zip(np.atleast_1d(axes), measures):
         cells = part[part["measure"] == measure].set_index("mitigation").reindex(names)
@@ -438,15 +444,16 @@ def mitigation_figure(table: pd.DataFrame, condition: str):
         low = (cells["mean"] - cells["lo"]).fillna(0).clip(lower=0)
         high = (cells["hi"] - cells["mean"]).fillna(0).clip(lower=0)
         ax.errorbar(cells["mean"], y, xerr=[low, high], fmt="o", color=sns.color_palette(PALETTE, 1)[0], capsize=3)
-        if "none" in cells.index and not pd.isna(cells.loc["none", "mean"]):
-            ax.axvline(cells.loc["none", "mean"], color="grey", ls="--", lw=0.8)
+        plain = cells[cells["kind"] == "none"]  # plain chains, or a replay stage at r = 0 (training longer)
+        if len(plain) and not pd.isna(plain["mean"].iloc[0]):
+            ax.axvline(plain["mean"].iloc[0], color="grey", ls="--", lw=0.8)
         ax.set_yticks(y, names if ax is np.atleast_1d(axes)[0] else [""] * len(names))
         ax.invert_yaxis()
         ax.set_xlabel(f"{measure} (pp)", fontsize=9)
     seeds = int(part["seeds"].max())
     fig.suptitle(
         f"{condition}: mitigations after the first stage (mean over up to {seeds} seeds, 95% t-interval over seeds; "
-        "dashed: plain chains)",
+        "dashed: plain chains, or a last stage without replay)",
         fontsize=9,
     )
     fig.tight_layout()

@@ -21,6 +21,7 @@ from analysis.tables import (
     example_forgetting_summary,
     forgetting_summary,
     order_asymmetry,
+    pooled_intervals,
     power_table,
     replay_recovery,
     score_changes,
@@ -77,15 +78,17 @@ def sections(runs: Runs) -> list[tuple[str, str, pd.DataFrame | None, tuple[str,
             ),
         ),
     ]
-    heatmap = plots.forgetting_heatmap(forgetting)
+    heatmap = plots.forgetting_heatmap(forgetting, flips=flips)
     if heatmap is not None:
-        caption = "Mean over seeds; the interval is the 95% t-interval over seeds where there are several (clipped to "
-        caption += "the possible range: ±100 pp for F, ±200 pp for BF), else the paired bootstrap of the single run."
+        caption = "Mean over seeds; the interval is the 95% cluster bootstrap over seeds and their examples where "
+        caption += "every seed has per-example counts (column `interval`), else the 95% t-interval over seeds where "
+        caption += "there are several (clipped to the possible range: ±100 pp for F, ±200 pp for BF), else the "
+        caption += "paired bootstrap of the single run."
         out.append(
             (
                 "Per-group forgetting across conditions (pp)",
                 caption,
-                seed_summary(forgetting).round(2),
+                pooled_intervals(seed_summary(forgetting), flips).round(2),
                 ("forgetting_heatmap.png", heatmap),
             )
         )

@@ -16,7 +16,10 @@ RESULTS = ROOT / "docs" / "results"
 # each published study (letter answers; the regime that teaches) and the Optuna studies its run records come from
 PUBLISHED = {
     RESULTS: {"findings-order", "findings-replay", "findings-replay-toxigen", "findings-sam"},
-    RESULTS / "text-regime": {"findings-text-order-toxigen", "findings-text-order-bbq"},
+    RESULTS / "text-regime": {
+        *("findings-text-order-toxigen", "findings-text-order-bbq", "findings-text-mitigations"),
+        "findings-text-replay",
+    },
 }
 TABLES = [(folder, p.stem) for folder in PUBLISHED for p in sorted((folder / "tables").glob("*.csv"))]
 
@@ -197,6 +200,7 @@ def test_a_mitigation_that_adds_a_stage_is_judged_against_chains_of_its_length()
     assert pd.isna(table.loc[("bbq → csqa, 3 stages", "replay_stage 0.05", "F"), "vs_replay"])  # it is the reference
     assert table.loc[("bbq → csqa, 3 stages", "replay_stage 0.2", "F"), "vs_replay"] == -7.0
     assert ("bbq → csqa, 2 stages", "none", "F") not in table.index  # nothing else in two-stage chains: no comparison
+    assert table.loc[("bbq → csqa, 3 stages", "group_replay 0.3", "csqa accuracy"), "mean"] == 50.0  # after stage 3
 
 
 def test_the_mitigation_figure_draws_each_measure_with_the_plain_mean_dashed(tmp_path):
