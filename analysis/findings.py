@@ -140,13 +140,15 @@ def mitigation_comparison(records: list[dict], references: tuple[str, ...] = ("n
             continue
         for (name, kind, measure), cell in part.groupby(["mitigation", "kind", "measure"], sort=True):
             bounds = MEASURE_RANGES.get(measure, DIFFERENCE_RANGE if measure.startswith("BF") else (0.0, 100.0))
-            mean, lo, hi = mean_interval(cell["value"], bounds=bounds)
-            row = {"condition": condition, "mitigation": name, "kind": kind, "measure": measure, "seeds": len(cell)}
+            mine = cell.groupby("seed")["value"].mean()  # runs of one seed that differ in a knob not shown
+            mean, lo, hi = mean_interval(mine, bounds=bounds)
+            row = {"condition": condition, "mitigation": name, "kind": kind, "measure": measure, "seeds": len(mine)}
             row |= {"mean": mean, "lo": lo, "hi": hi}
-            mine = cell.set_index("seed")["value"]
             # against the references before its own (plain replay against plain chains, not the reverse)
             for reference in references[: references.index(kind) if kind in references else None]:
-                theirs = part[(part["kind"] == reference) & (part["measure"] == measure)].set_index("seed")["value"]
+                theirs = (
+                    part[(part["kind"] == reference) & (part["measure"] == measure)].groupby("seed")["value"].mean()
+                )
                 paired = [mine[s] - theirs[s] for s in mine.index if s in theirs.index]
                 diff = mean_interval(paired, bounds=DIFFERENCE_RANGE) if paired else (None,) * 3
                 row |= dict(zip([f"vs_{reference}", f"vs_{reference}_lo", f"vs_{reference}_hi"], diff))

@@ -463,8 +463,9 @@ def mitigation_figure(table: pd.DataFrame, condition: str):
 def curvature_figure(points: pd.DataFrame, correlation: dict):
     """Top Hessian eigenvalue after the first stage vs that task's forgetting. Left, the values (log scale where
     all eigenvalues are positive), coloured by task, marked by mitigation where there are several, ringed where the
-    estimate had not converged. Right, their ranks over all runs with the least-squares line through them, whose
-    slope is Spearman's rho, the statistic the title gives with its bootstrap interval."""
+    estimate had not converged. Right, their ranks over all runs with the least-squares line through them: their
+    correlation is Spearman's rho (average ranks for ties, as scipy), the statistic the title gives with its
+    bootstrap interval; without ties it is also the line's slope."""
     fig, (raw, ranked) = plt.subplots(1, 2, figsize=(11.0, 4.4))
     style = "mitigation" if "mitigation" in points and points["mitigation"].nunique() > 1 else None
     sns.scatterplot(data=points, x="top_eigenvalue", y="F", hue="task", style=style, palette=PALETTE, ax=raw, s=40)
@@ -493,7 +494,7 @@ def curvature_figure(points: pd.DataFrame, correlation: dict):
         interval = f" [{correlation['lo']:.2f}, {correlation['hi']:.2f}]" if correlation.get("lo") is not None else ""
         title = (
             f"Sharper minima, more forgetting? Spearman rho = {rho:.2f}{interval} (95% bootstrap), n = "
-            f"{correlation['n']} runs: the slope of the line through the ranks (right)"
+            f"{correlation['n']} runs: the correlation of the ranks (right)"
         )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -400,7 +400,7 @@ def replay_recovery(records: list[dict]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     runs, summary = pd.DataFrame(rows), []
-    control = runs[runs["ratio"] == 0].set_index(["condition", "seed"])["safety_recovered_pp"]
+    control = runs[runs["ratio"] == 0].groupby(["condition", "seed"])["safety_recovered_pp"].mean()
     for (condition, ratio), part in runs.groupby(["condition", "ratio"], sort=True):
         recovered, lo, hi = mean_interval(part["safety_recovered_pp"], bounds=FORGETTING_RANGE)
         kept, kept_lo, kept_hi = mean_interval(part["capability_change_pp"], bounds=FORGETTING_RANGE)
@@ -446,7 +446,7 @@ def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int =
                     "converged": stage["curvature"].get("converged"),
                 }
             )
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows, columns=["run_name", "task", "top_eigenvalue", "F", "mitigation", "converged"])
     unconverged = int(frame["converged"].eq(False).sum()) if len(frame) else 0  # None: the record does not say
     if len(frame) < 3:
         return frame, {

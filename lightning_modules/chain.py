@@ -161,13 +161,33 @@ def preflight(config: ChainConfig) -> tuple[ChainConfig, list[StagePlan]]:
     refuse_a_different_run(Path(config.out) / config.run_name, config)
     check_quantization(config.model)
     processes = check_trainer_options(trainer_options(config))
+    if processes > 1:
+        check_data_parallel(config, processes)
+    tracking.check_settings(config)
+    return config, plan_chain(config)
+
+
+def check_data_parallel(config: ChainConfig, processes: int) -> None:
+    """What a data-parallel chain needs: a batch that splits over its processes, processes that each run the whole
+    chain (Lightning's ``ddp``, or ranks started by srun or torchrun: a spawned or forked worker would hand back
+    the weights but not the stage's record), and one answer from the stage cache for all of them (only rank 0
+    would see a W&B artifact)."""
     if config.train.batch_size % processes:
         raise ConfigError(
             f"train.batch_size: {config.train.batch_size} is the global batch and does not split over the "
             f"{processes} data-parallel processes of trainer.devices x trainer.num_nodes; use a multiple of {processes}"
         )
-    tracking.check_settings(config)
-    return config, plan_chain(config)
+    if config.trainer.strategy not in ("auto", "ddp") and not config.trainer.strategy.startswith("ddp_find"):
+        raise ConfigError(
+            f"trainer.strategy: {config.trainer.strategy!r} is not supported for a chain of {processes} processes: "
+            "sharded (fsdp, deepspeed) or spawned and forked workers (ddp_spawn, ddp_fork, ddp_notebook) do not hand "
+            "the whole model and the stage's record back to the chain; use ddp"
+        )
+    if config.cache == "wandb":
+        raise ConfigError(
+            "cache: wandb fetches stages on rank 0 alone, so the ranks of a data-parallel chain could disagree on "
+            "which stages to train; use a shared cache_dir with cache: true"
+        )
 
 
 def check_trainer_options(options: dict) -> int:
@@ -430,7 +450,7 @@ def eval_device(config: ChainConfig) -> torch.device:
     """Where evaluation (and the EWC Fisher) runs between fits: the accelerator the Trainer uses."""
     accelerator = config.trainer.accelerator
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # each rank its own GPU, before a fit
     return torch.device("cpu")
 
 

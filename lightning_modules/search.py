@@ -659,9 +659,10 @@ def duplicate_of(trial) -> int | None:
 def refuse_data_parallel(config, path: Path) -> None:
     """A worker runs its chains in its own process, so the extra processes of a data-parallel chain (Lightning's
     launcher runs the command again for each) would be workers of their own, each taking a trial."""
+    from lightning_modules.chain import check_trainer_options, trainer_options
+
     devices, nodes = config.trainer.devices, config.trainer.num_nodes
-    count = len(devices) if isinstance(devices, list) else devices
-    if nodes > 1 or (isinstance(count, int) and count > 1):
+    if check_trainer_options(trainer_options(config)) > 1:  # as Lightning counts them (-1, auto, lists)
         raise ConfigError(
             f"{path}: trainer.devices={devices}, trainer.num_nodes={nodes}: an Optuna worker runs one process per "
             "chain; run one worker per device (sweeps/slurm/optuna_worker.sbatch), or data-parallel chains from a W&B "

@@ -285,9 +285,13 @@ class StageModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self._training_kernels.close()  # evaluation and the next stage get the model's own kernels back
-        if self.trainer.world_size > 1 and self.final_loss is not None:  # the global batch's, not this share's
-            loss = torch.as_tensor(self.final_loss, dtype=torch.float32, device=self.device)
-            self.final_loss = self.trainer.strategy.reduce(loss, reduce_op="mean")
+        if self.trainer.world_size > 1:  # the global batch's, not this share's (every rank reaches here)
+            reduce = self.trainer.strategy.reduce
+            total = torch.as_tensor(self.mitigation_total, dtype=torch.float32, device=self.device)
+            self.mitigation_total = reduce(total, reduce_op="mean")
+            if self.final_loss is not None:
+                loss = torch.as_tensor(self.final_loss, dtype=torch.float32, device=self.device)
+                self.final_loss = reduce(loss, reduce_op="mean")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the trainable weights, plus what a resumed stage needs to continue bit for bit."""

@@ -109,6 +109,25 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_before
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("setting", "refusal"),
+    [
+        ("--trainer.strategy=ddp_spawn", "trainer.strategy: 'ddp_spawn' is not supported for a chain of 2 processes"),
+        ("--cache=wandb", "cache: wandb fetches stages on rank 0 alone"),
+    ],
+)
+def test_what_a_data_parallel_chain_cannot_do_is_refused_in_one_line(setting, refusal, tmp_path, capsys):
+    from chainforget.cli import main
+
+    args = chain_args(tmp_path, *DDP, setting)
+    if setting.startswith("--trainer.strategy"):
+        args = [a for a in args if a != "--trainer.strategy=ddp"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and refusal in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_optuna_worker_refuses_data_parallel_chains(tmp_path):
     """Lightning's launcher would start the worker command again for rank 1: a second worker taking a trial."""
     grid = {"params": {"seed": {"type": "categorical", "choices": [0]}}, "sampler": {"name": "grid"}}

@@ -201,6 +201,10 @@ def test_a_mitigation_that_adds_a_stage_is_judged_against_chains_of_its_length()
     assert table.loc[("bbq → csqa, 3 stages", "replay_stage 0.2", "F"), "vs_replay"] == -7.0
     assert ("bbq → csqa, 2 stages", "none", "F") not in table.index  # nothing else in two-stage chains: no comparison
     assert table.loc[("bbq → csqa, 3 stages", "group_replay 0.3", "csqa accuracy"), "mean"] == 50.0  # after stage 3
+    # a second group_replay run of seed 0 that differs in a knob the label does not show: one value per seed
+    records.append({**mitigation_record("group_replay", 0.3, 0, 14.0, 8.0, 0.5, stages=3), "run_name": "again"})
+    dro = mitigation_comparison(records).set_index(["condition", "mitigation", "measure"])
+    assert dro.loc[("bbq → csqa, 3 stages", "group_replay 0.3", "F"), ["seeds", "mean"]].tolist() == [2, 11.5]
 
 
 def test_the_mitigation_figure_draws_each_measure_with_the_plain_mean_dashed(tmp_path):

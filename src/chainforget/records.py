@@ -395,7 +395,8 @@ class StageCache:
             return None
         if not self.intact(entry):
             warnings.warn(f"stage cache entry {entry} is damaged; discarding it and recomputing", stacklevel=2)
-            shutil.rmtree(entry, ignore_errors=True)
+            if self.write:  # a process that writes nothing leaves it to the one that does
+                shutil.rmtree(entry, ignore_errors=True)
             return None
         return entry
 
