@@ -17,7 +17,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -39,11 +38,11 @@ from analysis.tables import (
     learning_table,
     mean_interval,
     order_asymmetry,
+    paired_by_seed,
     pooled_intervals,
     power_table,
     replay_recovery,
     seed_summary,
-    t_test_p,
 )
 from chainforget.config import MitigationSpec
 from chainforget.metrics import PP
@@ -149,10 +148,13 @@ def mitigation_comparison(records: list[dict], references: tuple[str, ...] = ("n
                 theirs = (
                     part[(part["kind"] == reference) & (part["measure"] == measure)].groupby("seed")["value"].mean()
                 )
-                paired = [mine[s] - theirs[s] for s in mine.index if s in theirs.index]
-                diff = mean_interval(paired, bounds=DIFFERENCE_RANGE) if paired else (None,) * 3
-                row |= dict(zip([f"vs_{reference}", f"vs_{reference}_lo", f"vs_{reference}_hi"], diff))
-                row[f"p_vs_{reference}"] = t_test_p(paired)
+                diff = paired_by_seed(mine, theirs)
+                row |= {
+                    f"vs_{reference}": diff["mean"],
+                    f"vs_{reference}_lo": diff["lo"],
+                    f"vs_{reference}_hi": diff["hi"],
+                }
+                row[f"p_vs_{reference}"] = diff["p"]
             out.append(row)
     return pd.DataFrame(out)
 
@@ -232,11 +234,14 @@ def sam_vs_plain(points: pd.DataFrame) -> pd.DataFrame:
             continue
         row = {"condition": condition, "seeds": len(seeds)}
         for column in ("top_eigenvalue", "F"):
-            diff = np.array([sam.loc[s, column] - plain.loc[s, column] for s in seeds])
-            mean, lo, hi = mean_interval(diff, bounds=DIFFERENCE_RANGE if column == "F" else None)
+            diff = paired_by_seed(sam[column], plain[column], bounds=DIFFERENCE_RANGE if column == "F" else None)
             means = {f"{column}_plain": plain.loc[seeds, column].mean(), f"{column}_sam": sam.loc[seeds, column].mean()}
-            row |= means | {f"{column}_diff": mean, f"{column}_diff_lo": lo, f"{column}_diff_hi": hi}
-            row[f"{column}_p"] = t_test_p(diff)
+            row |= means | {
+                f"{column}_diff": diff["mean"],
+                f"{column}_diff_lo": diff["lo"],
+                f"{column}_diff_hi": diff["hi"],
+            }
+            row[f"{column}_p"] = diff["p"]
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -135,6 +135,14 @@ def t_test_p(differences) -> float | None:
     return float(stats.ttest_1samp(values, 0.0).pvalue)
 
 
+def paired_by_seed(mine: pd.Series, theirs: pd.Series, bounds: tuple[float, float] | None = DIFFERENCE_RANGE) -> dict:
+    """``mine - theirs`` over the seeds both have (each a value per seed, indexed by seed): the mean difference with
+    its t-interval clipped to ``bounds`` (``None`` without a pair), a paired t-test's p, and how many seeds paired."""
+    differences = [mine[seed] - theirs[seed] for seed in sorted(set(mine.index) & set(theirs.index))]
+    mean, lo, hi = mean_interval(differences, bounds=bounds) if differences else (None, None, None)
+    return {"mean": mean, "lo": lo, "hi": hi, "p": t_test_p(differences), "seeds": len(differences)}
+
+
 def mean_interval(
     values, level: float = 0.95, bounds: tuple[float, float] | None = None
 ) -> tuple[float, float | None, float | None]:
@@ -401,20 +409,23 @@ def replay_recovery(records: list[dict]) -> pd.DataFrame:
         return pd.DataFrame()
     runs, summary = pd.DataFrame(rows), []
     control = runs[runs["ratio"] == 0].groupby(["condition", "seed"])["safety_recovered_pp"].mean()
+    no_control = pd.Series(dtype=float)
     for (condition, ratio), part in runs.groupby(["condition", "ratio"], sort=True):
         recovered, lo, hi = mean_interval(part["safety_recovered_pp"], bounds=FORGETTING_RANGE)
         kept, kept_lo, kept_hi = mean_interval(part["capability_change_pp"], bounds=FORGETTING_RANGE)
         row = {"condition": condition, "ratio": ratio, "seeds": len(part), "safety_lost_pp": part["safety_lost"].mean()}
         row |= {"safety_recovered_pp": recovered, "recovered_lo": lo, "recovered_hi": hi}
         row |= {"capability_change_pp": kept, "capability_lo": kept_lo, "capability_hi": kept_hi}
-        paired = [
-            r - control[(condition, seed)]
-            for seed, r in zip(part["seed"], part["safety_recovered_pp"])
-            if (condition, seed) in control.index
-        ]
-        beyond, beyond_lo, beyond_hi = mean_interval(paired, bounds=DIFFERENCE_RANGE) if ratio else (None,) * 3
-        row |= {"beyond_control_pp": beyond, "beyond_control_lo": beyond_lo, "beyond_control_hi": beyond_hi}
-        summary.append(row | {"control_seeds": len(paired), "p_vs_control": t_test_p(paired) if ratio else None})
+        mine = part.groupby("seed")["safety_recovered_pp"].mean()
+        beyond = paired_by_seed(mine, control[condition] if condition in control.index else no_control)
+        if not ratio:  # the control itself
+            beyond |= {"mean": None, "lo": None, "hi": None, "p": None}
+        row |= {
+            "beyond_control_pp": beyond["mean"],
+            "beyond_control_lo": beyond["lo"],
+            "beyond_control_hi": beyond["hi"],
+        }
+        summary.append(row | {"control_seeds": beyond["seeds"], "p_vs_control": beyond["p"]})
     return pd.DataFrame(summary)
 
 
@@ -448,15 +459,9 @@ def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int =
             )
     frame = pd.DataFrame(rows, columns=["run_name", "task", "top_eigenvalue", "F", "mitigation", "converged"])
     unconverged = int(frame["converged"].eq(False).sum()) if len(frame) else 0  # None: the record does not say
+    counts = {"n": len(frame), "not_converged": unconverged}
     if len(frame) < 3:
-        return frame, {
-            "spearman": None,
-            "lo": None,
-            "hi": None,
-            "p": None,
-            "n": len(frame),
-            "not_converged": unconverged,
-        }
+        return frame, {"spearman": None, "lo": None, "hi": None, "p": None} | counts
     tested = stats.spearmanr(frame["top_eigenvalue"], frame["F"])
     rho, p_value = float(tested.statistic), float(tested.pvalue)
     with warnings.catch_warnings():  # a resample whose eigenvalues or F are all equal has no rank correlation (NaN)
@@ -476,4 +481,4 @@ def curvature_forgetting(records: list[dict], resamples: int = 2000, seed: int =
         draws = result.bootstrap_distribution[~np.isnan(result.bootstrap_distribution)]
         lo, hi = np.percentile(draws, [2.5, 97.5]) if draws.size else (None, None)
     lo, hi = (None, None) if lo is None else (float(lo), float(hi))
-    return frame, {"spearman": rho, "lo": lo, "hi": hi, "p": p_value, "n": len(frame), "not_converged": unconverged}
+    return frame, {"spearman": rho, "lo": lo, "hi": hi, "p": p_value} | counts

@@ -172,11 +172,7 @@ def check_data_parallel(config: ChainConfig, processes: int) -> None:
     chain (Lightning's ``ddp``, or ranks started by srun or torchrun: a spawned or forked worker would hand back
     the weights but not the stage's record), and one answer from the stage cache for all of them (only rank 0
     would see a W&B artifact)."""
-    if config.train.batch_size % processes:
-        raise ConfigError(
-            f"train.batch_size: {config.train.batch_size} is the global batch and does not split over the "
-            f"{processes} data-parallel processes of trainer.devices x trainer.num_nodes; use a multiple of {processes}"
-        )
+    StageDataModule.check_split(config.train.batch_size, processes, "train.batch_size")
     if config.trainer.strategy not in ("auto", "ddp") and not config.trainer.strategy.startswith("ddp_find"):
         raise ConfigError(
             f"trainer.strategy: {config.trainer.strategy!r} is not supported for a chain of {processes} processes: "
@@ -233,7 +229,6 @@ class ChainRun:
     run_dir: Path
     tracker: object | None
     progress: bool
-    writes: bool  # False on the ranks above 0 of a data-parallel chain (``writes_the_run``)
     # the safety direction, once the safety stage has run (mitigations that keep to it): each adapted layer's
     # subspace and the trainable weights that stage ended with
     safety_layers: dict[str, mitigations.SafetyLayer] | None = None
@@ -279,7 +274,7 @@ def run_chain(
         tracker = tracking.start_run(config, run_dir, wandb_config) if writes else None
         remote = tracking.ArtifactCache(tracker) if config.cache == "wandb" and writes else None
         cache = StageCache.at(config.cache_dir, read=config.cache is not False, remote=remote, write=writes)
-        chain = ChainRun(config, plans, data, tokenizer, model, cache, run_dir, tracker, progress, writes)
+        chain = ChainRun(config, plans, data, tokenizer, model, cache, run_dir, tracker, progress)
         try:
             record, frame = run_stages(chain, on_stage)
         except ChainStopped as stop:
@@ -364,11 +359,11 @@ def train_or_reuse(chain: ChainRun, plan: StagePlan, previous_key: str) -> tuple
         outcome = train_stage(chain, plan, fisher, checkpoints)
         model.to(eval_device(config))  # Lightning hands the module back on the CPU
         chain.cache.put_stage(key, lambda path: save_trainable(model, path), outcome)
-        if chain.writes:
+        if writes_the_run():
             shutil.rmtree(checkpoints, ignore_errors=True)  # the cache entry supersedes them
     if plan.curvature:
         outcome = outcome | {"curvature": measured_curvature(chain, plan, key)}
-    if chain.writes:
+    if writes_the_run():
         save_pretrained(model, chain.tokenizer, chain.run_dir / f"stage{plan.index}")
     facts = {"index": plan.index, "name": plan.entry, "tasks": plan.mixture, "trains": list(plan.trains)}
     stage = facts | {"replays": list(plan.replays), **outcome, "cache_hit": cached is not None, "cache_key": key}

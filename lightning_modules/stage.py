@@ -702,6 +702,15 @@ class StageDataModule(L.LightningDataModule):
                 f"(configured: {', '.join(sorted(tasks))})"
             )
 
+    @staticmethod
+    def check_split(batch_size: int, processes: int, key: str) -> None:
+        """The global batch ``batch_size`` (setting ``key``) must split evenly over the data-parallel processes."""
+        if batch_size % processes:
+            raise ConfigError(
+                f"{key}: {batch_size} is the global batch and does not split over {processes} data-parallel "
+                f"processes; use a multiple of {processes}"
+            )
+
     @classmethod
     def prepared(
         cls,
@@ -801,11 +810,7 @@ class StageDataModule(L.LightningDataModule):
                 "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
             )
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        if self.batch_size % world:
-            raise ConfigError(
-                f"batch_size: {self.batch_size} is the global batch and does not split over {world} data-parallel "
-                f"processes; use a multiple of {world}"
-            )
+        self.check_split(self.batch_size, world, "batch_size")
         batches = self.batches()
         if world > 1:  # this process's rows of every batch, whatever sampler Lightning hands the batch sampler
             self.global_batch = {i: self.global_counts([self.samples[j] for j in b], world) for b in batches for i in b}
