@@ -28,7 +28,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
+from torch.distributed.tensor import DTensor
 
 from chainforget import allocator, curvature, evaluation, metrics, mitigations, tasks
 from chainforget.config import ChainConfig, MitigationSpec, complete_config
@@ -160,9 +162,11 @@ def preflight(config: ChainConfig) -> tuple[ChainConfig, list[StagePlan]]:
             raise ConfigError(f"{key}: {folder!r} is a file; use a folder (it is created where missing)")
     refuse_a_different_run(Path(config.out) / config.run_name, config)
     check_quantization(config.model)
-    processes = check_trainer_options(trainer_options(config))
+    processes = check_trainer_options(trainer_options(config) | {"strategy": stage_strategy(config)})
     if processes > 1:
         check_data_parallel(config, processes)
+    if config.trainer.strategy == "fsdp":
+        check_sharding(config)
     tracking.check_settings(config)
     return config, plan_chain(config)
 
@@ -173,16 +177,38 @@ def check_data_parallel(config: ChainConfig, processes: int) -> None:
     the weights but not the stage's record), and one answer from the stage cache for all of them (only rank 0
     would see a W&B artifact)."""
     StageDataModule.check_split(config.train.batch_size, processes, "train.batch_size")
-    if config.trainer.strategy not in ("auto", "ddp") and not config.trainer.strategy.startswith("ddp_find"):
+    strategy = config.trainer.strategy
+    if strategy not in ("auto", "ddp", "fsdp") and not strategy.startswith("ddp_find"):
         raise ConfigError(
-            f"trainer.strategy: {config.trainer.strategy!r} is not supported for a chain of {processes} processes: "
-            "sharded (fsdp, deepspeed) or spawned and forked workers (ddp_spawn, ddp_fork, ddp_notebook) do not hand "
-            "the whole model and the stage's record back to the chain; use ddp"
+            f"trainer.strategy: {strategy!r} is not supported for a chain of {processes} processes: spawned and "
+            "forked workers (ddp_spawn, ddp_fork, ddp_notebook) and deepspeed do not hand the whole model and the "
+            "stage's record back to the chain; use ddp, or fsdp to shard the weights and optimizer state"
         )
     if config.cache == "wandb":
         raise ConfigError(
             "cache: wandb fetches stages on rank 0 alone, so the ranks of a data-parallel chain could disagree on "
             "which stages to train; use a shared cache_dir with cache: true"
+        )
+
+
+def check_sharding(config: ChainConfig) -> None:
+    """What a sharded (FSDP) chain cannot do: a mitigation that reads the weights inside each training step (a
+    penalty on them, SAM's ascent) would see only this process's shard of them; a 4-bit base is not sharded by
+    FSDP."""
+
+    def reads_weights(rule: mitigations.Mitigation) -> bool:
+        return rule.kind == "sam" or (rule.kind == "penalty" and bool(rule.needs & {"anchor", "fisher", "safety"}))
+
+    if reads_weights(config.mitigation.rule):
+        allowed = ", ".join(name for name, rule in mitigations.MITIGATIONS.items() if not reads_weights(rule))
+        raise ConfigError(
+            f"mitigation.name: {config.mitigation.name!r} reads the weights in every training step, which "
+            f"trainer.strategy fsdp shards across processes; with fsdp use {allowed}, or use ddp"
+        )
+    if config.model.quantization != "none":
+        raise ConfigError(
+            f"model.quantization: {config.model.quantization!r} cannot be sharded by trainer.strategy fsdp; use ddp "
+            "(one 4-bit model per process) or quantization: none"
         )
 
 
@@ -357,7 +383,7 @@ def train_or_reuse(chain: ChainRun, plan: StagePlan, previous_key: str) -> tuple
         fisher = estimate_fisher(chain, chain.plans[plan.index - 2].entry) if needs_fisher else None
         checkpoints = chain.run_dir / "checkpoints" / key
         outcome = train_stage(chain, plan, fisher, checkpoints)
-        model.to(eval_device(config))  # Lightning hands the module back on the CPU
+        model = chain.model.to(eval_device(config))  # Lightning hands the module back on the CPU
         chain.cache.put_stage(key, lambda path: save_trainable(model, path), outcome)
         if writes_the_run():
             shutil.rmtree(checkpoints, ignore_errors=True)  # the cache entry supersedes them
@@ -542,7 +568,7 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
     if chain.tracker is not None:
         loggers.append(WandbLogger(experiment=chain.tracker, prefix=f"stage{index}"))
     trainer = L.Trainer(
-        **trainer_options(config),
+        **(trainer_options(config) | {"strategy": stage_strategy(config)}),
         max_steps=config.train.steps,
         logger=loggers,
         callbacks=callbacks,
@@ -558,6 +584,8 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
         print(f"chainforget: stage {index} resumes from its checkpoint {resume}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=resume if resume.exists() else None)
+    if config.trainer.strategy == "fsdp":
+        chain.model = gathered_network(config, chain.model)
     projection = project_onto_safety(chain, plan.mitigation) if plan.mitigation else None
     train = {
         "steps": int(trainer.global_step),
@@ -571,6 +599,29 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
         "mitigation": mitigation_summary(config, plan, module, datamodule, projection),
         "curvature": None,  # measured by the runner for a trained and a cached stage alike (measured_curvature)
     }
+
+
+def stage_strategy(config: ChainConfig) -> str | ModelParallelStrategy:
+    """The Trainer's strategy for a stage: the config's, except ``fsdp``, which is PyTorch's FSDP2 (``fully_shard``)
+    through Lightning's ``ModelParallelStrategy``, data-parallel over every process (``StageModule.configure_model``
+    shards the network), each process checkpointing its own shard."""
+    if config.trainer.strategy != "fsdp":
+        return config.trainer.strategy
+    processes = check_trainer_options(trainer_options(config) | {"strategy": "ddp"})  # how many, on any device
+    return ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)
+
+
+def gathered_network(config: ChainConfig, sharded: torch.nn.Module) -> torch.nn.Module:
+    """The whole network an FSDP stage trained, gathered from every process's shard into a model of its own on each
+    process (``fully_shard`` converted the one it trained in place): as under ddp, every process evaluates the whole
+    model and trains the next stage from it."""
+    state = {
+        name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
+        for name, tensor in sharded.state_dict().items()
+    }
+    network = load_model(config.model, config.seed)
+    network.load_state_dict(state)
+    return network
 
 
 def project_onto_safety(chain: ChainRun, spec) -> dict | None:

@@ -77,7 +77,11 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     @staticmethod
     def global_step(path) -> int:
-        """The optimizer step a checkpoint was saved at, from its metadata alone (no tensor is read)."""
+        """The optimizer step a checkpoint was saved at, from its metadata alone (no tensor is read). A sharded
+        (FSDP) checkpoint is Lightning's folder of PyTorch distributed-checkpoint shards, its metadata in
+        ``meta.pt``."""
+        if Path(path).is_dir():
+            return torch.load(Path(path) / "meta.pt", weights_only=True)["global_step"]
         structure, _ = read_checkpoint(path, with_tensors=False)
         return dict(structure["__dict__"])["global_step"]
 

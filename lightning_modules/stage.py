@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch.core.saving import load_hparams_from_yaml
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from transformers import get_linear_schedule_with_warmup
 
@@ -245,6 +247,13 @@ class StageModule(L.LightningModule):
             self.network = load_model(self.spec, self.hparams.seed)
             if self.hparams.init_from:
                 load_trainable(self.network, StageCache.at(self.hparams.cache_dir).weights_for(self.hparams.init_from))
+        if self.sharded:
+            shard_blocks(self.network, self.device_mesh["data_parallel"])
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the network is trained sharded (FSDP2 through Lightning's ``ModelParallelStrategy``)."""
+        return self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return trainable_parameters(self.network)
@@ -252,7 +261,8 @@ class StageModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.network.train()  # from_pretrained and evaluation leave the network in eval mode
         compute = AUTOCAST_DTYPES.get(str(self.trainer.precision))
-        if compute is not None:  # autocast would cast the frozen weights to it on every pass; once is enough
+        # autocast would cast the frozen weights to it on every pass; once is enough (FSDP casts its units itself)
+        if compute is not None and not self.sharded:
             hold_frozen_in(self.network, compute)
 
     def on_train_start(self) -> None:
@@ -294,9 +304,11 @@ class StageModule(L.LightningModule):
                 self.final_loss = reduce(loss, reduce_op="mean")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only the trainable weights, plus what a resumed stage needs to continue bit for bit."""
-        trainable = {f"network.{name}" for name in self.trainable()}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        """Keep only the trainable weights (sharded: all, which the distributed checkpoint loads by every name),
+        plus what a resumed stage needs to continue bit for bit."""
+        if not self.sharded:
+            trainable = {f"network.{name}" for name in self.trainable()}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         numpy_state = np.random.get_state()
         checkpoint["stage"] = {
             "tokens_seen": self.tokens_seen,
@@ -314,7 +326,8 @@ class StageModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = {f"network.{name}" for name in self.trainable()}
-        if set(checkpoint["state_dict"]) != expected:  # Lightning restores non-strictly: a mismatch would pass
+        # Lightning restores non-strictly: a mismatch would pass (a sharded checkpoint it has loaded strictly itself)
+        if not self.sharded and set(checkpoint["state_dict"]) != expected:
             stray = sorted(set(checkpoint["state_dict"]) ^ expected)
             raise DataError(
                 f"checkpoint: its weights do not fit model {self.spec.name!r} ({self.spec.finetune}): "
@@ -583,6 +596,18 @@ def attention_kernel(network, name: str):
         yield
     finally:
         network.set_attn_implementation(previous)
+
+
+def shard_blocks(network, mesh) -> None:
+    """FSDP2 over ``mesh``: each decoder block (the model's ``_no_split_modules``, the blocks accelerate wraps too) a
+    unit of its own, so a process gathers the whole weights of one block at a time, and the rest (embeddings, head)
+    one unit. Once per network: a resumed fit finds it sharded already."""
+    if isinstance(network, FSDPModule):
+        return
+    names = set(getattr(network, "_no_split_modules", None) or ())
+    for block in [module for module in network.modules() if type(module).__name__ in names]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(network, mesh=mesh)
 
 
 @contextmanager

@@ -61,3 +61,45 @@ def test_a_quantised_base_needs_lora():
     with pytest.raises(ConfigError, match="model.quantization: nf4 keeps the base weights frozen in 4 bits"):
         ModelSpec(quantization="nf4", finetune="full")
     assert replace(ModelSpec(), quantization="nf4").finetune == "lora"
+
+
+FSDP = ["--config", "sweeps/configs/paper.yaml", "--config", "sweeps/configs/llama2_7b/fsdp.yaml"]
+
+
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.device_mesh.init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def test_the_fsdp_preset_shards_llama2_7b_block_by_block(one_process_group):
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from lightning_modules.stage import checkpointed_blocks, shard_blocks
+
+    config = parse_chain(FSDP, "test")
+    assert (config.model.finetune, config.model.quantization) == ("full", "none")
+    assert (config.trainer.strategy, config.trainer.devices, config.train.batch_size) == ("fsdp", 8, 16)
+    assert config.train.gradient_checkpointing and config.trainer.precision == "bf16-mixed"
+    model = wrap(llama2_7b_on_meta(), config.model)
+    shard_blocks(model, one_process_group)
+    units = [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+    assert units == ["", *(f"model.layers.{i}" for i in range(32))]  # the whole model, then each decoder block
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert sum(p.numel() for p in trainable_parameters(model).values()) == 6_738_415_616  # every weight trains
+    shard_blocks(model, one_process_group)  # a resumed fit finds it sharded: nothing changes
+    assert [name for name, module in model.named_modules() if isinstance(module, FSDPModule)] == units
+    with checkpointed_blocks(model):
+        assert model.is_activation_checkpointing
+
+
+def test_the_fsdp_preset_on_a_machine_without_gpus_is_one_clear_line_before_anything_runs(tmp_path, capsys):
+    code = main(["chain", *FSDP, f"--out={tmp_path / 'runs'}", f"--cache_dir={tmp_path / 'stages'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("chainforget chain: error: trainer: ")
+    assert err[0].endswith("No supported gpu backend found!")  # Lightning's own word for accelerator: gpu
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "stages").exists()

@@ -41,60 +41,69 @@ def stage_weights(run_dir: Path, stage: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_and_two(tmp_path_factory):
-    """The smoke chain on one process and on two ddp processes (batch 8 = 4 + 4)."""
-    root = tmp_path_factory.mktemp("ddp")
-    one = launch("none", 0, chain_args(root / "one"))
-    two = launch("none", 0, chain_args(root / "two", *DDP))
+def one_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    one = launch("none", 0, chain_args(root))
     assert one.returncode == 0, one.stderr[-2000:]
+    return root
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def two_processes(request, tmp_path_factory):
+    """The smoke chain on two processes (batch 8 = 4 + 4): replicated (ddp) or sharded (FSDP2)."""
+    root = tmp_path_factory.mktemp(request.param)
+    args = [f"--trainer.strategy={request.param}", "--trainer.devices=2"]
+    two = launch("none", 0, chain_args(root, *args))
     assert two.returncode == 0, two.stderr[-2000:]
-    return root, one, two
+    return root, two, args
 
 
-def test_two_ddp_processes_train_the_weights_of_one_process_with_the_same_global_batch(one_and_two):
-    root, _, two = one_and_two
+def test_two_processes_train_the_weights_of_one_process_with_the_same_global_batch(one_process, two_processes):
+    root, two, _ = two_processes
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in two.stderr  # two processes did train
-    single, parallel = (read_record(root / name / "runs" / "smoke") for name in ("one", "two"))
+    single, parallel = read_record(one_process / "runs" / "smoke"), read_record(root / "runs" / "smoke")
     for stage in (1, 2):
-        a, b = (stage_weights(root / name / "runs" / "smoke", stage) for name in ("one", "two"))
+        a, b = (stage_weights(folder / "runs" / "smoke", stage) for folder in (one_process, root))
         assert a.keys() == b.keys()
-        # the same steps on the same examples; only the order of float sums differs (measured: 1.7e-5 after stage 2)
+        # the same steps on the same examples; only the order of float sums differs (measured after stage 2:
+        # 1.7e-5 under ddp and under fsdp alike)
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     for s1, s2 in zip(single["stages"], parallel["stages"]):
         assert s2["train"]["steps"] == s1["train"]["steps"] == 6
         assert s2["train"]["tokens"] == s1["train"]["tokens"]  # every process's share counted, once
         assert s2["train"]["final_loss"] == pytest.approx(s1["train"]["final_loss"], rel=1e-5)  # the global batch's
-    a, b = (pd.read_parquet(root / name / "runs" / "smoke" / "predictions.parquet") for name in ("one", "two"))
+    a, b = (pd.read_parquet(folder / "runs" / "smoke" / "predictions.parquet") for folder in (one_process, root))
     assert (a["pred"] == b["pred"]).mean() > 0.95  # a near tie may fall the other way
 
 
-def test_only_rank_zero_writes_the_run_the_cache_and_the_wandb_run(one_and_two):
-    root, one, two = one_and_two
+def test_only_rank_zero_writes_the_run_the_cache_and_the_wandb_run(one_process, two_processes):
+    root, two, _ = two_processes
     assert two.stdout.count("run written to") == 1  # rank 1 ran the chain too, silently
-    run_dir = root / "two" / "runs" / "smoke"
+    run_dir = root / "runs" / "smoke"
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
-    assert sorted(p.name for p in (root / "two" / "runs").iterdir()) == ["smoke"]
+    assert sorted(p.name for p in (root / "runs").iterdir()) == ["smoke"]
     # as many cache entries as one process writes, and no temporary entry left by a second writer
-    entries = {name: sorted(p.name for p in (root / name / "stages").iterdir()) for name in ("one", "two")}
-    assert len(entries["two"]) == len(entries["one"]) and not [e for e in entries["two"] if e.startswith(".")]
+    entries = {folder: sorted(p.name for p in (folder / "stages").iterdir()) for folder in (one_process, root)}
+    assert len(entries[root]) == len(entries[one_process]) and not [e for e in entries[root] if e.startswith(".")]
     assert not list(run_dir.glob("checkpoints/*/last.ckpt"))  # removed once the stage was cached
 
 
-def test_a_killed_ddp_chain_resumes_to_the_uninterrupted_result(one_and_two, tmp_path):
-    root = one_and_two[0]
+def test_a_killed_data_parallel_chain_resumes_to_the_uninterrupted_result(two_processes, tmp_path):
+    root, _, parallel = two_processes
     # without Lightning's distributed sampler too: the stage shards its batches itself, so nothing changes
-    args = chain_args(tmp_path, *DDP, "--trainer.use_distributed_sampler=false")
+    args = chain_args(tmp_path, *parallel, "--trainer.use_distributed_sampler=false")
     # the relaunched rank runs the same command, so both processes die at their 9th step (stage 2, step 3)
     killed = launch("train_step", 9, args)
     assert killed.returncode == -signal.SIGKILL
-    assert (tmp_path / "runs" / "smoke" / "checkpoints").exists() and not (tmp_path / "runs/smoke/run.json").exists()
+    assert list((tmp_path / "runs/smoke/checkpoints").glob("*/last.ckpt"))  # a file, or FSDP's folder of shards
+    assert not (tmp_path / "runs/smoke/run.json").exists()
     resumed = launch("none", 0, args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "stage 2 resumes from its checkpoint" in resumed.stderr
-    record, expected = read_record(tmp_path / "runs" / "smoke"), read_record(root / "two" / "runs" / "smoke")
+    record, expected = read_record(tmp_path / "runs" / "smoke"), read_record(root / "runs" / "smoke")
     assert [s["cache_hit"] for s in record["stages"]] == [True, False]
     for stage in (1, 2):
-        a, b = stage_weights(tmp_path / "runs" / "smoke", stage), stage_weights(root / "two" / "runs" / "smoke", stage)
+        a, b = stage_weights(tmp_path / "runs" / "smoke", stage), stage_weights(root / "runs" / "smoke", stage)
         assert all(bool((a[k] == b[k]).all()) for k in a)  # bit for bit
     assert record["eval"] == expected["eval"]
     assert json.dumps(record["metrics"], sort_keys=True) == json.dumps(expected["metrics"], sort_keys=True)
@@ -110,22 +119,59 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_before
 
 
 @pytest.mark.parametrize(
-    ("setting", "refusal"),
+    ("strategy", "setting", "refusal"),
     [
-        ("--trainer.strategy=ddp_spawn", "trainer.strategy: 'ddp_spawn' is not supported for a chain of 2 processes"),
-        ("--cache=wandb", "cache: wandb fetches stages on rank 0 alone"),
+        ("ddp_spawn", "", "trainer.strategy: 'ddp_spawn' is not supported for a chain of 2 processes"),
+        ("ddp", "--cache=wandb", "cache: wandb fetches stages on rank 0 alone"),
+        ("fsdp", "--cache=wandb", "cache: wandb fetches stages on rank 0 alone"),
+        ("fsdp", "--mitigation.name=l2sp", "mitigation.name: 'l2sp' reads the weights in every training step"),
+        ("fsdp", "--mitigation.name=sam", "with fsdp use none, replay_stage, replay_mix, group_replay"),
     ],
 )
-def test_what_a_data_parallel_chain_cannot_do_is_refused_in_one_line(setting, refusal, tmp_path, capsys):
+def test_what_a_data_parallel_chain_cannot_do_is_refused_in_one_line(strategy, setting, refusal, tmp_path, capsys):
     from chainforget.cli import main
 
-    args = chain_args(tmp_path, *DDP, setting)
-    if setting.startswith("--trainer.strategy"):
-        args = [a for a in args if a != "--trainer.strategy=ddp"]
+    args = chain_args(tmp_path, f"--trainer.strategy={strategy}", "--trainer.devices=2", *filter(None, [setting]))
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and refusal in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_4bit_base_is_not_sharded():
+    """Checked ahead of the GPU it needs (which would refuse it first on this machine)."""
+    from chainforget.config import parse_chain
+    from lightning_modules.chain import check_sharding
+
+    config = parse_chain(
+        [
+            "--config",
+            "sweeps/configs/smoke.yaml",
+            "--model.finetune=lora",
+            "--model.quantization=nf4",
+            "--trainer.strategy=fsdp",
+        ],
+        "test",
+    )
+    with pytest.raises(ConfigError, match="model.quantization: 'nf4' cannot be sharded by trainer.strategy fsdp"):
+        check_sharding(config)
+
+
+def test_a_sharded_lora_chain_in_bf16_with_checkpointed_blocks_and_lwf_trains_what_ddp_trains(tmp_path):
+    """FSDP2 with frozen weights in its units, bf16 autocast, checkpointed blocks and LwF's teacher (the network run
+    outside a fit): the same weights as ddp, bit for bit (each process computes the same share of every batch)."""
+    lora = ["--model.finetune=lora", "--trainer.precision=bf16-mixed", "--train.gradient_checkpointing=true"]
+    lora += ["--mitigation.name=lwf", "--mitigation.strength=1.0", "--train.answer=letter"]  # LwF distils letters
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        args = chain_args(tmp_path / strategy, f"--trainer.strategy={strategy}", "--trainer.devices=2", *lora)
+        done = launch("none", 0, args)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[strategy] = tmp_path / strategy / "runs" / "smoke"
+    for stage in (1, 2):
+        a, b = stage_weights(runs["ddp"], stage), stage_weights(runs["fsdp"], stage)
+        assert a.keys() == b.keys() and len(a) == 16  # LoRA A and B of q and v in the tiny model's 4 blocks
+        assert all(bool((a[k] == b[k]).all()) for k in a)
 
 
 def test_an_optuna_worker_refuses_data_parallel_chains(tmp_path):
