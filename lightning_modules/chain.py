@@ -583,7 +583,8 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
     if resume.exists():
         print(f"chainforget: stage {index} resumes from its checkpoint {resume}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    trainer.fit(module, datamodule, ckpt_path=resume if resume.exists() else None)
+    # weights_only: a sharded checkpoint's metadata is a pickle, read with PyTorch's unpickler that runs no code
+    trainer.fit(module, datamodule, ckpt_path=resume if resume.exists() else None, weights_only=True)
     if config.trainer.strategy == "fsdp":
         chain.model = gathered_network(config, chain.model)
     projection = project_onto_safety(chain, plan.mitigation) if plan.mitigation else None

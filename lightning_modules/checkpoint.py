@@ -3,7 +3,8 @@
 Tensors go into the safetensors body; everything else (loop progress, scheduler state, RNG states, the data
 position) goes into its header metadata as JSON, with tags that keep what JSON would lose (tuples, non-string
 dict keys). Loading therefore never executes code from the file. ``StageCheckpoint`` writes ``last.ckpt``
-every ``every_n_steps`` optimizer steps through the trainer, so under DDP only rank 0 writes.
+every ``every_n_steps`` optimizer steps through the trainer, so under DDP only rank 0 writes. A sharded (FSDP)
+stage's checkpoint is Lightning's folder of PyTorch distributed-checkpoint shards instead, one a process.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ class SafetensorsCheckpointIO(CheckpointIO):
         """The optimizer step a checkpoint was saved at, from its metadata alone (no tensor is read). A sharded
         (FSDP) checkpoint is Lightning's folder of PyTorch distributed-checkpoint shards, its metadata in
         ``meta.pt``."""
-        if Path(path).is_dir():
-            return torch.load(Path(path) / "meta.pt", weights_only=True)["global_step"]
+        metadata = Path(path) / "meta.pt"
+        if metadata.exists():  # PyTorch's unpickler for tensors and plain values, which runs no code
+            return torch.load(metadata, weights_only=True)["global_step"]
         structure, _ = read_checkpoint(path, with_tensors=False)
         return dict(structure["__dict__"])["global_step"]
 
