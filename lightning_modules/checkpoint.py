@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +21,7 @@ import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -113,7 +116,28 @@ class StageCheckpoint(L.Callback):
         step = trainer.global_step
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0  # not midway through an accumulation
         if stepped and step % self.every_n_steps == 0 and step < trainer.max_steps:
-            trainer.save_checkpoint(self.path, weights_only=False)
+            if isinstance(trainer.strategy, ModelParallelStrategy):
+                self.save_shards(trainer)
+            else:
+                trainer.save_checkpoint(self.path, weights_only=False)  # one file, written atomically
+
+    def save_shards(self, trainer) -> None:
+        """A sharded checkpoint, every process writing its shard into one folder, published whole: written beside
+        ``last.ckpt`` and swapped in by rank 0 once every shard is in, so a process killed while writing leaves the
+        previous checkpoint (or, killed between the two renames, none: the stage starts over) and never a folder
+        of mixed steps."""
+        staged, retired = (self.path.with_name(f"{self.path.name}.{suffix}") for suffix in ("new", "old"))
+        if trainer.is_global_zero:
+            shutil.rmtree(staged, ignore_errors=True)  # what a killed save left
+        trainer.strategy.barrier()
+        trainer.save_checkpoint(staged, weights_only=False)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            if self.path.exists():
+                os.replace(self.path, retired)
+            os.replace(staged, self.path)
+            shutil.rmtree(retired, ignore_errors=True)
+        trainer.strategy.barrier()
 
 
 class StageCSVLogger(CSVLogger):

@@ -4,7 +4,8 @@
 
 MODE: ``train_step`` (kill at the N-th training step), ``eval`` (at the start of the N-th task evaluation),
 ``rename`` (at the N-th ``os.replace``: the temp file is complete but not yet published), ``partial`` (the same,
-after cutting the temp file to half its size: a write that died midway), ``none``.
+after cutting the temp file to half its size: a write that died midway), ``shards`` (when a sharded checkpoint's
+folder, its shards all written, is about to replace the previous one for the N-th time), ``none``.
 """
 
 import os
@@ -19,12 +20,12 @@ def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def on_nth_call(function, n: int, before=None):
+def on_nth_call(function, n: int, before=None, only=lambda *_: True):
     calls = 0
 
     def wrapper(*args, **kwargs):
         nonlocal calls
-        calls += 1
+        calls += only(*args)
         if calls == n:
             if before is not None:
                 before(*args)
@@ -51,6 +52,8 @@ def main() -> int:
         StageModule.training_step = on_nth_call(StageModule.training_step, n)
     elif mode == "eval":
         evaluation.predictions_frame = on_nth_call(evaluation.predictions_frame, n)
+    elif mode == "shards":
+        os.replace = on_nth_call(os.replace, n, only=lambda _, target: str(target).endswith("last.ckpt.old"))
     elif mode in ("rename", "partial"):
         os.replace = on_nth_call(os.replace, n, before=cut_in_half if mode == "partial" else None)
     from chainforget.cli import main as cli

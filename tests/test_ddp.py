@@ -93,17 +93,36 @@ def test_a_killed_data_parallel_chain_resumes_to_the_uninterrupted_result(two_pr
     # without Lightning's distributed sampler too: the stage shards its batches itself, so nothing changes
     args = chain_args(tmp_path, *parallel, "--trainer.use_distributed_sampler=false")
     # the relaunched rank runs the same command, so both processes die at their 9th step (stage 2, step 3)
-    killed = launch("train_step", 9, args)
+    assert_killed_and_resumed(("train_step", 9), args, tmp_path, root)
+
+
+@pytest.mark.parametrize("two_processes", ["fsdp"], indirect=True)
+def test_a_sharded_chain_killed_before_its_new_checkpoint_is_published_resumes_from_the_previous(
+    two_processes, tmp_path
+):
+    root, _, parallel = two_processes
+    # rank 0 dies with stage 2's step-4 shards all written beside last.ckpt, before they replace its step-2 ones (the
+    # second replacement of the chain; rank 1 then fails at its next collective); step 2's are resumed from
+    assert_killed_and_resumed(("shards", 2), chain_args(tmp_path, *parallel), tmp_path, root)
+    assert not (tmp_path / "runs/smoke/checkpoints").exists() or not any(
+        (tmp_path / "runs/smoke/checkpoints").iterdir()
+    )
+
+
+def assert_killed_and_resumed(fault: tuple[str, int], args: list[str], tmp_path: Path, uninterrupted: Path) -> None:
+    """The chain killed at ``fault`` (faults.py), in its second stage, leaves a checkpoint and no run record; the
+    same command resumes stage 2 from it and ends with the uninterrupted run's weights, evaluations and metrics."""
+    killed = launch(*fault, args)
     assert killed.returncode == -signal.SIGKILL
     assert list((tmp_path / "runs/smoke/checkpoints").glob("*/last.ckpt"))  # a file, or FSDP's folder of shards
     assert not (tmp_path / "runs/smoke/run.json").exists()
     resumed = launch("none", 0, args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "stage 2 resumes from its checkpoint" in resumed.stderr
-    record, expected = read_record(tmp_path / "runs" / "smoke"), read_record(root / "runs" / "smoke")
+    record, expected = read_record(tmp_path / "runs" / "smoke"), read_record(uninterrupted / "runs" / "smoke")
     assert [s["cache_hit"] for s in record["stages"]] == [True, False]
     for stage in (1, 2):
-        a, b = stage_weights(tmp_path / "runs" / "smoke", stage), stage_weights(root / "runs" / "smoke", stage)
+        a, b = stage_weights(tmp_path / "runs" / "smoke", stage), stage_weights(uninterrupted / "runs" / "smoke", stage)
         assert all(bool((a[k] == b[k]).all()) for k in a)  # bit for bit
     assert record["eval"] == expected["eval"]
     assert json.dumps(record["metrics"], sort_keys=True) == json.dumps(expected["metrics"], sort_keys=True)
