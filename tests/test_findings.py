@@ -18,7 +18,7 @@ PUBLISHED = {
     RESULTS: {"findings-order", "findings-replay", "findings-replay-toxigen", "findings-sam"},
     RESULTS / "text-regime": {
         *("findings-text-order-toxigen", "findings-text-order-bbq", "findings-text-mitigations"),
-        "findings-text-replay",
+        *("findings-text-replay", "findings-text-sam"),
     },
 }
 TABLES = [(folder, p.stem) for folder in PUBLISHED for p in sorted((folder / "tables").glob("*.csv"))]
