@@ -261,7 +261,8 @@ class StageModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.network.train()  # from_pretrained and evaluation leave the network in eval mode
         compute = AUTOCAST_DTYPES.get(str(self.trainer.precision))
-        # autocast would cast the frozen weights to it on every pass; once is enough (FSDP casts its units itself)
+        # autocast would cast the frozen weights to it on every pass; once is enough (not where they are FSDP's
+        # shards, which it gathers in the dtype it sharded them in)
         if compute is not None and not self.sharded:
             hold_frozen_in(self.network, compute)
 
