@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -72,13 +73,25 @@ def findings_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
     }
 
 
+def model_name(record: dict) -> str:
+    return record["config"]["model"]["name"]
+
+
 def curvature_correlations(records: list[dict]) -> pd.DataFrame:
     """Spearman's correlation of curvature and forgetting for each task trained first, and over all of them when
-    there are several (tasks forget on different scales, so the pooled one also mixes tasks)."""
-    first = sorted({record["config"]["order"][0] for record in records})
-    rows = [{"task": t} | curvature_forgetting([r for r in records if r["config"]["order"][0] == t])[1] for t in first]
-    if len(first) > 1:
-        rows.append({"task": "all"} | curvature_forgetting(records)[1])
+    there are several (tasks forget on different scales, so the pooled one also mixes tasks); for each model apart
+    when the records hold several (a model's eigenvalues are on a scale of its own)."""
+    models = sorted({model_name(record) for record in records})
+    rows = []
+    for model in models:
+        runs = [record for record in records if model_name(record) == model]
+        label = {"model": model} if len(models) > 1 else {}
+        first = sorted({record["config"]["order"][0] for record in runs})
+        for task in first:
+            trained_first = [record for record in runs if record["config"]["order"][0] == task]
+            rows.append(label | {"task": task} | curvature_forgetting(trained_first)[1])
+        if len(first) > 1:
+            rows.append(label | {"task": "all"} | curvature_forgetting(runs)[1])
     return pd.DataFrame(rows)
 
 
@@ -273,9 +286,13 @@ def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
         save(group_forgetting_figure(shown, flips=example_forgetting_frame(plain)), out / "group_forgetting.png")
     for index, condition in enumerate(sorted(set(tables["mitigations"].get("condition", [])))):
         save(mitigation_figure(tables["mitigations"], condition), out / "tables" / f"mitigations_{index + 1}.png")
-    for folder, plain in (("report", True), ("report-mitigations", False)):  # findings 1-3; then SAM and replay
-        if any((mitigation(record) == "none") == plain for record in records):  # a study may not have run yet
-            write_report(out / "runs", out / folder, keep=lambda record, p=plain: (mitigation(record) == "none") == p)
+    # findings 1-3, a report for each model (report/: the model most plain chains ran); then SAM, replay, mitigations
+    runs_per_model = Counter(model_name(record) for record in plain).most_common()
+    for model, _ in runs_per_model:
+        folder = "report" if model == runs_per_model[0][0] else f"report-{model}"
+        write_report(out / "runs", out / folder, keep=lambda r, m=model: mitigation(r) == "none" and model_name(r) == m)
+    if any(mitigation(record) != "none" for record in records):  # a study may not have run yet
+        write_report(out / "runs", out / "report-mitigations", keep=lambda record: mitigation(record) != "none")
     return tables
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from analysis.findings import findings_tables, sam_vs_plain
+from analysis.findings import curvature_correlations, findings_tables, sam_vs_plain
 from analysis.runs import load_records
 
 RESULTS = ROOT / "docs" / "results"
@@ -18,7 +18,7 @@ PUBLISHED = {
     RESULTS: {"findings-order", "findings-replay", "findings-replay-toxigen", "findings-sam"},
     RESULTS / "text-regime": {
         *("findings-text-order-toxigen", "findings-text-order-bbq", "findings-text-mitigations"),
-        *("findings-text-replay", "findings-text-sam"),
+        *("findings-text-replay", "findings-text-sam", "findings-text-order-gemma"),
     },
 }
 TABLES = [(folder, p.stem) for folder in PUBLISHED for p in sorted((folder / "tables").glob("*.csv"))]
@@ -224,3 +224,24 @@ def test_the_mitigation_figure_draws_each_measure_with_the_plain_mean_dashed(tmp
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["none", "replay_mix 0.05"]
     save(fig, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def curvature_record(model: str, index: int, eigenvalue: float, forgetting: float) -> dict:
+    return {
+        "run_name": f"{model}-{index}",
+        "config": {"order": ["bbq", "csqa"], "model": {"name": model}},
+        "stages": [{"curvature": {"top_eigenvalue": eigenvalue, "converged": True}}],
+        "metrics": {"forgetting": [{"task": "bbq", "group_kind": "all", "later_stage": 2, "F": forgetting}]},
+        "mitigation": {"name": "none"},
+    }
+
+
+def test_curvature_is_correlated_with_forgetting_within_each_model():
+    # within each model the ranks agree perfectly, one way and the other; pooled, model b's larger eigenvalues would
+    # pair with its forgetting across models
+    records = [curvature_record("a", i, lam, f) for i, (lam, f) in enumerate([(1, 10), (2, 20), (3, 30)])]
+    records += [curvature_record("b", i, lam, f) for i, (lam, f) in enumerate([(10, 30), (20, 20), (30, 10)])]
+    table = curvature_correlations(records)
+    assert table[["model", "task", "n"]].values.tolist() == [["a", "bbq", 3], ["b", "bbq", 3]]
+    assert table["spearman"].tolist() == pytest.approx([1.0, -1.0])
+    assert "model" not in curvature_correlations(records[:3]).columns  # one model: no column for it
