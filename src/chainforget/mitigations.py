@@ -213,7 +213,8 @@ def project_update(
     norm = torch.linalg.matrix_norm(update)
     if norm == 0:
         return None, 1.0
-    similarity = float(torch.linalg.matrix_norm(basis @ (basis.T @ update)) / norm)
+    # a ratio of float64 norms, off by ~1e-16 in a BLAS's own way: rounded, a layer inside the subspace reads 1
+    similarity = round(float(torch.linalg.matrix_norm(basis @ (basis.T @ update)) / norm), 12)
     if similarity >= tau:
         return None, similarity
     return (basis @ (basis.T @ b64)).to(b.dtype), similarity
