@@ -128,18 +128,20 @@ def lightning_fit(model, datamodule, **kernels) -> list[tuple[float, int]]:
 
 def profile(args) -> None:
     """Where a step's time goes: ``torch.profiler`` over the plain loop's steps after two warm-up steps (the same
-    numerics as a stage), the operators by their own time, at the first batch size."""
+    numerics as a stage), the operators by their own time, at the first batch size; then the matrix products by
+    kind, as they ran in the steps and replayed alone (``replay_products``), and the MFU the products alone would
+    allow: the ceiling on a step's MFU if everything else in it took no time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
     from chainforget.config import ModelSpec
     from chainforget.models import load_model
 
-    batch_size = args.batch_sizes[0]
+    batch_size, spec = args.batch_sizes[0], ModelSpec()
     _, loader = batches(args.steps, batch_size)
-    model = load_model(ModelSpec(), seed=0)
+    model = load_model(spec, seed=0)
     plain_loop(model, loader[:2])
-    with profiler(activities=[ProfilerActivity.CPU]) as trace:
+    with profiler(activities=[ProfilerActivity.CPU], record_shapes=True) as trace:
         timings = plain_loop(model, loader[2:5])
     rate = sum(t for _, t in timings) / sum(s for s, _ in timings)
     events = [e for e in trace.key_averages() if e.self_cpu_time_total > 0]
@@ -148,6 +150,51 @@ def profile(args) -> None:
     for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]:
         share = 100 * event.self_cpu_time_total / total
         print(f"  {event.key:<40} {share:5.1f}%  {event.count:>6} calls")
+
+    def kind(event) -> str:
+        if event.key == "aten::bmm":
+            return "attention (bmm)"
+        left, right = event.input_shapes[:2]
+        return f"LoRA rank {spec.lora.rank}" if spec.lora.rank in (*left, *right) else "model weights"
+
+    products = [e for e in trace.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::bmm")]
+    peak = matmul_peak(torch.bfloat16)
+    print(f"matrix products (bf16 peak {peak / 1e12:.2f} TFLOP/s): in the steps / replayed alone at their shapes")
+    in_steps = replayed = 0.0
+    for name in sorted({kind(e) for e in products}):
+        chosen = [e for e in products if kind(e) == name]
+        seconds, flops = replay_products(chosen)
+        measured = sum(e.self_cpu_time_total for e in chosen) / 1e6
+        in_steps, replayed = in_steps + measured, replayed + seconds
+        print(
+            f"  {name:<18} {sum(e.count for e in chosen):>5} calls {flops / 1e9:6.1f} GFLOP: {measured:.2f} s, "
+            f"{flops / measured / 1e12:.2f} TFLOP/s / {seconds:.2f} s, {flops / seconds / 1e12:.2f} TFLOP/s"
+        )
+    model_flops = flops_per_token(model.config, non_embedding_parameters(model), loader[2:5]) * sum(
+        tokens for _, tokens in timings
+    )
+    print(
+        f"  the MFU if nothing but the products took time: {100 * model_flops / in_steps / peak:.0f}% as they ran "
+        f"in the steps, {100 * model_flops / replayed / peak:.0f}% as fast as alone"
+    )
+
+
+def replay_products(products) -> tuple[float, float]:
+    """Seconds and FLOPs of profiled matrix products run again alone, each ``count`` times at its recorded shapes, in
+    bf16 (autocast's dtype for them), into a preallocated output: what the products cost by themselves, operands
+    warm in cache, so a lower bound on their time in a step."""
+    seconds = flops = 0.0
+    for event in products:
+        left, right = event.input_shapes[:2]
+        a, b = torch.randn(left, dtype=torch.bfloat16), torch.randn(right, dtype=torch.bfloat16)
+        product = torch.bmm if event.key == "aten::bmm" else torch.mm
+        out = product(a, b)
+        started = time.perf_counter()
+        for _ in range(event.count):
+            product(a, b, out=out)
+        seconds += time.perf_counter() - started
+        flops += 2 * out.numel() * left[-1] * event.count
+    return seconds, flops
 
 
 def non_embedding_parameters(model) -> int:
