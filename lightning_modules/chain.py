@@ -559,8 +559,8 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
         kinds = {task: chain.data[task].group_kinds for task in plan.replays}
         group_by = {task: (spec.group_kind or kinds[task][0]) if kinds[task] else None for task in plan.replays}
     datamodule = stage_data(chain, plan.entry, batches, plan.seed, group_by)
-    resume = checkpoints / "last.ckpt"
-    resumed_at = SafetensorsCheckpointIO.global_step(resume) if resume.exists() else None
+    resume = StageCheckpoint.resumable(checkpoints)
+    resumed_at = SafetensorsCheckpointIO.global_step(resume) if resume else None
     loggers = [StageCSVLogger(run_dir, name="lightning_logs", version=f"stage{index}", resumed_at=resumed_at)]
     callbacks = [StageProgressBar(f"train stage {index} ({plan.entry})")] if chain.progress else []
     if config.trainer.checkpoint_every:
@@ -580,11 +580,11 @@ def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoin
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    if resume.exists():
+    if resume:
         print(f"chainforget: stage {index} resumes from its checkpoint {resume}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     # weights_only: a sharded checkpoint's metadata is a pickle, read with PyTorch's unpickler that runs no code
-    trainer.fit(module, datamodule, ckpt_path=resume if resume.exists() else None, weights_only=True)
+    trainer.fit(module, datamodule, ckpt_path=resume, weights_only=True)
     if config.trainer.strategy == "fsdp":
         chain.model = gathered_network(config, chain.model)
     projection = project_onto_safety(chain, plan.mitigation) if plan.mitigation else None

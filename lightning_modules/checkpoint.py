@@ -112,6 +112,13 @@ class StageCheckpoint(L.Callback):
         self.path = Path(directory) / "last.ckpt"
         self.every_n_steps = every_n_steps
 
+    @staticmethod
+    def resumable(directory: Path) -> Path | None:
+        """The checkpoint a killed stage resumes from: ``last.ckpt``, or, where a sharded save was killed after
+        moving the previous one aside and before publishing the new one (``save_shards``), the previous one."""
+        latest = Path(directory) / "last.ckpt"
+        return next((path for path in (latest, latest.with_name("last.ckpt.old")) if path.exists()), None)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0  # not midway through an accumulation
@@ -124,8 +131,8 @@ class StageCheckpoint(L.Callback):
     def save_shards(self, trainer) -> None:
         """A sharded checkpoint, every process writing its shard into one folder, published whole: written beside
         ``last.ckpt`` and swapped in by rank 0 once every shard is in, so a process killed while writing leaves the
-        previous checkpoint (or, killed between the two renames, none: the stage starts over) and never a folder
-        of mixed steps."""
+        previous checkpoint (killed between the two renames, as ``last.ckpt.old``: ``resumable`` finds it) and
+        never a folder of mixed steps."""
         staged, retired = (self.path.with_name(f"{self.path.name}.{suffix}") for suffix in ("new", "old"))
         if trainer.is_global_zero:
             shutil.rmtree(staged, ignore_errors=True)  # what a killed save left

@@ -5,7 +5,8 @@
 MODE: ``train_step`` (kill at the N-th training step), ``eval`` (at the start of the N-th task evaluation),
 ``rename`` (at the N-th ``os.replace``: the temp file is complete but not yet published), ``partial`` (the same,
 after cutting the temp file to half its size: a write that died midway), ``shards`` (when a sharded checkpoint's
-folder, its shards all written, is about to replace the previous one for the N-th time), ``none``.
+folder, its shards all written, is about to replace the previous one for the N-th time), ``shards_between`` (the
+same, once the previous one is moved aside), ``none``.
 """
 
 import os
@@ -54,6 +55,8 @@ def main() -> int:
         evaluation.predictions_frame = on_nth_call(evaluation.predictions_frame, n)
     elif mode == "shards":
         os.replace = on_nth_call(os.replace, n, only=lambda _, target: str(target).endswith("last.ckpt.old"))
+    elif mode == "shards_between":
+        os.replace = on_nth_call(os.replace, n, only=lambda source, _: str(source).endswith("last.ckpt.new"))
     elif mode in ("rename", "partial"):
         os.replace = on_nth_call(os.replace, n, before=cut_in_half if mode == "partial" else None)
     from chainforget.cli import main as cli

@@ -97,13 +97,17 @@ def test_a_killed_data_parallel_chain_resumes_to_the_uninterrupted_result(two_pr
 
 
 @pytest.mark.parametrize("two_processes", ["fsdp"], indirect=True)
+# each stage saves at steps 2 and 4, so the chain's 2nd move of a previous checkpoint aside and its 4th publishing
+# of a new one are both stage 2's at step 4
+@pytest.mark.parametrize("fault", [("shards", 2), ("shards_between", 4)], ids=["before", "between"])
 def test_a_sharded_chain_killed_before_its_new_checkpoint_is_published_resumes_from_the_previous(
-    two_processes, tmp_path
+    two_processes, fault, tmp_path
 ):
     root, _, parallel = two_processes
-    # rank 0 dies with stage 2's step-4 shards all written beside last.ckpt, before they replace its step-2 ones (the
-    # second replacement of the chain; rank 1 then fails at its next collective); step 2's are resumed from
-    assert_killed_and_resumed(("shards", 2), chain_args(tmp_path, *parallel), tmp_path, root)
+    # rank 0 dies with stage 2's step-4 shards all written beside last.ckpt, before they replace its step-2 ones (rank
+    # 1 then fails at its next collective): before the step-2 folder is moved aside, or after; either way step 2's
+    # are resumed from
+    assert_killed_and_resumed(fault, chain_args(tmp_path, *parallel), tmp_path, root)
     assert not (tmp_path / "runs/smoke/checkpoints").exists() or not any(
         (tmp_path / "runs/smoke/checkpoints").iterdir()
     )
@@ -114,7 +118,8 @@ def assert_killed_and_resumed(fault: tuple[str, int], args: list[str], tmp_path:
     same command resumes stage 2 from it and ends with the uninterrupted run's weights, evaluations and metrics."""
     killed = launch(*fault, args)
     assert killed.returncode == -signal.SIGKILL
-    assert list((tmp_path / "runs/smoke/checkpoints").glob("*/last.ckpt"))  # a file, or FSDP's folder of shards
+    # a file, or FSDP's folder of shards (as last.ckpt.old where it was moved aside)
+    assert list((tmp_path / "runs/smoke/checkpoints").glob("*/last.ckpt*"))
     assert not (tmp_path / "runs/smoke/run.json").exists()
     resumed = launch("none", 0, args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
