@@ -289,7 +289,7 @@ def write_findings(source: Path, out: Path) -> dict[str, pd.DataFrame]:
     # findings 1-3, a report for each model (report/: the model most plain chains ran); then SAM, replay, mitigations
     runs_per_model = Counter(model_name(record) for record in plain).most_common()
     for model, _ in runs_per_model:
-        folder = "report" if model == runs_per_model[0][0] else f"report-{model}"
+        folder = "report" if model == runs_per_model[0][0] else f"report-{Path(model).name}"  # a hub id or a path
         write_report(out / "runs", out / folder, keep=lambda r, m=model: mitigation(r) == "none" and model_name(r) == m)
     if any(mitigation(record) != "none" for record in records):  # a study may not have run yet
         write_report(out / "runs", out / "report-mitigations", keep=lambda record: mitigation(record) != "none")

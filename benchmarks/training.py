@@ -155,11 +155,17 @@ def profile(args) -> None:
         if event.key == "aten::bmm":
             return "attention (bmm)"
         left, right = event.input_shapes[:2]
+        if model.config.vocab_size in (*left, *right):  # first: its rows, one a sequence, may number the rank
+            return "LM head"
         return f"LoRA rank {spec.lora.rank}" if spec.lora.rank in (*left, *right) else "model weights"
 
     products = [e for e in trace.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::bmm")]
     peak = matmul_peak(torch.bfloat16)
-    print(f"matrix products (bf16 peak {peak / 1e12:.2f} TFLOP/s): in the steps / replayed alone at their shapes")
+    rows = statistics.mean(int(b["attention_mask"].sum()) for b in loader[2:5])
+    print(
+        f"matrix products (bf16 peak {peak / 1e12:.2f} TFLOP/s, {rows:.0f} token rows a step): in the steps / "
+        "replayed alone at their shapes"
+    )
     in_steps = replayed = 0.0
     for name in sorted({kind(e) for e in products}):
         chosen = [e for e in products if kind(e) == name]

@@ -537,7 +537,7 @@ class StageProgressBar(TQDMProgressBar):
 
 
 def train_stage(chain: ChainRun, plan: StagePlan, fisher: dict | None, checkpoints: Path) -> dict:
-    """Fit one stage, resuming from ``checkpoints/last.ckpt`` when an earlier attempt left one; returns its
+    """Fit one stage, resuming from the checkpoint an earlier attempt left (``StageCheckpoint.resumable``); returns its
     ``train``, ``mitigation`` and ``curvature`` summaries."""
     config, run_dir, index = chain.config, chain.run_dir, plan.index
     L.seed_everything(plan.seed, workers=True, verbose=False)

@@ -141,6 +141,7 @@ class StageCheckpoint(L.Callback):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             if self.path.exists():
+                shutil.rmtree(retired, ignore_errors=True)  # a save killed before its last step left it
                 os.replace(self.path, retired)
             os.replace(staged, self.path)
             shutil.rmtree(retired, ignore_errors=True)

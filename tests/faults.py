@@ -5,8 +5,8 @@
 MODE: ``train_step`` (kill at the N-th training step), ``eval`` (at the start of the N-th task evaluation),
 ``rename`` (at the N-th ``os.replace``: the temp file is complete but not yet published), ``partial`` (the same,
 after cutting the temp file to half its size: a write that died midway), ``shards`` (when a sharded checkpoint's
-folder, its shards all written, is about to replace the previous one for the N-th time), ``shards_between`` (the
-same, once the previous one is moved aside), ``none``.
+folder, its shards all written, is about to replace the previous one for the N-th time), ``shards_between`` (at
+the N-th publishing of a new folder, after the previous one, if any, was moved aside), ``none``.
 """
 
 import os

@@ -93,33 +93,74 @@ def test_a_killed_data_parallel_chain_resumes_to_the_uninterrupted_result(two_pr
     # without Lightning's distributed sampler too: the stage shards its batches itself, so nothing changes
     args = chain_args(tmp_path, *parallel, "--trainer.use_distributed_sampler=false")
     # the relaunched rank runs the same command, so both processes die at their 9th step (stage 2, step 3)
-    assert_killed_and_resumed(("train_step", 9), args, tmp_path, root)
+    assert_killed_and_resumed(("train_step", 9), args, tmp_path, root, leaves={"last.ckpt"})
 
 
 @pytest.mark.parametrize("two_processes", ["fsdp"], indirect=True)
 # each stage saves at steps 2 and 4, so the chain's 2nd move of a previous checkpoint aside and its 4th publishing
 # of a new one are both stage 2's at step 4
-@pytest.mark.parametrize("fault", [("shards", 2), ("shards_between", 4)], ids=["before", "between"])
+@pytest.mark.parametrize(
+    ("fault", "leaves"),
+    [(("shards", 2), {"last.ckpt", "last.ckpt.new"}), (("shards_between", 4), {"last.ckpt.old", "last.ckpt.new"})],
+    ids=["before", "between"],
+)
 def test_a_sharded_chain_killed_before_its_new_checkpoint_is_published_resumes_from_the_previous(
-    two_processes, fault, tmp_path
+    two_processes, fault, leaves, tmp_path
 ):
     root, _, parallel = two_processes
     # rank 0 dies with stage 2's step-4 shards all written beside last.ckpt, before they replace its step-2 ones (rank
     # 1 then fails at its next collective): before the step-2 folder is moved aside, or after; either way step 2's
     # are resumed from
-    assert_killed_and_resumed(fault, chain_args(tmp_path, *parallel), tmp_path, root)
+    assert_killed_and_resumed(fault, chain_args(tmp_path, *parallel), tmp_path, root, leaves)
     assert not (tmp_path / "runs/smoke/checkpoints").exists() or not any(
         (tmp_path / "runs/smoke/checkpoints").iterdir()
     )
 
 
-def assert_killed_and_resumed(fault: tuple[str, int], args: list[str], tmp_path: Path, uninterrupted: Path) -> None:
-    """The chain killed at ``fault`` (faults.py), in its second stage, leaves a checkpoint and no run record; the
-    same command resumes stage 2 from it and ends with the uninterrupted run's weights, evaluations and metrics."""
+class OneProcessSaving:
+    """What ``StageCheckpoint.save_shards`` asks of a trainer, for one process: each save a folder holding its step."""
+
+    is_global_zero = True
+    strategy = type("Strategy", (), {"barrier": staticmethod(lambda: None)})
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def save_checkpoint(self, path: Path, weights_only: bool) -> None:
+        path.mkdir()
+        (path / "step").write_text(str(self.step))
+
+
+@pytest.mark.parametrize(
+    ("left", "resumed_from"),
+    [
+        ({"last.ckpt": 4, "last.ckpt.old": 2}, "last.ckpt"),  # killed before removing the folder it had moved aside
+        ({"last.ckpt.old": 2, "last.ckpt.new": 4}, "last.ckpt.old"),  # killed between moving aside and publishing
+    ],
+)
+def test_what_a_killed_sharded_save_left_is_resumed_from_and_then_replaced_whole(tmp_path, left, resumed_from):
+    from lightning_modules.checkpoint import StageCheckpoint
+
+    for name, step in left.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "step").write_text(str(step))
+    assert StageCheckpoint.resumable(tmp_path) == tmp_path / resumed_from
+    StageCheckpoint(tmp_path, every_n_steps=2).save_shards(OneProcessSaving(6))
+    assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]
+    assert (tmp_path / "last.ckpt" / "step").read_text() == "6"
+    assert StageCheckpoint.resumable(tmp_path.parent / "nothing") is None
+
+
+def assert_killed_and_resumed(
+    fault: tuple[str, int], args: list[str], tmp_path: Path, uninterrupted: Path, leaves: set[str]
+) -> None:
+    """The chain killed at ``fault`` (faults.py), in its second stage, leaves the checkpoints named ``leaves`` and no
+    run record; the same command resumes stage 2 and ends with the uninterrupted run's weights, evaluations and
+    metrics."""
     killed = launch(*fault, args)
     assert killed.returncode == -signal.SIGKILL
-    # a file, or FSDP's folder of shards (as last.ckpt.old where it was moved aside)
-    assert list((tmp_path / "runs/smoke/checkpoints").glob("*/last.ckpt*"))
+    # a file, or FSDP's folders of shards: where the kill came shows in which of them are left
+    assert {path.name for path in (tmp_path / "runs/smoke/checkpoints").glob("*/last.ckpt*")} == leaves
     assert not (tmp_path / "runs/smoke/run.json").exists()
     resumed = launch("none", 0, args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
