@@ -166,9 +166,11 @@ def profile(args) -> None:
         f"matrix products (bf16 peak {peak / 1e12:.2f} TFLOP/s, {rows:.0f} token rows a step): in the steps / "
         "replayed alone at their shapes"
     )
+    by_kind: dict[str, list] = {}
+    for event in products:
+        by_kind.setdefault(kind(event), []).append(event)
     in_steps = replayed = 0.0
-    for name in sorted({kind(e) for e in products}):
-        chosen = [e for e in products if kind(e) == name]
+    for name, chosen in sorted(by_kind.items()):
         seconds, flops = replay_products(chosen)
         measured = sum(e.self_cpu_time_total for e in chosen) / 1e6
         in_steps, replayed = in_steps + measured, replayed + seconds

@@ -134,14 +134,15 @@ class StageCheckpoint(L.Callback):
         previous checkpoint (killed between the two renames, as ``last.ckpt.old``: ``resumable`` finds it) and
         never a folder of mixed steps."""
         staged, retired = (self.path.with_name(f"{self.path.name}.{suffix}") for suffix in ("new", "old"))
-        if trainer.is_global_zero:
-            shutil.rmtree(staged, ignore_errors=True)  # what a killed save left
+        if trainer.is_global_zero:  # what a killed save left; the folder moved aside only if it is not resumed from
+            shutil.rmtree(staged, ignore_errors=True)
+            if self.path.exists():
+                shutil.rmtree(retired, ignore_errors=True)
         trainer.strategy.barrier()
         trainer.save_checkpoint(staged, weights_only=False)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             if self.path.exists():
-                shutil.rmtree(retired, ignore_errors=True)  # a save killed before its last step left it
                 os.replace(self.path, retired)
             os.replace(staged, self.path)
             shutil.rmtree(retired, ignore_errors=True)
